@@ -1,0 +1,2172 @@
+#!/usr/bin/env python3
+# queuectl - a background job queue for shell commands in one file.
+# MIT License. Copyright (c) 2026 the queuectl developers.
+"""queuectl: queue shell commands in one SQLite file and run them with workers.
+
+    python3 queuectl.py enqueue 'echo hello'
+    python3 queuectl.py worker start --count 4
+    python3 queuectl.py status
+
+Jobs are retried with exponential backoff (delay = backoff_base ** attempt,
+capped by backoff_max) and moved to a dead letter queue after max_retries
+retries.  The CLI is a thin layer over two public classes:
+
+    q = queuectl.Queue("/tmp/q.db")
+    job_id = q.enqueue({"command": "echo hi", "max_retries": 1})
+    queuectl.WorkerPool("/tmp/q.db", count=2, exit_when_idle=True).run()
+    q.get(job_id)["state"]            # 'completed'
+
+Standard library only; runs on CPython 3.6 and newer, on Linux and macOS.
+"""
+
+import _thread
+import argparse
+import contextlib
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+
+# subprocess, select, signal and threading are imported where workers need
+# them: an `enqueue` must start fast and pays for every module it imports.
+
+__version__ = "1.0.0"
+__all__ = [
+    "Queue", "WorkerPool", "QueueError", "InvalidInput", "NotFound",
+    "Conflict", "CONFIG_DEFAULTS", "STATES", "main",
+]
+
+###############################################################################
+# Constants and configuration #################################################
+###############################################################################
+
+#: Where the database lives when neither --db nor $QUEUECTL_DB says.
+DEFAULT_DB = os.path.join("~", ".queuectl", "queue.db")
+
+#: PRAGMA application_id of a queuectl database ("QuCT").
+APPLICATION_ID = 0x51754354
+
+#: PRAGMA user_version this code writes; older databases are migrated.
+SCHEMA_VERSION = 1
+
+#: Job states, in the order status shows them.
+STATES = ("pending", "processing", "completed", "failed", "dead")
+
+#: Config keys, their defaults, and what a value must be.
+CONFIG_DEFAULTS = {
+    "max-retries": 3,
+    "backoff-base": 2,
+    "backoff-max": 3600,
+    "poll-interval": 0.1,
+    "job-timeout": 0,
+    "lease-timeout": 30,
+    "output-limit": 65536,
+}
+_CONFIG_RULES = {
+    # key: (type, minimum, minimum is exclusive, what a value must be)
+    "max-retries": (int, 0, False, "an integer >= 0"),
+    "backoff-base": (float, 1, False, "a number >= 1"),
+    "backoff-max": (float, 0, False, "a number of seconds >= 0"),
+    "poll-interval": (float, 0, True, "a number of seconds > 0"),
+    "job-timeout": (float, 0, False, "a number of seconds >= 0 (0 = none)"),
+    "lease-timeout": (float, 0, True, "a number of seconds > 0"),
+    "output-limit": (int, 0, False, "a number of bytes >= 0"),
+}
+
+#: Seconds a command waits for the database lock before it gives up.
+LOCK_WAIT = 60.0
+
+#: Seconds between SIGTERM and SIGKILL when a job's process group is killed.
+KILL_GRACE = 2.0
+
+#: A job that runs longer than this gets its process group written to the
+#: database, so that a recovering worker can kill it if this worker dies.
+#: Shorter jobs skip that write: it is the biggest cost of a tiny job.
+RECORD_GROUP_AFTER = 0.02
+
+#: Job ids: 1 to 128 of these characters.
+_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+_JOB_FIELDS = ("command", "id", "max_retries", "priority", "run_at", "delay",
+               "timeout", "cwd", "env", "after")
+_MANAGED_FIELDS = ("state", "attempts", "last_error", "created_at",
+                   "updated_at", "runs")
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class QueueError(Exception):
+    """Any error queuectl reports to its user; exit status 1."""
+    exit_code = 1
+
+
+class InvalidInput(QueueError):
+    """The user asked for something malformed; exit status 2."""
+    exit_code = 2
+
+
+class NotFound(QueueError):
+    """No job (or attempt) matches."""
+
+
+class Conflict(QueueError):
+    """The request clashes with the queue's state (duplicate id, busy job)."""
+
+
+###############################################################################
+# Time and parsing helpers ####################################################
+###############################################################################
+
+_ISO_RE = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d)(\.\d+)?)?)?"
+    r"\s*(Z|[+-]\d\d:?\d\d)?$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def iso(t):
+    """Unix time -> '2026-11-26T07:00:00.123Z' (None stays None)."""
+    if t is None:
+        return None
+    millis = int(round(t * 1000))
+    secs, ms = divmod(millis, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%03dZ" % ms
+
+
+def parse_time(text):
+    """ISO 8601 -> unix time.  'Z' or an offset is honoured; naive is local."""
+    m = _ISO_RE.match(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise ValueError("not an ISO 8601 time: %r" % (text,))
+    y, mo, d, h, mi, s, frac, zone = m.groups()
+    fields = (int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0))
+    if not (1 <= fields[1] <= 12 and 1 <= fields[2] <= 31 and fields[3] < 24
+            and fields[4] < 60 and fields[5] < 61):
+        raise ValueError("not a valid date and time: %r" % (text,))
+    fraction = float(frac) if frac else 0.0
+    if zone is None:
+        return time.mktime(fields + (0, 0, -1)) + fraction
+    import calendar
+    offset = 0
+    if zone.upper() != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return calendar.timegm(fields + (0, 0, 0)) - offset + fraction
+
+
+def parse_duration(text):
+    """'90', '90s', '15m', '12h', '7d', '2w' -> seconds."""
+    m = _DURATION_RE.match(str(text).strip().lower())
+    if not m:
+        raise ValueError("not a duration: %r (try 30s, 15m, 12h or 7d)" % (text,))
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _seconds_text(value):
+    """5.0 -> '5s', 0.25 -> '0.25s'."""
+    return "%ss" % _number_text(value)
+
+
+def _number_text(value):
+    return ("%d" % value) if float(value).is_integer() else ("%g" % value)
+
+
+def backoff_delay(failures, base, cap):
+    """Seconds to wait after the given number of failed attempts."""
+    try:
+        delay = float(base) ** failures
+    except OverflowError:
+        delay = float("inf")
+    return min(delay, float(cap))
+
+
+def _random_id():
+    return os.urandom(6).hex()
+
+
+def _host():
+    return os.uname()[1]
+
+
+###############################################################################
+# Schema and migrations #######################################################
+###############################################################################
+
+# Every statement here must run on SQLite 3.7.17: no partial indexes, no
+# RETURNING, no UPSERT, no window functions.
+_SCHEMA_V1 = (
+    # seq is the enqueue order; `ready` is 1 exactly while the job may be
+    # claimed (pending or failed, dependencies met), so one index serves the
+    # claim without scanning finished jobs.
+    """CREATE TABLE IF NOT EXISTS jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        command TEXT NOT NULL,
+        state TEXT NOT NULL,
+        ready INTEGER,
+        priority INTEGER NOT NULL DEFAULT 0,
+        run_at REAL NOT NULL,
+        max_retries INTEGER NOT NULL,
+        timeout REAL,
+        cwd TEXT NOT NULL,
+        env TEXT NOT NULL DEFAULT '{}',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        runs INTEGER NOT NULL DEFAULT 0,
+        waiting INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        worker_id TEXT,
+        attempt_id INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS jobs_claim"
+    " ON jobs (ready, priority DESC, run_at, seq)",
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq)",
+    # One row per execution.  n numbers a job's runs 1, 2, 3... for ever;
+    # jobs.attempts counts the runs since the job was (re)queued.
+    """CREATE TABLE IF NOT EXISTS attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_seq INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        worker_id TEXT,
+        host TEXT,
+        pgid INTEGER,
+        proc_start TEXT,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        duration REAL,
+        exit_code INTEGER,
+        signal INTEGER,
+        error TEXT,
+        output TEXT,
+        output_dropped INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_seq, n)",
+    "CREATE INDEX IF NOT EXISTS attempts_ended ON attempts (ended_at)",
+    # job_seq waits for dep_seq to complete.
+    """CREATE TABLE IF NOT EXISTS deps (
+        job_seq INTEGER NOT NULL,
+        dep_seq INTEGER NOT NULL,
+        PRIMARY KEY (job_seq, dep_seq))""",
+    "CREATE INDEX IF NOT EXISTS deps_dep ON deps (dep_seq)",
+    """CREATE TABLE IF NOT EXISTS workers (
+        id TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat REAL NOT NULL,
+        beat INTEGER NOT NULL DEFAULT 0)""",
+    # User settings, plus internal keys starting with '_' (stop requests,
+    # pause) that workers read in the same query.
+    """CREATE TABLE IF NOT EXISTS config (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+    # Counts per state, kept by triggers, so `status` costs the same with a
+    # million jobs as with ten.
+    """CREATE TABLE IF NOT EXISTS counts (
+        state TEXT PRIMARY KEY,
+        n INTEGER NOT NULL)""",
+    "INSERT OR IGNORE INTO counts (state, n) SELECT 'pending', 0 UNION ALL"
+    " SELECT 'processing', 0 UNION ALL SELECT 'completed', 0 UNION ALL"
+    " SELECT 'failed', 0 UNION ALL SELECT 'dead', 0",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs
+       BEGIN UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs
+       BEGIN UPDATE counts SET n = n - 1 WHERE state = OLD.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF state
+       ON jobs WHEN OLD.state <> NEW.state BEGIN
+         UPDATE counts SET n = n - 1 WHERE state = OLD.state;
+         UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
+)
+
+#: MIGRATIONS[v] brings a database from user_version v to v + 1.
+MIGRATIONS = {0: _SCHEMA_V1}
+
+###############################################################################
+# Storage: files, connections, transactions ###################################
+###############################################################################
+
+# Serialises this process's write transactions: threads of one process queue
+# here instead of sleeping in SQLite's busy handler.  Held only around one
+# BEGIN IMMEDIATE ... COMMIT.
+_WRITE_LOCK = _thread.allocate_lock()
+
+
+def default_db_path():
+    return os.path.expanduser(os.environ.get("QUEUECTL_DB") or DEFAULT_DB)
+
+
+def _uri(path, mode="rw"):
+    quoted = path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    return "file:%s?mode=%s" % (quoted, mode)
+
+
+def _sqlite_open(path):
+    # mode=rw: never let SQLite create a stray empty file at a mistyped path.
+    return sqlite3.connect(_uri(path), uri=True, timeout=LOCK_WAIT,
+                           isolation_level=None)
+
+
+def _is_locked(exc):
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+@contextlib.contextmanager
+def write_txn(conn):
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+    with _WRITE_LOCK:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_locked(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def read_txn(conn):
+    """A consistent snapshot over several SELECTs, released at once after."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
+
+def connect(path, synchronous="NORMAL"):
+    """Open (creating if missing) the queuectl database at `path`."""
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        if not os.path.exists(path):
+            _create_database(path)
+        conn = _sqlite_open(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise QueueError("cannot open database %s: %s" % (path, _reason(exc)))
+    try:
+        _check_schema(conn, path)
+        conn.execute("PRAGMA synchronous=%s" % synchronous)
+        conn.execute("PRAGMA journal_size_limit=%d" % (8 << 20))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _reason(exc):
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc)
+
+
+def _create_database(path):
+    """Build the database under a temporary name, then link it into place.
+
+    So no process ever sees a half-made queuectl database: a file at `path`
+    is either complete or not ours (an empty file is an error, not a queue).
+    """
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, mode=0o700)
+    tmp = "%s.%d-%s.tmp" % (path, os.getpid(), _random_id())
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        conn = _sqlite_open(tmp)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            with write_txn(conn):
+                _migrate(conn, 0)
+                conn.execute("PRAGMA application_id=%d" % APPLICATION_ID)
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first; theirs is as good
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp + suffix)
+
+
+def _migrate(conn, version):
+    while version < SCHEMA_VERSION:
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+        version += 1
+        conn.execute("PRAGMA user_version=%d" % version)
+
+
+def _check_schema(conn, path):
+    """Refuse foreign, corrupt and newer databases; migrate older ones."""
+    try:
+        with read_txn(conn):
+            app = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise QueueError("%s is not a usable queuectl database: %s"
+                         % (path, exc))
+    if app != APPLICATION_ID:
+        raise QueueError("%s is not a queuectl database (application_id %d);"
+                         " left untouched" % (path, app))
+    if version > SCHEMA_VERSION:
+        raise QueueError("%s was written by a newer queuectl (schema %d, this"
+                         " one knows up to %d); upgrade queuectl"
+                         % (path, version, SCHEMA_VERSION))
+    if version < SCHEMA_VERSION:
+        with write_txn(conn):
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            _migrate(conn, current)
+
+
+def _read_config(conn):
+    """Every config value (defaults filled in), plus internal '_' keys."""
+    values = dict(CONFIG_DEFAULTS)
+    for key, value in conn.execute("SELECT key, value FROM config"):
+        values[key] = _to_number(value)
+    return values
+
+
+def _to_number(text):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+###############################################################################
+# Job validation ##############################################################
+###############################################################################
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return (_is_int(value) or isinstance(value, float)) and value == value \
+        and value not in (float("inf"), float("-inf"))
+
+
+def _check_id(value, what="id"):
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidInput("%s must be 1-128 characters of A-Z a-z 0-9 . _ : -,"
+                           " got %s" % (what, _short_repr(value)))
+    return value
+
+
+def _short_repr(value):
+    text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _field_number(spec, name, minimum, exclusive=False, integer=False):
+    value = spec[name]
+    ok = _is_int(value) if integer else _is_number(value)
+    if ok:
+        ok = value > minimum if exclusive else value >= minimum
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise InvalidInput("%s must be %s %s %s, got %s" % (
+            name, kind, ">" if exclusive else ">=", _number_text(minimum),
+            _short_repr(value)))
+    return value
+
+
+def _validate_job(spec, config, now, cwd=None):
+    """A JSON-like dict -> the values of a new jobs row (without deps).
+
+    Raises InvalidInput naming the first bad field.
+    """
+    if not isinstance(spec, dict):
+        raise InvalidInput("a job must be a JSON object, got %s"
+                           % type(spec).__name__)
+    for name in spec:
+        if name in _MANAGED_FIELDS:
+            raise InvalidInput("field '%s' is managed by queuectl and cannot"
+                               " be set" % name)
+        if name not in _JOB_FIELDS:
+            raise InvalidInput("unknown field '%s' (fields: %s)"
+                               % (name, ", ".join(_JOB_FIELDS)))
+    command = spec.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise InvalidInput("command must be a non-empty string, got %s"
+                           % _short_repr(command))
+    if "\0" in command:
+        raise InvalidInput("command must not contain NUL characters")
+    job_id = _check_id(spec["id"]) if "id" in spec else None
+    max_retries = config["max-retries"]
+    if "max_retries" in spec:
+        max_retries = _field_number(spec, "max_retries", 0, integer=True)
+    priority = 0
+    if "priority" in spec:
+        priority = spec["priority"]
+        if not _is_int(priority) or abs(priority) >= 2 ** 63:
+            raise InvalidInput("priority must be an integer, got %s"
+                               % _short_repr(priority))
+    run_at = _job_run_at(spec, now)
+    timeout = config["job-timeout"] or None
+    if "timeout" in spec:
+        timeout = _field_number(spec, "timeout", 0, exclusive=True)
+    job_cwd = _job_cwd(spec, cwd)
+    env = _job_env(spec)
+    return (job_id, command, priority, run_at, max_retries, timeout, job_cwd,
+            json.dumps(env, sort_keys=True))
+
+
+def _job_run_at(spec, now):
+    if "run_at" in spec and "delay" in spec:
+        raise InvalidInput("give run_at or delay, not both")
+    if "delay" in spec:
+        return now + _field_number(spec, "delay", 0)
+    if "run_at" in spec:
+        try:
+            return parse_time(spec["run_at"])
+        except (ValueError, OverflowError) as exc:
+            raise InvalidInput("run_at: %s" % exc)
+    return now
+
+
+def _job_cwd(spec, cwd):
+    value = spec.get("cwd", cwd if cwd is not None else os.getcwd())
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise InvalidInput("cwd must be a non-empty path, got %s"
+                           % _short_repr(value))
+    return os.path.abspath(value)
+
+
+def _job_env(spec):
+    env = spec.get("env", {})
+    if not isinstance(env, dict):
+        raise InvalidInput("env must be an object of string to string, got %s"
+                           % _short_repr(env))
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key:
+            raise InvalidInput("env: bad variable name %s" % _short_repr(key))
+        if not isinstance(value, str) or "\0" in value:
+            raise InvalidInput("env: value of %s must be a string without NUL,"
+                               " got %s" % (key, _short_repr(value)))
+    return env
+
+
+def _job_after(spec):
+    after = spec.get("after", [])
+    if isinstance(after, str):
+        after = [part for part in after.split(",") if part]
+    if not isinstance(after, list):
+        raise InvalidInput("after must be a list of job ids, got %s"
+                           % _short_repr(after))
+    return [_check_id(dep, "after") for dep in after]
+
+
+def parse_jobs_text(text):
+    """A JSON object, a JSON array of objects, or JSON Lines -> list of dicts."""
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidInput("no jobs in input")
+    if stripped[0] == "[":
+        try:
+            jobs = json.loads(stripped)
+        except ValueError as exc:
+            raise InvalidInput("invalid JSON: %s" % exc)
+        return jobs
+    try:
+        return [json.loads(stripped)]
+    except ValueError:
+        pass
+    jobs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                jobs.append(json.loads(line))
+            except ValueError as exc:
+                raise InvalidInput("line %d: invalid JSON: %s" % (number, exc))
+    return jobs
+
+
+###############################################################################
+# Queue API ###################################################################
+###############################################################################
+
+_JOB_COLUMNS = ("seq, id, command, state, priority, run_at, max_retries,"
+                " timeout, cwd, env, attempts, runs, last_error, worker_id,"
+                " attempt_id, created_at, updated_at, waiting")
+_ATTEMPT_COLUMNS = ("n, worker_id, host, pgid, started_at, ended_at, duration,"
+                    " exit_code, signal, error, output_dropped")
+
+# Claim order: highest priority, then earliest run_at, then enqueue order.
+_CLAIM_SQL = ("SELECT seq, id, command, timeout, cwd, env, attempts, runs"
+              " FROM jobs WHERE ready = 1 AND run_at <= ?"
+              " ORDER BY priority DESC, run_at, seq LIMIT 1")
+
+
+def _job_dict(row, deps=None):
+    (seq, job_id, command, state, priority, run_at, max_retries, timeout, cwd,
+     env, attempts, runs, last_error, worker_id, _attempt, created, updated,
+     waiting) = row
+    job = {
+        "id": job_id, "command": command, "state": state,
+        "priority": priority, "run_at": iso(run_at),
+        "max_retries": max_retries, "timeout": timeout, "cwd": cwd,
+        "env": json.loads(env), "attempts": attempts,
+        "last_error": last_error, "created_at": iso(created),
+        "updated_at": iso(updated), "worker": worker_id,
+    }
+    if deps is not None:
+        job["after"] = deps
+        job["waiting_for"] = waiting
+    return job
+
+
+def _attempt_dict(row):
+    keys = [c.strip() for c in _ATTEMPT_COLUMNS.split(",")]
+    record = dict(zip(keys, row))
+    record["attempt"] = record.pop("n")
+    record["worker"] = record.pop("worker_id")
+    record["started_at"] = iso(record["started_at"])
+    record["ended_at"] = iso(record["ended_at"])
+    return record
+
+
+class Queue(object):
+    """The job queue in one SQLite file.  One Queue per thread.
+
+    Ids given to methods may be unambiguous prefixes.  Errors are raised as
+    InvalidInput, NotFound or Conflict (all QueueError).
+    """
+
+    def __init__(self, path=None, now=time.time, synchronous="FULL"):
+        self.path = os.path.abspath(os.path.expanduser(path or default_db_path()))
+        self.now = now
+        self.conn = connect(self.path, synchronous)
+
+    def close(self):
+        self.conn.close()
+
+    # -- adding jobs --------------------------------------------------------
+
+    def enqueue(self, spec):
+        """Add one job (a dict of SPEC fields); return its id."""
+        return self.enqueue_many([spec])[0]
+
+    def enqueue_many(self, specs):
+        """Add jobs all or nothing, in one transaction; return their ids."""
+        if not isinstance(specs, list):
+            raise InvalidInput("expected a JSON object or an array of objects")
+        if not specs:
+            raise InvalidInput("no jobs in input")
+        now = self.now()
+        with write_txn(self.conn):
+            config = _read_config(self.conn)
+            rows, afters = [], []
+            for index, spec in enumerate(specs):
+                try:
+                    rows.append(_validate_job(spec, config, now))
+                    afters.append(_job_after(spec))
+                except InvalidInput as exc:
+                    if len(specs) == 1:
+                        raise
+                    raise InvalidInput("job %d: %s" % (index + 1, exc))
+            return self._insert_jobs(rows, afters, now)
+
+    def _insert_jobs(self, rows, afters, now):
+        ids = self._assign_ids(rows)
+        params = [(job_id,) + row[1:] + (now, now)
+                  for job_id, row in zip(ids, rows)]
+        plain = not any(afters)
+        if plain:
+            self.conn.executemany(
+                "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
+                " timeout, cwd, env, created_at, updated_at, state, ready)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',1)", params)
+            return ids
+        seqs = {}
+        for job_id, param, after in zip(ids, params, afters):
+            seqs[job_id] = self._insert_with_deps(param, after, seqs)
+        return ids
+
+    def _assign_ids(self, rows):
+        given = [row[0] for row in rows if row[0] is not None]
+        if len(set(given)) != len(given):
+            seen = set()
+            dup = next(i for i in given if i in seen or seen.add(i))
+            raise Conflict("duplicate id '%s' in input" % dup)
+        self._refuse_existing(given)
+        ids = [row[0] or _random_id() for row in rows]
+        generated = [i for row, i in zip(rows, ids) if row[0] is None]
+        # 48 random bits: a clash is rare, but must not fail an enqueue.
+        while self._existing(generated) or len(set(ids)) != len(ids):
+            ids = [row[0] or _random_id() for row in rows]
+            generated = [i for row, i in zip(rows, ids) if row[0] is None]
+        return ids
+
+    def _existing(self, ids):
+        found = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            found += [r[0] for r in self.conn.execute(
+                "SELECT id FROM jobs WHERE id IN (%s)"
+                % ",".join("?" * len(chunk)), chunk)]
+        return found
+
+    def _refuse_existing(self, ids):
+        found = self._existing(ids)
+        if found:
+            raise Conflict("a job with id '%s' already exists" % found[0])
+
+    def _insert_with_deps(self, param, after, seqs):
+        dep_seqs = []
+        for dep in after:
+            if dep in seqs:
+                dep_seqs.append((seqs[dep], "pending"))
+                continue
+            row = self.conn.execute("SELECT seq, state FROM jobs WHERE id = ?",
+                                    (dep,)).fetchone()
+            if row is None:
+                raise NotFound("after: no job with id '%s'" % dep)
+            if row[1] == "dead":
+                raise Conflict("after: job '%s' is dead; retry it first" % dep)
+            dep_seqs.append(row)
+        waiting = sum(1 for _, state in set(dep_seqs) if state != "completed")
+        cur = self.conn.execute(
+            "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
+            " timeout, cwd, env, created_at, updated_at, state, ready, waiting)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',?,?)",
+            param + (None if waiting else 1, waiting))
+        seq = cur.lastrowid
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO deps (job_seq, dep_seq) VALUES (?, ?)",
+            [(seq, dep_seq) for dep_seq, _ in dep_seqs])
+        return seq
+
+    # -- reading ------------------------------------------------------------
+
+    def resolve(self, prefix):
+        """An id or unambiguous id prefix -> the full id."""
+        return self._resolve_row(prefix)[1]
+
+    def _resolve_row(self, prefix):
+        if not isinstance(prefix, str) or not _ID_RE.match(prefix):
+            raise InvalidInput("not a valid job id: %s" % _short_repr(prefix))
+        sql = "SELECT seq, id FROM jobs WHERE id = ?"
+        row = self.conn.execute(sql, (prefix,)).fetchone()
+        if row:
+            return row
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self.conn.execute(
+            "SELECT seq, id FROM jobs WHERE id > ? AND id < ? ORDER BY id"
+            " LIMIT 6", (prefix, upper)).fetchall()
+        if not rows:
+            raise NotFound("no job with id '%s'" % prefix)
+        if len(rows) > 1:
+            names = ", ".join(r[1] for r in rows[:5])
+            raise InvalidInput("id prefix '%s' is ambiguous: %s%s" % (
+                prefix, names, ", ..." if len(rows) > 5 else ""))
+        return rows[0]
+
+    def get(self, job_id, runs=False):
+        """The job as a dict; with runs=True, its attempt records too."""
+        with read_txn(self.conn):
+            seq = self._resolve_row(job_id)[0]
+            row = self.conn.execute("SELECT %s FROM jobs WHERE seq = ?"
+                                    % _JOB_COLUMNS, (seq,)).fetchone()
+            deps = [r[0] for r in self.conn.execute(
+                "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.dep_seq"
+                " WHERE d.job_seq = ? ORDER BY j.seq", (seq,))]
+            job = _job_dict(row, deps)
+            if runs:
+                job["runs"] = [_attempt_dict(r) for r in self.conn.execute(
+                    "SELECT %s FROM attempts WHERE job_seq = ? ORDER BY n"
+                    % _ATTEMPT_COLUMNS, (seq,))]
+        return job
+
+    def output(self, job_id, attempt=None):
+        """(text, dropped bytes, attempt number) of a job's last or n-th run."""
+        with read_txn(self.conn):
+            seq = self._resolve_row(job_id)[0]
+            if attempt is None:
+                row = self.conn.execute(
+                    "SELECT output, output_dropped, n FROM attempts"
+                    " WHERE job_seq = ? ORDER BY n DESC LIMIT 1",
+                    (seq,)).fetchone()
+            else:
+                row = self.conn.execute(
+                    "SELECT output, output_dropped, n FROM attempts"
+                    " WHERE job_seq = ? AND n = ?", (seq, attempt)).fetchone()
+        if row is None:
+            raise NotFound("job '%s' has no attempt %s" % (
+                job_id, attempt if attempt is not None else "yet"))
+        return row[0] or "", row[1], row[2]
+
+    def list(self, state=None, limit=100, offset=0):
+        """Jobs in enqueue order, optionally of one state, paged."""
+        if state is not None and state not in STATES:
+            raise InvalidInput("unknown state '%s' (states: %s)"
+                               % (state, ", ".join(STATES)))
+        if state is None:
+            sql = "SELECT %s FROM jobs ORDER BY seq LIMIT ? OFFSET ?"
+            args = (limit, offset)
+        else:
+            sql = ("SELECT %s FROM jobs WHERE state = ?"
+                   " ORDER BY seq LIMIT ? OFFSET ?")
+            args = (state, limit, offset)
+        rows = self.conn.execute(sql % _JOB_COLUMNS, args).fetchall()
+        return [_job_dict(row) for row in rows]
+
+    def counts(self):
+        """{state: number of jobs} for all five states."""
+        counts = dict.fromkeys(STATES, 0)
+        counts.update(self.conn.execute("SELECT state, n FROM counts"))
+        return counts
+
+    def workers(self):
+        """Registered workers that look alive, oldest first."""
+        return _live_workers(self.conn, _read_config(self.conn), self.now())
+
+    def is_paused(self):
+        return bool(_read_config(self.conn).get("_paused", 0))
+
+    # -- changing jobs ------------------------------------------------------
+
+    def retry(self, job_ids):
+        """Dead jobs back to pending with attempts reset; returns the ids."""
+        with write_txn(self.conn):
+            rows = [self._resolve_row(i) for i in job_ids]
+            for seq, job_id in rows:
+                state = self._state(seq)
+                if state != "dead":
+                    raise Conflict("job '%s' is %s, not dead" % (job_id, state))
+            return self._requeue([seq for seq, _ in rows])
+
+    def retry_all(self):
+        """Every dead job back to pending; returns their ids."""
+        with write_txn(self.conn):
+            seqs = [r[0] for r in self.conn.execute(
+                "SELECT seq FROM jobs WHERE state = 'dead' ORDER BY seq")]
+            return self._requeue(seqs)
+
+    def _requeue(self, seqs):
+        now = self.now()
+        ids = []
+        for seq in seqs:
+            self.conn.execute(
+                "UPDATE jobs SET state = 'pending', attempts = 0, run_at = ?,"
+                " updated_at = ?, ready = CASE WHEN waiting = 0 THEN 1 END"
+                " WHERE seq = ?", (now, now, seq))
+            ids.append(self._id(seq))
+        return ids
+
+    def delete(self, job_ids):
+        """Delete jobs (and their attempts) that are not processing."""
+        with write_txn(self.conn):
+            rows = [self._resolve_row(i) for i in job_ids]
+            doomed = set(job_id for _, job_id in rows)
+            for seq, job_id in rows:
+                if self._state(seq) == "processing":
+                    raise Conflict("job '%s' is processing; stop its worker"
+                                   " first" % job_id)
+                waiter = self.conn.execute(
+                    "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.job_seq"
+                    " WHERE d.dep_seq = ? AND j.state NOT IN"
+                    " ('completed', 'dead') LIMIT 1", (seq,)).fetchone()
+                if waiter and waiter[0] not in doomed:
+                    raise Conflict("job '%s' is waited on by '%s'"
+                                   % (job_id, waiter[0]))
+            self._delete_seqs([seq for seq, _ in rows])
+            return [job_id for _, job_id in rows]
+
+    def purge(self, state, older_than=0.0, vacuum=False):
+        """Delete completed or dead jobs last updated `older_than` s ago."""
+        if state not in ("completed", "dead"):
+            raise InvalidInput("purge takes --state completed or dead, got '%s'"
+                               % state)
+        cutoff = self.now() - older_than
+        with write_txn(self.conn):
+            seqs = [r[0] for r in self.conn.execute(
+                "SELECT seq FROM jobs WHERE state = ? AND updated_at <= ?",
+                (state, cutoff))]
+            self._delete_seqs(seqs)
+        if vacuum:
+            self.conn.execute("VACUUM")
+        return len(seqs)
+
+    def _delete_seqs(self, seqs):
+        for start in range(0, len(seqs), 500):
+            chunk = seqs[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for sql in ("DELETE FROM attempts WHERE job_seq IN (%s)",
+                        "DELETE FROM deps WHERE job_seq IN (%s)",
+                        "DELETE FROM deps WHERE dep_seq IN (%s)",
+                        "DELETE FROM jobs WHERE seq IN (%s)"):
+                self.conn.execute(sql % marks, chunk)
+
+    def _state(self, seq):
+        return self.conn.execute("SELECT state FROM jobs WHERE seq = ?",
+                                 (seq,)).fetchone()[0]
+
+    def _id(self, seq):
+        return self.conn.execute("SELECT id FROM jobs WHERE seq = ?",
+                                 (seq,)).fetchone()[0]
+
+    # -- config and control -------------------------------------------------
+
+    def config(self):
+        """{key: value} of every setting, defaults included."""
+        values = _read_config(self.conn)
+        return dict((k, v) for k, v in values.items() if k in CONFIG_DEFAULTS)
+
+    def config_get(self, key):
+        key = config_key(key)
+        return self.config()[key]
+
+    def config_set(self, key, value):
+        key = config_key(key)
+        number = config_value(key, value)
+        with write_txn(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO config (key, value)"
+                              " VALUES (?, ?)", (key, str(number)))
+        return number
+
+    def request_stop(self):
+        """Ask every worker running now to finish its jobs and exit."""
+        with write_txn(self.conn):
+            self._bump("_stop_seq")
+
+    def set_paused(self, paused):
+        with write_txn(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO config (key, value)"
+                              " VALUES ('_paused', ?)", (str(int(paused)),))
+
+    def _bump(self, key):
+        value = _read_config(self.conn).get(key, 0) + 1
+        self.conn.execute("INSERT OR REPLACE INTO config (key, value)"
+                          " VALUES (?, ?)", (key, str(value)))
+
+
+def config_key(key):
+    """Accept 'max_retries' or 'max-retries'; refuse unknown keys."""
+    canonical = str(key).replace("_", "-")
+    if canonical not in CONFIG_DEFAULTS:
+        raise InvalidInput("unknown config key '%s' (keys: %s)"
+                           % (key, ", ".join(sorted(CONFIG_DEFAULTS))))
+    return canonical
+
+
+def config_value(key, text):
+    """Parse and check a config value given as text."""
+    kind, minimum, exclusive, what = _CONFIG_RULES[key]
+    try:
+        value = kind(text) if kind is int else float(text)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError
+    except (ValueError, TypeError):
+        raise InvalidInput("%s must be %s, got %r" % (key, what, text))
+    if value < minimum or (exclusive and value == minimum):
+        raise InvalidInput("%s must be %s, got %r" % (key, what, text))
+    return int(value) if float(value).is_integer() else value
+
+
+def _live_workers(conn, config, now):
+    rows = conn.execute(
+        "SELECT w.id, w.pid, w.host, w.started_at, w.heartbeat, j.id"
+        " FROM workers w LEFT JOIN jobs j ON j.worker_id = w.id"
+        " AND j.state = 'processing' ORDER BY w.started_at, w.id").fetchall()
+    host = _host()
+    stale = now - 2 * config["lease-timeout"]
+    live = []
+    for wid, pid, whost, started, heartbeat, job in rows:
+        alive = _pid_alive(pid) if whost == host else heartbeat >= stale
+        if alive:
+            live.append({"id": wid, "pid": pid, "host": whost,
+                         "started_at": iso(started),
+                         "heartbeat": iso(heartbeat), "job": job})
+    return live
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+###############################################################################
+# Job execution ###############################################################
+###############################################################################
+
+
+def _process_start(pid):
+    """Something that tells this process apart from a later one with its pid."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat:
+            # Field 22, counted after the parenthesised command name.
+            return stat.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        pass
+    if sys.platform.startswith("linux"):
+        return None
+    import subprocess
+    try:
+        out = subprocess.check_output(["ps", "-o", "lstart=", "-p", str(pid)],
+                                      stderr=subprocess.DEVNULL)
+        return out.decode().strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def kill_group(pgid, grace=KILL_GRACE, proc=None):
+    """SIGTERM a process group, then SIGKILL whatever is left after `grace`."""
+    import signal
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc is not None:
+            proc.poll()  # reap our own child, or it lingers as a zombie
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _keep_tail(tail, chunk, limit):
+    """Append chunk to the bytearray tail, keeping its last `limit` bytes."""
+    tail += chunk
+    excess = len(tail) - limit
+    if excess > 0:
+        del tail[:excess]
+        return excess
+    return 0
+
+
+def _decode_output(tail, limit):
+    """Bytes -> text of at most `limit` UTF-8 bytes, bad bytes replaced."""
+    text = bytes(tail).decode("utf-8", "replace")
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text, 0
+    return encoded[-limit:].decode("utf-8", "ignore"), len(encoded) - limit
+
+
+def signal_name(number):
+    import signal
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "signal %d" % number
+
+
+class _Execution(object):
+    """One run of a job's command: spawn, read a bounded tail, wait."""
+
+    def __init__(self, job, output_limit, on_long_run):
+        self.job = job
+        self.output_limit = output_limit
+        self.on_long_run = on_long_run  # called once with the process
+        self.proc = None
+
+    def run(self):
+        """Returns (exit_code, signal, error, output, dropped bytes, pgid)."""
+        import subprocess
+        job = self.job
+        env = os.environ.copy()
+        env.update(json.loads(job["env"]))
+        env["QUEUECTL_JOB_ID"] = job["id"]
+        env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
+        try:
+            self.proc = subprocess.Popen(
+                ["/bin/sh", "-c", job["command"]], cwd=job["cwd"], env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        except (OSError, ValueError) as exc:
+            return (None, None, "cannot start: %s" % _start_error(exc, job),
+                    "", 0, None)
+        try:
+            tail, dropped, timed_out = self._read_output()
+        finally:
+            self.proc.stdout.close()
+        code = self.proc.wait()
+        output, more = _decode_output(tail, self.output_limit)
+        dropped += more
+        if timed_out:
+            error = "timed out after %s" % _seconds_text(job["timeout"])
+        elif code < 0:
+            error = "killed by %s" % signal_name(-code)
+        elif code > 0:
+            error = "exit code %d" % code
+        else:
+            error = None
+        return (code if code >= 0 else None, -code if code < 0 else None,
+                error, output, dropped, self.proc.pid)
+
+    def _read_output(self):
+        import select
+        proc, limit = self.proc, self.output_limit
+        fd = proc.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        started = time.monotonic()
+        deadline = started + self.job["timeout"] if self.job["timeout"] else None
+        tail, dropped, reported = bytearray(), 0, False
+        while True:
+            now = time.monotonic()
+            if not reported and now - started >= RECORD_GROUP_AFTER:
+                reported = True
+                self.on_long_run(proc)
+            wait = RECORD_GROUP_AFTER if not reported else 1.0
+            if deadline is not None:
+                if now >= deadline:
+                    kill_group(proc.pid, proc=proc)
+                    return tail, dropped, True
+                wait = min(wait, deadline - now)
+            if poller.poll(wait * 1000):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return tail, dropped, False
+                dropped += _keep_tail(tail, chunk, limit)
+            elif proc.poll() is not None:
+                # The shell exited but a background child holds the pipe:
+                # the job is over; its leftovers keep running on their own.
+                return tail, dropped, False
+
+
+def _start_error(exc, job):
+    if isinstance(exc, OSError) and not os.path.isdir(job["cwd"]):
+        return "cwd %s: %s" % (job["cwd"], _reason(exc))
+    return _reason(exc)
+
+
+###############################################################################
+# Worker: claim, record, recover ##############################################
+###############################################################################
+
+
+def _claim(conn, worker_id, host, now):
+    """Claim the next due job, or None.  Call inside write_txn."""
+    row = conn.execute(_CLAIM_SQL, (now,)).fetchone()
+    if row is None:
+        return None
+    seq, job_id, command, timeout, cwd, env, attempts, runs = row
+    attempt_id = conn.execute(
+        "INSERT INTO attempts (job_seq, n, worker_id, host, started_at)"
+        " VALUES (?, ?, ?, ?, ?)", (seq, runs + 1, worker_id, host, now)
+    ).lastrowid
+    conn.execute(
+        "UPDATE jobs SET state = 'processing', ready = NULL,"
+        " attempts = attempts + 1, runs = runs + 1, worker_id = ?,"
+        " attempt_id = ?, updated_at = ? WHERE seq = ? AND ready = 1",
+        (worker_id, attempt_id, now, seq))
+    return {"seq": seq, "id": job_id, "command": command, "timeout": timeout,
+            "cwd": cwd, "env": env, "attempts": attempts + 1,
+            "attempt_id": attempt_id, "started": now}
+
+
+def _record_result(conn, job, result, config, now):
+    """Store a finished run and move the job on.  Call inside write_txn.
+
+    Every update is guarded by the claim (the attempt id), so a worker that
+    lost its job to recovery cannot overwrite what came after.  Returns the
+    job's new state, or None if the claim was lost.
+    """
+    code, sig, error, output, dropped, pgid = result
+    conn.execute(
+        "UPDATE attempts SET ended_at = ?, duration = ?, exit_code = ?,"
+        " signal = ?, error = ?, output = ?, output_dropped = ?,"
+        " pgid = COALESCE(pgid, ?) WHERE id = ? AND ended_at IS NULL",
+        (now, now - job["started"], code, sig, error, output, dropped, pgid,
+         job["attempt_id"]))
+    if error is None:
+        return _complete(conn, job["seq"], job["attempt_id"], now)
+    return _fail(conn, job["seq"], job["attempt_id"], error, config, now)
+
+
+_GUARD = " WHERE seq = ? AND state = 'processing' AND attempt_id = ?"
+
+
+def _complete(conn, seq, attempt_id, now):
+    cur = conn.execute(
+        "UPDATE jobs SET state = 'completed', last_error = NULL,"
+        " worker_id = NULL, updated_at = ?" + _GUARD, (now, seq, attempt_id))
+    if cur.rowcount != 1:
+        return None
+    # Dependents waiting on this job need one job fewer.
+    conn.execute("UPDATE jobs SET waiting = waiting - 1 WHERE seq IN"
+                 " (SELECT job_seq FROM deps WHERE dep_seq = ?)"
+                 " AND state = 'pending' AND waiting > 0", (seq,))
+    conn.execute("UPDATE jobs SET ready = 1 WHERE seq IN"
+                 " (SELECT job_seq FROM deps WHERE dep_seq = ?)"
+                 " AND state = 'pending' AND waiting = 0", (seq,))
+    return "completed"
+
+
+def _fail(conn, seq, attempt_id, error, config, now):
+    row = conn.execute("SELECT attempts, max_retries FROM jobs" + _GUARD,
+                       (seq, attempt_id)).fetchone()
+    if row is None:
+        return None
+    failures, max_retries = row
+    if failures <= max_retries:
+        delay = backoff_delay(failures, config["backoff-base"],
+                              config["backoff-max"])
+        conn.execute(
+            "UPDATE jobs SET state = 'failed', ready = 1, run_at = ?,"
+            " last_error = ?, worker_id = NULL, updated_at = ? WHERE seq = ?",
+            (now + delay, error, now, seq))
+        return "failed"
+    conn.execute(
+        "UPDATE jobs SET state = 'dead', ready = NULL, last_error = ?,"
+        " worker_id = NULL, updated_at = ? WHERE seq = ?", (error, now, seq))
+    _bury_dependents(conn, seq, now)
+    return "dead"
+
+
+def _bury_dependents(conn, seq, now):
+    """A dead job takes everything that waits on it, transitively, along."""
+    frontier = [seq]
+    while frontier:
+        dep = frontier.pop()
+        dep_id = conn.execute("SELECT id FROM jobs WHERE seq = ?",
+                              (dep,)).fetchone()[0]
+        waiting = [r[0] for r in conn.execute(
+            "SELECT job_seq FROM deps d JOIN jobs j ON j.seq = d.job_seq"
+            " WHERE d.dep_seq = ? AND j.state = 'pending' AND j.waiting > 0",
+            (dep,))]
+        for job_seq in waiting:
+            conn.execute(
+                "UPDATE jobs SET state = 'dead', ready = NULL, last_error = ?,"
+                " updated_at = ? WHERE seq = ?",
+                ("dependency %s failed" % dep_id, now, job_seq))
+        frontier.extend(waiting)
+
+
+def _requeue_unfinished(conn, job, now):
+    """A forced stop: the run does not count; the job is pending again."""
+    cur = conn.execute(
+        "UPDATE jobs SET state = 'pending', ready = 1, attempts = attempts - 1,"
+        " runs = runs - 1, worker_id = NULL, attempt_id = NULL, run_at = ?,"
+        " updated_at = ?" + _GUARD, (now, now, job["seq"], job["attempt_id"]))
+    if cur.rowcount == 1:
+        conn.execute("DELETE FROM attempts WHERE id = ?", (job["attempt_id"],))
+
+
+def _recover_job(conn, seq, attempt_id, config, now):
+    """A dead worker's job: its run failed with 'worker lost'."""
+    conn.execute("UPDATE attempts SET ended_at = ?, duration = ? - started_at,"
+                 " error = 'worker lost' WHERE id = ? AND ended_at IS NULL",
+                 (now, now, attempt_id))
+    return _fail(conn, seq, attempt_id, "worker lost", config, now)
+
+
+class _Reaper(object):
+    """Finds dead workers and hands their jobs back to the queue.
+
+    A worker is dead when its process is gone (same host), or when its beat
+    counter has not moved for lease-timeout seconds of *our* monotonic clock:
+    a wall clock that jumps cannot make a live worker look dead.
+    """
+
+    def __init__(self, own_ids):
+        self.own_ids = set(own_ids)
+        self.seen = {}  # worker id -> (beat, monotonic time first seen)
+
+    def dead_workers(self, conn, lease_timeout):
+        host, mono = _host(), time.monotonic()
+        dead, known = [], set()
+        for wid, pid, whost, beat in conn.execute(
+                "SELECT id, pid, host, beat FROM workers").fetchall():
+            known.add(wid)
+            if wid in self.own_ids:
+                continue
+            if whost == host and not _pid_alive(pid):
+                dead.append(wid)
+                continue
+            first = self.seen.get(wid)
+            if first is None or first[0] != beat:
+                self.seen[wid] = (beat, mono)
+            elif mono - first[1] >= lease_timeout:
+                dead.append(wid)
+        return dead, known
+
+    def reap(self, conn, now_fn, log):
+        config = _read_config(conn)
+        dead, known = self.dead_workers(conn, config["lease-timeout"])
+        lost = conn.execute(
+            "SELECT j.seq, j.id, j.worker_id, a.id, a.host, a.pgid,"
+            " a.proc_start FROM jobs j INDEXED BY jobs_state"
+            " JOIN attempts a ON a.id = j.attempt_id"
+            " WHERE j.state = 'processing'").fetchall()
+        lost = [r for r in lost if r[2] in dead or r[2] not in known]
+        for seq, job_id, wid, attempt_id, host, pgid, start in lost:
+            _kill_orphans(host, pgid, start)
+            with write_txn(conn):
+                state = _recover_job(conn, seq, attempt_id, config, now_fn())
+            if state:
+                log(wid, job_id, "lost", "worker lost; now %s" % state)
+        if dead:
+            with write_txn(conn):
+                conn.executemany("DELETE FROM workers WHERE id = ?",
+                                 [(w,) for w in dead])
+            for wid in dead:
+                self.seen.pop(wid, None)
+
+
+def _kill_orphans(host, pgid, start):
+    """Kill a lost run's process group if it is still that run's."""
+    if host != _host() or not pgid:
+        return
+    leader_start = _process_start(pgid)
+    if leader_start is not None and leader_start != start:
+        return  # the pid now belongs to someone else
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return
+    kill_group(pgid)
+
+
+class WorkerPool(object):
+    """N worker threads in this process, sharing one stop flag.
+
+    run() blocks until the pool stops and returns the exit status: 0 after
+    a graceful stop (or idle exit), 1 after a forced stop or an error.
+    """
+
+    def __init__(self, path=None, count=1, poll_interval=None,
+                 exit_when_idle=False, log=None, now=time.time):
+        import threading
+        if not _is_int(count) or count < 1:
+            raise InvalidInput("--count must be an integer >= 1, got %r" % count)
+        if poll_interval is not None and not poll_interval > 0:
+            raise InvalidInput("--poll-interval must be > 0, got %r"
+                               % poll_interval)
+        self.path = os.path.abspath(os.path.expanduser(path or default_db_path()))
+        self.count = count
+        self.poll_interval = poll_interval
+        self.exit_when_idle = exit_when_idle
+        self.now = now
+        self._log_lock = threading.Lock()
+        self._log_stream = log
+        self.stopping = threading.Event()   # claim nothing more
+        self.forced = threading.Event()     # kill running jobs, requeue them
+        self._finished = threading.Event()  # every worker thread has ended
+        self._lock = threading.Lock()       # guards _running and _alive
+        self._running = {}                  # worker id -> (Popen, job)
+        self._alive = count                 # worker threads not yet ended
+        self.failed = False
+        self.host, self.pid = _host(), os.getpid()
+        suffix = _random_id()[:6]
+        self.ids = ["%s-%d-%d-%s" % (self.host.split(".")[0], self.pid, n,
+                                     suffix) for n in range(1, count + 1)]
+
+    # -- control from other threads or signal handlers ----------------------
+
+    def stop(self):
+        """Graceful: finish running jobs, claim nothing new."""
+        self.stopping.set()
+
+    def force(self):
+        """Kill running jobs' process groups and requeue them uncounted."""
+        self.stopping.set()
+        self.forced.set()
+
+    # -- main loop ----------------------------------------------------------
+
+    def run(self):
+        import threading
+        conn = connect(self.path)
+        try:
+            config = _read_config(conn)
+            self.stop_seq = config.get("_stop_seq", 0)
+            self._register(conn)
+            reaper = _Reaper(self.ids)
+            reaper.reap(conn, self.now, self.log)
+            threads = [threading.Thread(target=self._work, args=(wid,),
+                                        name=wid) for wid in self.ids]
+            for thread in threads:
+                thread.daemon = True
+                thread.start()
+            self._watch(conn, reaper, threads, config)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                with write_txn(conn):
+                    conn.executemany("DELETE FROM workers WHERE id = ?",
+                                     [(w,) for w in self.ids])
+            conn.close()
+        return 1 if self.forced.is_set() or self.failed else 0
+
+    def _register(self, conn):
+        now = self.now()
+        with write_txn(conn):
+            conn.executemany(
+                "INSERT INTO workers (id, pid, host, started_at, heartbeat)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(w, self.pid, self.host, now, now) for w in self.ids])
+
+    def _watch(self, conn, reaper, threads, config):
+        """Beat, reap dead workers, and carry out a forced stop."""
+        lease = config["lease-timeout"]
+        beat_every = min(max(lease / 4.0, 0.05), 5.0)
+        next_beat = next_reap = time.monotonic()
+        killed = False
+        while not self._finished.is_set():
+            if self.forced.is_set() and not killed:
+                killed = True
+                self._kill_running()
+            mono = time.monotonic()
+            if mono >= next_beat:
+                next_beat = mono + beat_every
+                self._beat(conn)
+                lease = _read_config(conn)["lease-timeout"]
+                beat_every = min(max(lease / 4.0, 0.05), 5.0)
+            if mono >= next_reap:
+                next_reap = mono + max(lease / 2.0, 0.05)
+                self._guard(reaper.reap, conn, self.now, self.log)
+            self._finished.wait(min(beat_every, 0.2))
+        for thread in threads:
+            thread.join()
+
+    def _beat(self, conn):
+        def beat():
+            with write_txn(conn):
+                conn.execute("UPDATE workers SET beat = beat + 1,"
+                             " heartbeat = ? WHERE pid = ? AND host = ?",
+                             (self.now(), self.pid, self.host))
+        self._guard(beat)
+
+    def _guard(self, fn, *args):
+        try:
+            fn(*args)
+        except sqlite3.Error as exc:
+            self.log("-", "-", "error", "database: %s" % exc)
+
+    def _kill_running(self):
+        with self._lock:
+            running = list(self._running.values())
+            for _, job in running:
+                job["forced"] = True
+        for proc, _ in running:
+            kill_group(proc.pid, proc=proc)
+
+    # -- one worker thread --------------------------------------------------
+
+    def _work(self, wid):
+        try:
+            conn = connect(self.path)
+        except QueueError as exc:
+            self.log(wid, "-", "error", str(exc))
+            self.failed = True
+            return
+        try:
+            self._loop(conn, wid)
+        except Exception as exc:  # keep the pool alive; report and stop
+            self.log(wid, "-", "error", "%s: %s" % (type(exc).__name__, exc))
+            self.failed = True
+            self.stopping.set()
+        finally:
+            conn.close()
+            with self._lock:
+                self._alive -= 1
+                if not self._alive:
+                    self._finished.set()
+
+    def _loop(self, conn, wid):
+        job = result = None
+        while True:
+            job = self._settle_and_claim(conn, wid, job, result)
+            result = None
+            if job is not None:
+                result = self._execute(conn, wid, job)
+                continue
+            if self.stopping.is_set() or self.exit_when_idle:
+                return
+            self.stopping.wait(self._poll_interval(conn))
+
+    def _poll_interval(self, conn):
+        if self.poll_interval is not None:
+            return self.poll_interval
+        return _read_config(conn)["poll-interval"]
+
+    def _settle_and_claim(self, conn, wid, job, result):
+        """Record the last run and claim the next job in one transaction."""
+        with write_txn(conn):
+            now = self.now()
+            config = _read_config(conn)
+            state = None
+            if job is not None and job.get("forced"):
+                _requeue_unfinished(conn, job, now)
+            elif job is not None:
+                state = _record_result(conn, job, result, config, now)
+            if config.get("_stop_seq", 0) != self.stop_seq:
+                self.stopping.set()
+            paused = config.get("_paused", 0)
+            claimed = None
+            if not self.stopping.is_set() and not paused:
+                claimed = _claim(conn, wid, self.host, now)
+        if job is not None:
+            self._log_result(wid, job, result, state, conn)
+        if claimed is not None:
+            self.log(wid, claimed["id"], "started",
+                     "attempt %d" % claimed["attempts"])
+        return claimed
+
+    def _execute(self, conn, wid, job):
+        output_limit = int(_read_config(conn)["output-limit"])
+
+        def on_long_run(proc):
+            self._remember(wid, proc, job)
+            with write_txn(conn):
+                conn.execute("UPDATE attempts SET pgid = ?, proc_start = ?"
+                             " WHERE id = ?", (proc.pid, _process_start(proc.pid),
+                                               job["attempt_id"]))
+        try:
+            result = _Execution(job, output_limit, on_long_run).run()
+        finally:
+            with self._lock:
+                self._running.pop(wid, None)
+        return result
+
+    def _remember(self, wid, proc, job):
+        with self._lock:
+            self._running[wid] = (proc, job)
+            job["forced"] = self.forced.is_set()
+        if job["forced"]:
+            kill_group(proc.pid, proc=proc)
+
+    def _log_result(self, wid, job, result, state, conn):
+        error = result[2]
+        if job.get("forced"):
+            self.log(wid, job["id"], "requeued", "forced stop; not counted")
+        elif state is None:
+            self.log(wid, job["id"], "stale", "result dropped: claim was lost")
+        elif state == "completed":
+            self.log(wid, job["id"], "completed", "")
+        elif state == "failed":
+            row = conn.execute("SELECT run_at FROM jobs WHERE seq = ?",
+                               (job["seq"],)).fetchone()
+            self.log(wid, job["id"], "failed",
+                     "%s; retry at %s" % (error, iso(row[0])))
+        else:
+            self.log(wid, job["id"], "dead", "%s; moved to DLQ" % error)
+
+    def log(self, wid, job_id, event, detail):
+        stream = self._log_stream if self._log_stream is not None else sys.stderr
+        if stream is False:
+            return
+        line = "%s %s %s %s %s" % (iso(self.now()), wid, job_id, event, detail)
+        with self._log_lock:
+            with contextlib.suppress(OSError, ValueError):
+                stream.write(_printable(line.rstrip()) + "\n")
+                stream.flush()
+
+
+###############################################################################
+# Output formatting ###########################################################
+###############################################################################
+
+_COLOURS = {"pending": "33", "processing": "36", "completed": "32",
+            "failed": "35", "dead": "31"}
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text):
+    """Escape control characters so job text cannot break a table line."""
+    return _CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+
+
+def _use_colour(stream):
+    return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def _paint(state, width, colour):
+    text = state.ljust(width)
+    return "\x1b[%sm%s\x1b[0m" % (_COLOURS[state], text) if colour else text
+
+
+def _clip(text, width):
+    text = _printable(text)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _table(rows, headers, colour=False, state_col=None):
+    """Left-aligned columns; the last column takes what is left of 80."""
+    widths = [max(len(str(r[i])) for r in rows + [headers])
+              for i in range(len(headers) - 1)]
+    last = max(20, 79 - sum(w + 2 for w in widths))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))
+             + "  " + headers[-1]]
+    for row in rows:
+        cells = []
+        for i, w in enumerate(widths):
+            if i == state_col:
+                cells.append(_paint(row[i], w, colour))
+            else:
+                cells.append(str(row[i]).ljust(w))
+        lines.append("  ".join(cells) + "  " + _clip(str(row[-1]), last))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _job_rows(jobs):
+    return [(j["id"], j["state"], "%d/%d" % (j["attempts"], j["max_retries"] + 1),
+             j["priority"], _short_time(j["run_at"] if j["state"] in
+                                        ("pending", "failed") else j["updated_at"]),
+             j["command"]) for j in jobs]
+
+
+def _short_time(stamp):
+    return stamp[:19].replace("T", " ") if stamp else "-"
+
+
+def _job_table(jobs, colour):
+    if not jobs:
+        return "(no jobs)"
+    return _table(_job_rows(jobs), ("ID", "STATE", "TRIES", "PRI", "WHEN",
+                                    "COMMAND"), colour, state_col=1)
+
+
+def _show_text(job):
+    fields = [
+        ("id", job["id"]), ("state", job["state"]),
+        ("command", _printable(job["command"])),
+        ("attempts", "%d of %d" % (job["attempts"], job["max_retries"] + 1)),
+        ("priority", job["priority"]), ("run_at", job["run_at"]),
+        ("timeout", _seconds_text(job["timeout"]) if job["timeout"] else "none"),
+        ("cwd", _printable(job["cwd"])),
+        ("env", _printable(json.dumps(job["env"], sort_keys=True))),
+        ("after", ", ".join(job["after"]) or "-"),
+        ("last_error", _printable(job["last_error"] or "-")),
+        ("worker", job["worker"] or "-"),
+        ("created_at", job["created_at"]), ("updated_at", job["updated_at"]),
+    ]
+    lines = ["%-11s %s" % (k + ":", v) for k, v in fields]
+    runs = job["runs"]
+    if runs:
+        lines.append("")
+        rows = [(r["attempt"], _short_time(r["started_at"]),
+                 "%.3fs" % r["duration"] if r["duration"] is not None else "-",
+                 r["exit_code"] if r["exit_code"] is not None else "-",
+                 r["worker"] or "-", r["error"] or ("running" if not
+                                                    r["ended_at"] else "ok"))
+                for r in runs]
+        lines.append(_table(rows, ("#", "STARTED", "TOOK", "EXIT", "WORKER",
+                                   "RESULT")))
+    return "\n".join(lines)
+
+
+def _status_text(status, colour):
+    lines = ["database: %s" % status["db"]]
+    if status["paused"]:
+        lines.append("paused: workers claim no new jobs (queuectl resume)")
+    lines.append("")
+    for state in STATES:
+        lines.append("  %s %8d" % (_paint(state, 11, colour),
+                                   status["counts"][state]))
+    workers = status["workers"]
+    lines.append("")
+    lines.append("workers: %d live" % len(workers))
+    if workers:
+        rows = [(w["id"], w["pid"], _short_time(w["started_at"]),
+                 w["job"] or "-") for w in workers]
+        lines.append(_table(rows, ("WORKER", "PID", "STARTED", "JOB")))
+    return "\n".join(lines)
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one `queuectl: error:` line."""
+
+    def error(self, message):
+        raise InvalidInput("%s (see '%s --help')" % (message, self.prog))
+
+
+def _print(text=""):
+    sys.stdout.write(text + "\n")
+
+
+def _print_json(value):
+    _print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def cmd_enqueue(args, queue):
+    if args.file is not None:
+        if args.command_or_json is not None or _field_flags(args):
+            raise InvalidInput("give -f FILE or a command, not both")
+        specs = parse_jobs_text(_read_input(args.file))
+        if isinstance(specs, dict):
+            specs = [specs]
+        ids = queue.enqueue_many(specs)
+        if args.json:
+            _print_json(ids)
+        else:
+            _print("\n".join(ids))
+        return 0
+    spec = _enqueue_spec(args)
+    job_id = queue.enqueue(spec)
+    if args.json:
+        _print_json(queue.get(job_id))
+    else:
+        _print(job_id)
+    return 0
+
+
+def _read_input(name):
+    try:
+        if name == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(name, "rb") as handle:
+            return handle.read().decode("utf-8")
+    except OSError as exc:
+        raise InvalidInput("cannot read %s: %s" % (name, _reason(exc)))
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("%s is not UTF-8 text: %s" % (name, exc))
+
+
+_FLAG_FIELDS = (("id", "id"), ("max_retries", "max_retries"),
+                ("priority", "priority"), ("run_at", "run_at"),
+                ("delay", "delay"), ("timeout", "timeout"), ("cwd", "cwd"),
+                ("after", "after"))
+
+
+def _field_flags(args):
+    flags = dict((field, getattr(args, attr)) for attr, field in _FLAG_FIELDS
+                 if getattr(args, attr) is not None)
+    if args.env:
+        flags["env"] = dict(_env_pair(pair) for pair in args.env)
+    return flags
+
+
+def _env_pair(pair):
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise InvalidInput("--env takes KEY=VALUE, got %r" % pair)
+    return key, value
+
+
+def _enqueue_spec(args):
+    text = args.command_or_json
+    if text is None:
+        raise InvalidInput("enqueue needs a command, a JSON object or -f FILE")
+    flags = _field_flags(args)
+    if text.lstrip().startswith("{"):
+        if flags:
+            raise InvalidInput("give job fields in the JSON object or as flags,"
+                               " not both")
+        try:
+            spec = json.loads(text)
+        except ValueError as exc:
+            raise InvalidInput("invalid JSON: %s" % exc)
+        if not isinstance(spec, dict):
+            raise InvalidInput("a job must be a JSON object")
+        return spec
+    flags["command"] = text
+    return flags
+
+
+def _number_flag(kind, name):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%s must be %s, got %r" % (
+                name, "an integer" if kind is int else "a number", text))
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError("%s must be finite" % name)
+        return value
+    return parse
+
+
+def cmd_worker_start(args, queue):
+    import signal
+    queue.close()
+    pool = WorkerPool(queue.path, count=args.count,
+                      poll_interval=args.poll_interval,
+                      exit_when_idle=args.exit_when_idle)
+    signals = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) == 1:
+            pool.stop()
+        else:
+            pool.force()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    pool.log("-", "-", "pool", "started %d worker(s) on %s"
+             % (args.count, queue.path))
+    code = pool.run()
+    pool.log("-", "-", "pool", "stopped" + (" (forced)" if pool.forced.is_set()
+                                           else ""))
+    return code
+
+
+def cmd_worker_stop(args, queue):
+    queue.request_stop()
+    if not args.wait:
+        _print("stop requested; %d worker(s) running" % len(queue.workers()))
+        return 0
+    while queue.workers():
+        time.sleep(0.1)
+    _print("all workers stopped")
+    return 0
+
+
+def cmd_status(args, queue):
+    with read_txn(queue.conn):
+        status = {"counts": queue.counts(), "workers": queue.workers(),
+                  "paused": queue.is_paused(), "db": queue.path}
+    if args.json:
+        _print_json(status)
+    else:
+        _print(_status_text(status, _use_colour(sys.stdout)))
+    return 0
+
+
+def cmd_list(args, queue):
+    jobs = queue.list(args.state, args.limit, args.offset)
+    _print_jobs(args, jobs)
+    return 0
+
+
+def cmd_dlq_list(args, queue):
+    _print_jobs(args, queue.list("dead", args.limit, args.offset))
+    return 0
+
+
+def _print_jobs(args, jobs):
+    if args.json:
+        _print_json(jobs)
+    else:
+        _print(_job_table(jobs, _use_colour(sys.stdout)))
+
+
+def cmd_show(args, queue):
+    job = queue.get(args.id, runs=True)
+    if args.json:
+        _print_json(job)
+    else:
+        _print(_show_text(job))
+    return 0
+
+
+def cmd_logs(args, queue):
+    text, dropped, number = queue.output(args.id, args.attempt)
+    if dropped:
+        sys.stderr.write("queuectl: attempt %d: output truncated, first %d"
+                         " bytes dropped\n" % (number, dropped))
+    sys.stdout.flush()
+    out = getattr(sys.stdout, "buffer", None)
+    if out is not None:
+        out.write(text.encode("utf-8", "replace"))
+        out.flush()
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_dlq_retry(args, queue):
+    if args.all == bool(args.ids):
+        raise InvalidInput("give job ids or --all")
+    ids = queue.retry_all() if args.all else queue.retry(args.ids)
+    _print("\n".join(ids) if ids else "(no dead jobs)")
+    return 0
+
+
+def cmd_delete(args, queue):
+    _print("\n".join(queue.delete(args.ids)))
+    return 0
+
+
+def cmd_purge(args, queue):
+    older = _parse_duration_arg(args.older_than, "--older-than")
+    count = queue.purge(args.state, older, args.vacuum)
+    _print("purged %d %s job(s)" % (count, args.state))
+    return 0
+
+
+def _parse_duration_arg(text, name):
+    if text is None:
+        return 0.0
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise InvalidInput("%s: %s" % (name, exc))
+
+
+def cmd_config(args, queue):
+    if args.action == "list":
+        if args.key is not None or args.value is not None:
+            raise InvalidInput("config list takes no arguments")
+        values = queue.config()
+        if args.json:
+            _print_json(values)
+        else:
+            for key in sorted(values):
+                _print("%-14s %s" % (key, _number_text(values[key])))
+        return 0
+    if args.key is None:
+        raise InvalidInput("config %s needs a KEY" % args.action)
+    if args.action == "get":
+        if args.value is not None:
+            raise InvalidInput("config get takes one KEY")
+        _print(_number_text(queue.config_get(args.key)))
+        return 0
+    if args.value is None:
+        raise InvalidInput("config set needs KEY and VALUE")
+    _print(_number_text(queue.config_set(args.key, args.value)))
+    return 0
+
+
+def _add_command(sub, name, func, summary, example, **kwargs):
+    parser = sub.add_parser(name, help=summary, description=summary,
+                            epilog="example:\n  " + example,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            **kwargs)
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser
+
+
+def _add_json(parser):
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON instead of a table")
+
+
+def _add_paging(parser):
+    parser.add_argument("--limit", type=_positive_int("--limit"), default=100,
+                        help="at most N jobs (default 100)")
+    parser.add_argument("--offset", type=_non_negative_int("--offset"),
+                        default=0, help="skip the first N jobs")
+
+
+def _positive_int(name):
+    return _bounded_int(name, 1)
+
+
+def _non_negative_int(name):
+    return _bounded_int(name, 0)
+
+
+def _bounded_int(name, minimum):
+    parse = _number_flag(int, name)
+
+    def check(text):
+        value = parse(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError("%s must be >= %d, got %s"
+                                             % (name, minimum, text))
+        return value
+    return check
+
+
+def build_parser():
+    parser = _Parser(
+        prog="queuectl", description="A background job queue for shell"
+        " commands, stored in one SQLite file.",
+        epilog="start here:\n  queuectl enqueue 'echo hello'\n"
+        "  queuectl worker start --exit-when-idle\n  queuectl status",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", metavar="PATH", help="database file (default:"
+                        " $QUEUECTL_DB, else ~/.queuectl/queue.db)")
+    parser.add_argument("--version", action="version",
+                        version="queuectl " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=_Parser)
+    sub.required = True
+    _add_enqueue(sub)
+    _add_worker(sub)
+    p = _add_command(sub, "status", cmd_status, "Show job counts per state"
+                     " and live workers.", "queuectl status --json")
+    _add_json(p)
+    p = _add_command(sub, "list", cmd_list, "List jobs in enqueue order.",
+                     "queuectl list --state failed --limit 20")
+    p.add_argument("--state", choices=STATES, metavar="STATE",
+                   help="only jobs in this state: " + ", ".join(STATES))
+    _add_paging(p)
+    _add_json(p)
+    p = _add_command(sub, "show", cmd_show, "Show one job and all its"
+                     " attempts.", "queuectl show 3f9a")
+    p.add_argument("id", help="job id or unambiguous prefix")
+    _add_json(p)
+    p = _add_command(sub, "logs", cmd_logs, "Print the output of a job's"
+                     " last (or K-th) attempt.", "queuectl logs 3f9a"
+                     " --attempt 1")
+    p.add_argument("id", help="job id or unambiguous prefix")
+    p.add_argument("--attempt", type=_positive_int("--attempt"), metavar="K")
+    _add_dlq(sub)
+    p = _add_command(sub, "delete", cmd_delete, "Delete jobs that are not"
+                     " processing.", "queuectl delete 3f9a 77c0")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p = _add_command(sub, "purge", cmd_purge, "Delete old completed or dead"
+                     " jobs.", "queuectl purge --state completed"
+                     " --older-than 7d --vacuum")
+    p.add_argument("--state", required=True, choices=("completed", "dead"),
+                   metavar="STATE", help="completed or dead")
+    p.add_argument("--older-than", metavar="AGE",
+                   help="only jobs last updated this long ago (30m, 12h, 7d)")
+    p.add_argument("--vacuum", action="store_true",
+                   help="then give the freed space back to the disk")
+    p = _add_command(sub, "config", cmd_config, "List, get or set settings.",
+                     "queuectl config set max-retries 5")
+    p.add_argument("action", choices=("list", "get", "set"), metavar="ACTION",
+                   help="list, get KEY, or set KEY VALUE")
+    p.add_argument("key", nargs="?", metavar="KEY")
+    p.add_argument("value", nargs="?", metavar="VALUE")
+    _add_json(p)
+    return parser
+
+
+def _add_enqueue(sub):
+    p = _add_command(sub, "enqueue", cmd_enqueue, "Add a job: a shell command,"
+                     " a JSON object, or many from a file.",
+                     "queuectl enqueue 'make test' --max-retries 2\n"
+                     "  queuectl enqueue '{\"command\": \"sleep 1\","
+                     " \"priority\": 5}'\n  queuectl enqueue -f jobs.jsonl")
+    p.add_argument("command_or_json", nargs="?", metavar="COMMAND|JSON")
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help="JSON object, array or JSON Lines ('-' for stdin);"
+                   " all or nothing")
+    p.add_argument("--id")
+    p.add_argument("--max-retries", type=_number_flag(int, "--max-retries"),
+                   metavar="N")
+    p.add_argument("--priority", type=_number_flag(int, "--priority"),
+                   metavar="P", help="higher runs first (default 0)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--run-at", metavar="TIME",
+                      help="ISO 8601, e.g. 2026-12-01T09:00:00Z")
+    when.add_argument("--delay", type=_number_flag(float, "--delay"),
+                      metavar="SECONDS")
+    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
+                   metavar="SECONDS")
+    p.add_argument("--cwd", metavar="DIR", help="run there (default: here)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="add to the job's environment (repeatable)")
+    p.add_argument("--after", metavar="ID[,ID...]",
+                   help="start only after these jobs completed")
+    _add_json(p)
+
+
+def _add_worker(sub):
+    p = _add_command(sub, "worker", None, "Start or stop workers.",
+                     "queuectl worker start --count 4")
+    wsub = p.add_subparsers(dest="action", metavar="ACTION",
+                            parser_class=_Parser)
+    wsub.required = True
+    start = _add_command(wsub, "start", cmd_worker_start, "Run N worker"
+                         " threads in the foreground until stopped.",
+                         "queuectl worker start --count 4 --exit-when-idle")
+    start.add_argument("--count", type=_positive_int("--count"), default=1,
+                       metavar="N", help="worker threads (default 1)")
+    start.add_argument("--poll-interval", metavar="S",
+                       type=_number_flag(float, "--poll-interval"),
+                       help="seconds between polls when idle (default:"
+                       " config poll-interval)")
+    start.add_argument("--exit-when-idle", action="store_true",
+                       help="exit once no job is due that this process could"
+                       " run")
+    stop = _add_command(wsub, "stop", cmd_worker_stop, "Ask running workers"
+                        " to finish their jobs and exit.",
+                        "queuectl worker stop --wait")
+    stop.add_argument("--wait", action="store_true",
+                      help="return when no worker is left")
+
+
+def _add_dlq(sub):
+    p = _add_command(sub, "dlq", None, "The dead letter queue: list or retry"
+                     " dead jobs.", "queuectl dlq retry --all")
+    dsub = p.add_subparsers(dest="action", metavar="ACTION",
+                            parser_class=_Parser)
+    dsub.required = True
+    lst = _add_command(dsub, "list", cmd_dlq_list, "List dead jobs.",
+                       "queuectl dlq list --json")
+    _add_paging(lst)
+    _add_json(lst)
+    retry = _add_command(dsub, "retry", cmd_dlq_retry, "Move dead jobs back"
+                         " to pending with attempts reset to 0.",
+                         "queuectl dlq retry 3f9a")
+    retry.add_argument("ids", nargs="*", metavar="ID")
+    retry.add_argument("--all", action="store_true", help="every dead job")
+
+
+def _safe_streams():
+    """Under LANG=C, print unencodable text escaped instead of crashing."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        encoding = (getattr(stream, "encoding", None) or "").lower()
+        if "utf" in encoding or not hasattr(stream, "buffer"):
+            continue
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+        else:
+            import io
+            setattr(sys, name, io.TextIOWrapper(
+                stream.buffer, encoding=stream.encoding,
+                errors="backslashreplace", line_buffering=stream.line_buffering))
+
+
+def main(argv=None):
+    """Run the CLI; return the exit status."""
+    _safe_streams()
+    try:
+        args = build_parser().parse_args(argv)
+        synchronous = "FULL" if args.func is cmd_enqueue else "NORMAL"
+        queue = Queue(args.db or None, synchronous=synchronous)
+        try:
+            return args.func(args, queue)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                queue.close()
+    except QueueError as exc:
+        return _fail_with(str(exc), exc.exit_code)
+    except BrokenPipeError:
+        # `queuectl list | head`: the reader left; end quietly.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return _fail_with("interrupted", 130)
+    except sqlite3.Error as exc:
+        return _fail_with("database: %s" % exc, 1)
+    except OSError as exc:
+        return _fail_with("%s" % exc, 1)
+    except Exception as exc:  # never a traceback; QUEUECTL_DEBUG=1 shows one
+        if os.environ.get("QUEUECTL_DEBUG"):
+            raise
+        return _fail_with("internal error: %s: %s" % (type(exc).__name__, exc), 1)
+
+
+def _fail_with(message, code):
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    line = "queuectl: error: %s\n" % _printable(message)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
