@@ -1042,13 +1042,34 @@ def kill_group(pgid, grace=KILL_GRACE, proc=None):
     while time.monotonic() < deadline:
         if proc is not None:
             proc.poll()  # reap our own child, or it lingers as a zombie
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
+        if not group_alive(pgid):
             return
         time.sleep(0.02)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def group_alive(pgid):
+    """Does the process group still have a member that is not a zombie?"""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    if not os.path.isdir("/proc/self"):
+        return True  # no /proc (macOS): zombies count as alive
+    # Orphaned zombies wait for init to reap them, which can take a while in
+    # a container; they must not hold up a kill for the whole grace period.
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _keep_tail(tail, chunk, limit):
@@ -1339,11 +1360,8 @@ def _kill_orphans(host, pgid, start):
     leader_start = _process_start(pgid)
     if leader_start is not None and leader_start != start:
         return  # the pid now belongs to someone else
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return
-    kill_group(pgid)
+    if group_alive(pgid):
+        kill_group(pgid)
 
 
 class WorkerPool(object):

@@ -1,0 +1,752 @@
+"""Tests for queuectl: mostly the real CLI in subprocesses on a temp database.
+
+Run: python3 -m unittest -v test_queuectl   (pytest works too)
+QUEUECTL_STRESS=N multiplies the sizes of the fault tests for long runs.
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import queuectl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "queuectl.py")
+STRESS = max(1, int(os.environ.get("QUEUECTL_STRESS", "1") or 1))
+
+
+def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
+    """Poll until predicate() is truthy; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(interval)
+
+
+class CLITestCase(unittest.TestCase):
+    """Each test gets its own folder, HOME and database."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.db = os.path.join(self.dir, "q.db")
+        self.env = dict(os.environ, HOME=self.dir)
+        self.env.pop("QUEUECTL_DB", None)
+        self.env.pop("NO_COLOR", None)
+        self.procs = []
+        self.addCleanup(self._kill_procs)
+
+    def _kill_procs(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+
+    # -- running the CLI ----------------------------------------------------
+
+    def cli(self, *args, **kwargs):
+        """Run queuectl; return (exit code, stdout, stderr) as text."""
+        stdin = kwargs.pop("input", None)
+        env = dict(self.env, **kwargs.pop("env", {}))
+        db = kwargs.pop("db", self.db)
+        argv = [sys.executable, SCRIPT] + (["--db", db] if db else []) + list(args)
+        proc = subprocess.run(argv, input=(stdin or "").encode("utf-8"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env, cwd=kwargs.pop("cwd", self.dir),
+                              timeout=kwargs.pop("timeout", 60))
+        return (proc.returncode, proc.stdout.decode("utf-8", "replace"),
+                proc.stderr.decode("utf-8", "replace"))
+
+    def ok(self, *args, **kwargs):
+        """Run a command that must succeed quietly on stderr; return stdout."""
+        code, out, err = self.cli(*args, **kwargs)
+        self.assertEqual((code, err), (0, ""), "queuectl %s: %s" % (args, err))
+        return out
+
+    def expect_failure(self, code, message, *args, **kwargs):
+        """Run a command that must fail with one error line and no changes."""
+        before = self.dump()
+        got, out, err = self.cli(*args, **kwargs)
+        self.assertEqual(got, code, "queuectl %s: %r" % (args, err))
+        self.assertEqual(out, "")
+        self.assertTrue(err.startswith("queuectl: error: "), err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn(message, err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(self.dump(), before, "data changed by failed command")
+        return err
+
+    def ok_json(self, *args, **kwargs):
+        return json.loads(self.ok(*(args + ("--json",)), **kwargs))
+
+    def enqueue(self, command_or_json, *flags):
+        return self.ok("enqueue", command_or_json, *flags).strip()
+
+    def job(self, job_id):
+        return self.ok_json("show", job_id)
+
+    def drain(self, *flags):
+        """Run one worker process until no job is due; return its stderr."""
+        code, out, err = self.cli("worker", "start", "--exit-when-idle", *flags)
+        self.assertEqual(code, 0, err)
+        return err
+
+    def start_worker(self, *flags, **kwargs):
+        """A worker process in the background; its stderr goes to a file."""
+        log = open(os.path.join(self.dir, "worker-%d.log" % len(self.procs)),
+                   "w+")
+        self.addCleanup(log.close)
+        argv = [sys.executable, SCRIPT, "--db", self.db, "worker", "start"]
+        proc = subprocess.Popen(argv + list(flags), stdout=subprocess.DEVNULL,
+                                stderr=log, env=dict(self.env, **kwargs),
+                                cwd=self.dir)
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def dump(self):
+        """Every row of the database, to prove a failed command changed none."""
+        if not os.path.exists(self.db):
+            return None
+        conn = sqlite3.connect(self.db)
+        try:
+            return "\n".join(conn.iterdump())
+        except sqlite3.DatabaseError:
+            return open(self.db, "rb").read()
+        finally:
+            conn.close()
+
+    def config(self, **values):
+        for key, value in values.items():
+            self.ok("config", "set", key.replace("_", "-"), str(value))
+
+    def state(self, job_id):
+        return self.job(job_id)["state"]
+
+    def wait_state(self, job_id, state, timeout=20):
+        wait_for(lambda: self.state(job_id) == state, timeout,
+                 what="job %s to be %s" % (job_id, state))
+
+    def sql(self, query, *params):
+        conn = sqlite3.connect(self.db, timeout=30)
+        try:
+            return conn.execute(query, params).fetchall()
+        finally:
+            conn.close()
+
+
+class TestEnqueue(CLITestCase):
+
+    def test_enqueue_prints_only_the_id_and_stores_defaults(self):
+        # enqueue prints the id alone; defaults come from config at enqueue.
+        self.config(max_retries=5, job_timeout=7)
+        out = self.ok("enqueue", "echo hi")
+        job_id = out.strip()
+        self.assertEqual(out, job_id + "\n")
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"], job["max_retries"],
+                          job["timeout"], job["priority"], job["cwd"]),
+                         ("pending", 0, 5, 7, 0, os.path.realpath(self.dir)))
+        self.config(max_retries=1)
+        self.assertEqual(self.job(job_id)["max_retries"], 5)
+
+    def test_enqueue_json_with_every_field(self):
+        # Every SPEC 2 field given as JSON is stored as given.
+        spec = {"id": "build.1:a-b_c", "command": "make", "max_retries": 0,
+                "priority": -3, "run_at": "2030-01-02T03:04:05Z",
+                "timeout": 2.5, "cwd": "/tmp", "env": {"A": "1", "B": ""}}
+        self.assertEqual(self.enqueue(json.dumps(spec)), "build.1:a-b_c")
+        job = self.job("build.1:a-b_c")
+        for key in ("command", "max_retries", "priority", "timeout", "cwd",
+                    "env"):
+            self.assertEqual(job[key], spec[key], key)
+        self.assertEqual(job["run_at"], "2030-01-02T03:04:05.000Z")
+        for key in ("created_at", "updated_at", "last_error", "attempts"):
+            self.assertIn(key, job)
+
+    def test_enqueue_flags(self):
+        # The flag form sets the same fields as JSON.
+        job_id = self.enqueue("true", "--id", "f1", "--max-retries", "2",
+                              "--priority", "9", "--delay", "60",
+                              "--timeout", "3", "--env", "X=y=z",
+                              "--cwd", "/tmp")
+        job = self.job(job_id)
+        self.assertEqual((job["max_retries"], job["priority"], job["timeout"],
+                          job["env"], job["cwd"]),
+                         (2, 9, 3, {"X": "y=z"}, "/tmp"))
+        run_at = queuectl.parse_time(job["run_at"])
+        self.assertGreater(run_at, time.time() + 50)
+
+    def test_run_at_offsets_and_naive_local_time(self):
+        # run_at honours Z and offsets; a naive time is local time.
+        a = self.enqueue(json.dumps({"command": "true",
+                                     "run_at": "2030-01-01T12:00:00+02:00"}))
+        self.assertEqual(self.job(a)["run_at"], "2030-01-01T10:00:00.000Z")
+        b = self.enqueue(json.dumps({"command": "true",
+                                     "run_at": "2030-01-01T12:00:00"}))
+        expected = time.mktime((2030, 1, 1, 12, 0, 0, 0, 0, -1))
+        self.assertEqual(self.job(b)["run_at"], queuectl.iso(expected))
+
+    def test_enqueue_file_array_jsonl_and_stdin(self):
+        # -f takes a JSON array, JSON Lines or stdin and prints every id.
+        path = os.path.join(self.dir, "jobs.json")
+        with open(path, "w") as handle:
+            json.dump([{"command": "true", "id": "a1"},
+                       {"command": "true", "id": "a2"}], handle)
+        self.assertEqual(self.ok("enqueue", "-f", path), "a1\na2\n")
+        lines = '{"command": "true", "id": "b1"}\n\n{"command": "false"}\n'
+        out = self.ok("enqueue", "-f", "-", input=lines).split()
+        self.assertEqual(len(out), 2)
+        self.assertEqual(out[0], "b1")
+        self.assertEqual(self.ok_json("status")["counts"]["pending"], 4)
+
+    def test_enqueue_file_is_all_or_nothing(self):
+        # One bad line in a file: an error naming it, and no job is added.
+        self.enqueue("true")
+        lines = '{"command": "true"}\n{"command": "true", "priority": "x"}\n'
+        self.expect_failure(2, "job 2: priority must be an integer", "enqueue", "-f", "-",
+                  input=lines)
+
+    def test_generated_ids_are_unique_and_durable(self):
+        # Ids survive the process; many enqueues never clash.
+        ids = set(self.ok("enqueue", "-f", "-", input="\n".join(
+            ['{"command": "true"}'] * 300)).split())
+        self.assertEqual(len(ids), 300)
+        listed = self.ok_json("list", "--limit", "1000")
+        self.assertEqual(set(j["id"] for j in listed), ids)
+
+
+class TestBadInput(CLITestCase):
+    """Every bad input: exit 2 (or 1), one error line, nothing changed."""
+
+    def setUp(self):
+        super(TestBadInput, self).setUp()
+        self.existing = self.enqueue("true", "--id", "abc123")
+        self.enqueue("true", "--id", "abd456")
+
+    def test_bad_json_and_fields(self):
+        cases = [
+            ('{"command": "x"', "invalid JSON"),
+            ('{"comand": "x"}', "unknown field 'comand'"),
+            ('{"command": "x", "state": "completed"}', "field 'state' is managed"),
+            ('{"command": "x", "attempts": 3}', "field 'attempts' is managed"),
+            ('{"command": ""}', "command must be a non-empty string"),
+            ('{"command": 5}', "command must be a non-empty string"),
+            ('{}', "command must be a non-empty string"),
+            ('{"command": "x", "max_retries": -1}', "max_retries must be an integer >= 0"),
+            ('{"command": "x", "max_retries": 1.5}', "max_retries must be an integer"),
+            ('{"command": "x", "max_retries": true}', "max_retries must be an integer"),
+            ('{"command": "x", "priority": "high"}', "priority must be an integer"),
+            ('{"command": "x", "timeout": 0}', "timeout must be a number > 0"),
+            ('{"command": "x", "timeout": -5}', "timeout must be a number > 0"),
+            ('{"command": "x", "delay": -1}', "delay must be a number >= 0"),
+            ('{"command": "x", "run_at": "tomorrow"}', "run_at: not an ISO 8601"),
+            ('{"command": "x", "run_at": "2026-13-01T00:00:00Z"}', "not a valid date"),
+            ('{"command": "x", "run_at": "2030-01-01T00:00:00Z", "delay": 1}',
+             "run_at or delay, not both"),
+            ('{"command": "x", "env": {"A": 1}}', "env: value of A must be a string"),
+            ('{"command": "x", "env": ["A"]}', "env must be an object"),
+            ('{"command": "x", "env": {"A=B": "1"}}', "env: bad variable name"),
+            ('{"command": "x", "id": "has space"}', "id must be 1-128 characters"),
+            ('{"command": "x", "id": ""}', "id must be 1-128 characters"),
+            ('{"command": "x", "id": "%s"}' % ("a" * 129), "id must be 1-128"),
+            ('{"command": "x", "cwd": 7}', "cwd must be a non-empty path"),
+            ('{"command": "a\\u0000b"}', "must not contain NUL"),
+        ]
+        for text, message in cases:
+            with self.subTest(text=text):
+                self.expect_failure(2, message, "enqueue", text)
+
+    def test_duplicate_ids(self):
+        self.expect_failure(1, "a job with id 'abc123' already exists",
+                  "enqueue", "true", "--id", "abc123")
+        self.expect_failure(1, "duplicate id 'z' in input", "enqueue", "-f", "-",
+                  input='{"command": "true", "id": "z"}\n'
+                        '{"command": "true", "id": "z"}\n')
+
+    def test_bad_flags(self):
+        cases = [
+            (("enqueue", "true", "--max-retries", "x"), "--max-retries must be an integer"),
+            (("enqueue", "true", "--max-retries", "-2"), "max_retries must be an integer >= 0"),
+            (("enqueue", "true", "--timeout", "nan"), "--timeout must be finite"),
+            (("enqueue", "true", "--run-at", "soon"), "run_at: not an ISO 8601"),
+            (("enqueue", "true", "--run-at", "2030-01-01", "--delay", "1"), "not allowed with"),
+            (("enqueue", "true", "--env", "NOEQUALS"), "--env takes KEY=VALUE"),
+            (("enqueue", '{"command": "x"}', "--priority", "1"), "not both"),
+            (("enqueue",), "enqueue needs a command"),
+            (("enqueue", "-f", "/nonexistent/jobs.json"), "cannot read /nonexistent"),
+            (("enqueue", "-f", "-"), "no jobs in input"),
+            (("worker", "start", "--count", "0"), "--count must be >= 1"),
+            (("worker", "start", "--count", "two"), "--count must be an integer"),
+            (("list", "--state", "done"), "invalid choice"),
+            (("list", "--limit", "0"), "--limit must be >= 1"),
+            (("purge", "--state", "completed", "--older-than", "soon"), "not a duration"),
+            (("purge", "--state", "pending"), "invalid choice"),
+            (("logs", "abc123", "--attempt", "0"), "--attempt must be >= 1"),
+            (("frobnicate",), "invalid choice"),
+            (("dlq", "retry"), "give job ids or --all"),
+        ]
+        for args, message in cases:
+            with self.subTest(args=args):
+                self.expect_failure(2, message, *args)
+
+    def test_bad_config(self):
+        cases = [
+            (("config", "set", "max-retry", "3"), "unknown config key 'max-retry'"),
+            (("config", "get", "nope"), "keys: backoff-base"),
+            (("config", "set", "max-retries", "-1"), "max-retries must be an integer >= 0"),
+            (("config", "set", "max-retries", "1.5"), "max-retries must be an integer"),
+            (("config", "set", "backoff-base", "0.5"), "backoff-base must be a number >= 1"),
+            (("config", "set", "poll-interval", "0"), "poll-interval must be a number of seconds > 0"),
+            (("config", "set", "lease-timeout", "inf"), "lease-timeout must be"),
+            (("config", "set", "output-limit", "lots"), "output-limit must be"),
+            (("config", "set", "max-retries"), "needs KEY and VALUE"),
+            (("config", "frob"), "invalid choice"),
+        ]
+        for args, message in cases:
+            with self.subTest(args=args):
+                self.expect_failure(2, message, *args)
+
+    def test_bad_ids(self):
+        self.expect_failure(2, "id prefix 'ab' is ambiguous: abc123, abd456", "show", "ab")
+        self.expect_failure(1, "no job with id 'zzz'", "show", "zzz")
+        self.expect_failure(2, "not a valid job id", "show", "a b")
+        self.expect_failure(1, "no job with id 'nope'", "delete", "abc123", "nope")
+        self.expect_failure(1, "is pending, not dead", "dlq", "retry", "abc")
+        self.expect_failure(1, "has no attempt yet", "logs", "abc123")
+        self.expect_failure(1, "after: no job with id 'ghost'", "enqueue", "true",
+                  "--after", "ghost")
+
+    def test_exact_id_beats_prefix(self):
+        # An id that is also a prefix of another id resolves to itself.
+        self.enqueue("true", "--id", "abc")
+        self.assertEqual(self.job("abc")["id"], "abc")
+        self.assertEqual(self.job("abc1")["id"], "abc123")
+
+
+class TestDatabaseFiles(CLITestCase):
+
+    def test_default_path_and_permissions(self):
+        # ~/.queuectl/queue.db is made 0700/0600; $QUEUECTL_DB beats it,
+        # and --db beats both.
+        self.ok("enqueue", "true", db=None)
+        folder = os.path.join(self.dir, ".queuectl")
+        self.assertEqual(os.stat(folder).st_mode & 0o777, 0o700)
+        path = os.path.join(folder, "queue.db")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        other = os.path.join(self.dir, "sub", "env.db")
+        self.ok("enqueue", "true", db=None, env={"QUEUECTL_DB": other})
+        self.assertEqual(os.stat(other).st_mode & 0o777, 0o600)
+        self.ok("enqueue", "true", env={"QUEUECTL_DB": other})
+        status = self.ok_json("status", db=None, env={"QUEUECTL_DB": other})
+        self.assertEqual(status["counts"]["pending"], 1)
+        self.assertEqual(status["db"], other)
+
+    def test_wal_files_are_private(self):
+        # The -wal and -shm files a live connection makes are 0600 too.
+        self.enqueue("true")
+        conn = sqlite3.connect(self.db)
+        conn.execute("SELECT 1 FROM jobs").fetchall()
+        try:
+            for suffix in ("-wal", "-shm"):
+                mode = os.stat(self.db + suffix).st_mode & 0o777
+                self.assertEqual(mode, 0o600, suffix)
+        finally:
+            conn.close()
+
+    def assert_refused(self, content, message):
+        with open(self.db, "wb") as handle:
+            handle.write(content)
+        for args in (("status",), ("enqueue", "true"), ("list",)):
+            code, out, err = self.cli(*args)
+            self.assertEqual(code, 1, err)
+            self.assertIn(message, err)
+            self.assertEqual(err.count("\n"), 1)
+            with open(self.db, "rb") as handle:
+                self.assertEqual(handle.read(), content)
+
+    def test_garbage_and_empty_files_are_refused_untouched(self):
+        self.assert_refused(os.urandom(5000), "not a usable queuectl database")
+        self.assert_refused(b"", "not a queuectl database")
+
+    def test_foreign_sqlite_database_is_refused_untouched(self):
+        path = os.path.join(self.dir, "other.db")
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE jobs (x)")
+        conn.commit()
+        conn.close()
+        with open(path, "rb") as handle:
+            self.assert_refused(handle.read(), "not a queuectl database")
+
+    def test_newer_and_truncated_databases_are_refused_untouched(self):
+        self.ok("enqueue", "-f", "-", input="\n".join(
+            json.dumps({"command": "echo " + "x" * 400}) for _ in range(200)))
+        conn = sqlite3.connect(self.db)
+        conn.execute("PRAGMA user_version=99")
+        conn.commit()
+        conn.close()
+        with open(self.db, "rb") as handle:
+            content = handle.read()
+        self.assert_refused(content, "written by a newer queuectl")
+        content = content[:len(content) // 2]
+        self.assert_refused(content, "malformed")
+
+    def test_missing_folder_is_created_and_file_as_folder_refused(self):
+        blocker = os.path.join(self.dir, "file")
+        open(blocker, "w").close()
+        code, out, err = self.cli("status", db=os.path.join(blocker, "q.db"))
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith("queuectl: error: cannot open database"))
+
+
+class TestLifecycle(CLITestCase):
+
+    def test_success_records_output_and_attempt(self):
+        # A completed job has one attempt with exit code, duration, output.
+        job_id = self.enqueue("echo out; echo err >&2; printf 'caf\\303\\251'")
+        log = self.drain()
+        self.assertIn(job_id + " completed", log)
+        job = self.ok_json("show", job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        (run,) = job["runs"]
+        self.assertEqual((run["attempt"], run["exit_code"], run["error"]),
+                         (1, 0, None))
+        self.assertGreaterEqual(run["duration"], 0)
+        self.assertTrue(run["worker"])
+        self.assertEqual(self.ok("logs", job_id), "out\nerr\ncaf\u00e9")
+
+    def test_failures_retry_then_dead_then_dlq_retry(self):
+        # max_retries=2: three runs, then dead; dlq retry resets attempts.
+        self.config(backoff_max=0)
+        job_id = self.enqueue("echo run $QUEUECTL_ATTEMPT; exit 3",
+                              "--max-retries", "2")
+        log = self.drain()
+        self.assertEqual(log.count(job_id + " failed exit code 3"), 2)
+        self.assertIn(job_id + " dead exit code 3", log)
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"], job["last_error"]),
+                         ("dead", 3, "exit code 3"))
+        dead = self.ok_json("dlq", "list")
+        self.assertEqual([j["id"] for j in dead], [job_id])
+        self.assertEqual(self.ok("logs", job_id, "--attempt", "2"), "run 2\n")
+        self.assertEqual(self.ok("dlq", "retry", job_id[:6]), job_id + "\n")
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.drain()
+        runs = self.ok_json("show", job_id)["runs"]
+        self.assertEqual([r["attempt"] for r in runs], [1, 2, 3, 4, 5, 6])
+        self.assertEqual(self.ok("logs", job_id), "run 3\n")
+        self.ok("dlq", "retry", "--all")
+        self.assertEqual(self.state(job_id), "pending")
+
+    def test_backoff_is_scheduled_and_capped(self):
+        # After failure k the job waits min(base ** k, backoff-max) seconds.
+        self.config(backoff_base=3, backoff_max=5)
+        job_id = self.enqueue("false")
+        self.drain()
+        job = self.job(job_id)
+        self.assertEqual(job["state"], "failed")
+        wait = (queuectl.parse_time(job["run_at"])
+                - queuectl.parse_time(job["updated_at"]))
+        self.assertAlmostEqual(wait, 3, places=2)
+        self.drain()  # not due yet: nothing runs
+        self.assertEqual(self.job(job_id)["attempts"], 1)
+
+    def test_timeout_kills_and_counts_as_failure(self):
+        job_id = self.enqueue("echo started; sleep 30", "--timeout", "0.3",
+                              "--max-retries", "0")
+        started = time.monotonic()
+        self.drain()
+        self.assertLess(time.monotonic() - started, 15)
+        job = self.ok_json("show", job_id)
+        self.assertEqual((job["state"], job["last_error"]),
+                         ("dead", "timed out after 0.3s"))
+        self.assertEqual(self.ok("logs", job_id), "started\n")
+
+    def test_environment_cwd_and_start_errors(self):
+        # Jobs see their env, QUEUECTL_JOB_ID/ATTEMPT and cwd; a missing cwd
+        # is a failed attempt 'cannot start'.
+        out = os.path.join(self.dir, "out.txt")
+        job_id = self.enqueue(json.dumps({
+            "command": 'echo "$QUEUECTL_JOB_ID $QUEUECTL_ATTEMPT $GREETING $(pwd)"'
+                       " > %s; read x || echo eof >> %s" % (out, out),
+            "env": {"GREETING": "hi there"}, "cwd": "/tmp"}))
+        bad = self.enqueue("true", "--cwd", "/nonexistent/dir",
+                           "--max-retries", "0")
+        self.drain()
+        with open(out) as handle:
+            self.assertEqual(handle.read(),
+                             "%s 1 hi there /tmp\neof\n" % job_id)
+        job = self.job(bad)
+        self.assertEqual(job["state"], "dead")
+        self.assertTrue(job["last_error"].startswith(
+            "cannot start: cwd /nonexistent/dir"), job["last_error"])
+
+    def test_signal_death_is_recorded(self):
+        job_id = self.enqueue("kill -9 $$", "--max-retries", "0")
+        self.drain()
+        run = self.ok_json("show", job_id)["runs"][0]
+        self.assertEqual((run["error"], run["signal"], run["exit_code"]),
+                         ("killed by SIGKILL", 9, None))
+
+    def test_output_keeps_only_the_tail(self):
+        # Only the last output-limit bytes are kept, and truncation is said.
+        self.config(output_limit=10)
+        job_id = self.enqueue("seq 1 1000")
+        self.drain()
+        code, out, err = self.cli("logs", job_id)
+        self.assertEqual(out, "\n999\n1000\n")
+        self.assertIn("output truncated", err)
+
+    def test_claim_order_priority_then_run_at_then_enqueue_order(self):
+        out = os.path.join(self.dir, "order.txt")
+        cmd = "echo $QUEUECTL_JOB_ID >> " + out
+        past = "2020-01-01T00:00:0%dZ"
+        self.enqueue(json.dumps({"command": cmd, "id": "p0-late",
+                                 "run_at": past % 5}))
+        self.enqueue(json.dumps({"command": cmd, "id": "p0-early",
+                                 "run_at": past % 1}))
+        self.enqueue(cmd, "--id", "p0-now-a")
+        self.enqueue(cmd, "--id", "p5", "--priority", "5")
+        self.enqueue(cmd, "--id", "p0-now-b")
+        self.enqueue(cmd, "--id", "future", "--priority", "9", "--delay", "3600")
+        self.enqueue(cmd, "--id", "neg", "--priority", "-1")
+        self.drain()
+        with open(out) as handle:
+            order = handle.read().split()
+        self.assertEqual(order, ["p5", "p0-early", "p0-late", "p0-now-a",
+                                 "p0-now-b", "neg"])
+        self.assertEqual(self.state("future"), "pending")
+
+    def test_retry_arithmetic_with_a_fake_clock(self):
+        # max_retries=3, base 2: four runs, waiting 2, 4 and 8 s between.
+        clock = [1000000.0]
+        queue = queuectl.Queue(self.db, now=lambda: clock[0])
+        self.addCleanup(queue.close)
+        queue.config_set("backoff-base", "2")
+        job_id = queue.enqueue({"command": "exit 1", "max_retries": 3})
+        pool = lambda: queuectl.WorkerPool(self.db, exit_when_idle=True,
+                                           log=False, now=lambda: clock[0])
+        expected_waits = [2, 4, 8]
+        for failures, wait in enumerate(expected_waits, 1):
+            self.assertEqual(pool().run(), 0)
+            job = queue.get(job_id)
+            self.assertEqual((job["state"], job["attempts"]), ("failed", failures))
+            due = queuectl.parse_time(job["run_at"])
+            self.assertAlmostEqual(due - clock[0], wait, places=2)
+            clock[0] = due - 0.01
+            pool().run()
+            self.assertEqual(queue.get(job_id)["attempts"], failures)
+            clock[0] = due
+        pool().run()
+        job = queue.get(job_id, runs=True)
+        self.assertEqual((job["state"], job["attempts"], len(job["runs"])),
+                         ("dead", 4, 4))
+
+    def test_delete_and_purge(self):
+        self.config(backoff_max=0)
+        done = self.enqueue("true")
+        dead = self.enqueue("false", "--max-retries", "0")
+        waiting = self.enqueue("true", "--delay", "3600")
+        self.drain()
+        self.assertEqual(self.ok("delete", waiting), waiting + "\n")
+        self.expect_failure(1, "no job with id", "show", waiting)
+        self.assertEqual(self.ok("purge", "--state", "completed",
+                                 "--older-than", "1h"),
+                         "purged 0 completed job(s)\n")
+        self.assertEqual(self.ok("purge", "--state", "completed", "--vacuum"),
+                         "purged 1 completed job(s)\n")
+        self.assertEqual(self.ok("purge", "--state", "dead"),
+                         "purged 1 dead job(s)\n")
+        counts = self.ok_json("status")["counts"]
+        self.assertEqual(sum(counts.values()), 0)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(0,)])
+        del done, dead
+
+    def test_config_list_get_set(self):
+        values = self.ok_json("config", "list")
+        self.assertEqual(values, queuectl.CONFIG_DEFAULTS)
+        self.assertEqual(self.ok("config", "set", "backoff_base", "1.5"), "1.5\n")
+        self.assertEqual(self.ok("config", "get", "backoff-base"), "1.5\n")
+        self.assertIn("backoff-base   1.5", self.ok("config", "list"))
+
+    def test_list_paging_and_states(self):
+        ids = self.ok("enqueue", "-f", "-", input="\n".join(
+            '{"command": "true", "id": "j%02d"}' % n for n in range(12))).split()
+        page = self.ok_json("list", "--limit", "5", "--offset", "5")
+        self.assertEqual([j["id"] for j in page], ids[5:10])
+        self.assertEqual(self.ok_json("list", "--state", "dead"), [])
+        table = self.ok("list", "--state", "pending", "--limit", "3")
+        lines = table.splitlines()
+        self.assertEqual(len(lines), 4)
+        self.assertTrue(lines[0].startswith("ID"))
+        self.assertTrue(all(len(line) <= 80 for line in lines))
+        self.assertNotIn("\x1b[", table)  # no colour when not a terminal
+
+
+class TestOutput(CLITestCase):
+
+    def test_status_shape(self):
+        status = self.ok_json("status")
+        self.assertEqual(set(status), {"counts", "workers", "paused", "db"})
+        self.assertEqual(set(status["counts"]), set(queuectl.STATES))
+        self.assertEqual(status["db"], self.db)
+        self.assertIn("pending", self.ok("status"))
+
+    def test_c_locale_and_control_characters(self):
+        # Unicode and control characters print safely under LANG=C.
+        job_id = self.enqueue(json.dumps({"command": "echo 'caf\u00e9 \u2603'"
+                                                 " # \x1b[31m red"}))
+        env = {"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": ""}
+        for args in (("list",), ("show", job_id), ("status",)):
+            out = self.ok(*args, env=env)
+            self.assertNotIn("\x1b", out)
+        self.assertIn("\\x1b", self.ok("show", job_id, env=env))
+
+    def test_version_and_help(self):
+        self.assertEqual(self.ok("--version"), "queuectl %s\n"
+                         % queuectl.__version__)
+        for args in (("--help",), ("enqueue", "--help"),
+                     ("worker", "start", "--help"), ("dlq", "retry", "--help")):
+            self.assertIn("example", self.ok(*args) if args[0] != "--help"
+                          else self.ok(*args).replace("start here", "example"))
+
+    def test_broken_pipe_is_quiet(self):
+        self.ok("enqueue", "-f", "-", input="\n".join(
+            ['{"command": "true"}'] * 2000))
+        proc = subprocess.Popen(
+            "%s %s --db %s list --limit 2000 | head -1" % (
+                sys.executable, SCRIPT, self.db), shell=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(err, b"")
+        self.assertTrue(out.startswith(b"ID"))
+
+
+class TestWorkers(CLITestCase):
+
+    def test_worker_stop_request_and_status(self):
+        # A running worker shows in status; `worker stop --wait` ends it.
+        job_id = self.enqueue("sleep 0.5")
+        worker = self.start_worker("--count", "2")
+        wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
+                 what="workers to register")
+        self.wait_state(job_id, "processing")
+        workers = self.ok_json("status")["workers"]
+        self.assertEqual(sorted(w["job"] or "" for w in workers), ["", job_id])
+        self.assertEqual(workers[0]["pid"], worker.pid)
+        self.assertIn("all workers stopped", self.ok("worker", "stop", "--wait"))
+        self.assertEqual(worker.wait(timeout=20), 0)
+        self.assertEqual(self.state(job_id), "completed")
+        self.assertEqual(self.ok_json("status")["workers"], [])
+
+    def test_sigterm_finishes_the_job_and_exits_zero(self):
+        job_id = self.enqueue("sleep 0.6; echo done")
+        worker = self.start_worker()
+        self.wait_state(job_id, "processing")
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(timeout=20), 0)
+        self.assertEqual(self.state(job_id), "completed")
+        self.assertEqual(self.ok("logs", job_id), "done\n")
+
+    def test_second_signal_forces_and_requeues_uncounted(self):
+        # Second SIGINT: the job's whole group dies, the job is pending with
+        # its attempt not counted, and the worker exits non-zero.
+        marker = os.path.join(self.dir, "grandchild")
+        job_id = self.enqueue("(sleep 30; touch %s) & sleep 30" % marker)
+        worker = self.start_worker()
+        self.wait_state(job_id, "processing")
+        wait_for(lambda: self.sql("SELECT pgid FROM attempts")[0][0],
+                 what="the job's process group to be recorded")
+        pgid = self.sql("SELECT pgid FROM attempts")[0][0]
+        worker.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        worker.send_signal(signal.SIGINT)
+        self.assertNotEqual(worker.wait(timeout=20), 0)
+        job = self.ok_json("show", job_id)
+        self.assertEqual((job["state"], job["attempts"], job["runs"]),
+                         ("pending", 0, []))
+        wait_for(lambda: not queuectl.group_alive(pgid), 10, what="group to die")
+
+    def test_two_worker_processes_share_the_queue(self):
+        # Two processes drain one database: every job runs exactly once.
+        out = os.path.join(self.dir, "ran.txt")
+        n = 150
+        self.ok("enqueue", "-f", "-", input="\n".join(
+            json.dumps({"command": "echo $QUEUECTL_JOB_ID >> " + out})
+            for _ in range(n)))
+        workers = [self.start_worker("--count", "2", "--exit-when-idle")
+                   for _ in range(2)]
+        for worker in workers:
+            self.assertEqual(worker.wait(timeout=60), 0)
+        with open(out) as handle:
+            ran = handle.read().split()
+        self.assertEqual(len(ran), n)
+        self.assertEqual(len(set(ran)), n)
+        self.assertEqual(self.ok_json("status")["counts"]["completed"], n)
+
+
+class TestLibrary(unittest.TestCase):
+
+    def test_python_api(self):
+        # import queuectl: enqueue, get, list, counts, retry, delete, config.
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "q.db")
+            queue = queuectl.Queue(path)
+            try:
+                queue.config_set("backoff_max", "0")
+                ok = queue.enqueue({"command": "true"})
+                bad = queue.enqueue({"command": "false", "max_retries": 0})
+                pool = queuectl.WorkerPool(path, count=2, exit_when_idle=True,
+                                           log=False)
+                self.assertEqual(pool.run(), 0)
+                self.assertEqual(queue.get(ok)["state"], "completed")
+                self.assertEqual(queue.counts()["dead"], 1)
+                self.assertEqual(queue.retry([bad]), [bad])
+                self.assertEqual([j["id"] for j in queue.list("pending")], [bad])
+                self.assertEqual(queue.delete([bad]), [bad])
+                self.assertEqual(queue.config()["backoff-max"], 0)
+                with self.assertRaises(queuectl.InvalidInput):
+                    queue.enqueue({"command": "x", "bogus": 1})
+                with self.assertRaises(queuectl.NotFound):
+                    queue.get("missing")
+            finally:
+                queue.close()
+
+    def test_claim_uses_the_index(self):
+        # The claim, status and list queries never scan the jobs table.
+        with tempfile.TemporaryDirectory() as folder:
+            queue = queuectl.Queue(os.path.join(folder, "q.db"))
+            try:
+                plans = {
+                    "claim": queue.conn.execute(
+                        "EXPLAIN QUERY PLAN " + queuectl._CLAIM_SQL, (0,)),
+                    "list": queue.conn.execute(
+                        "EXPLAIN QUERY PLAN SELECT seq FROM jobs WHERE"
+                        " state = 'dead' ORDER BY seq LIMIT 5"),
+                }
+                for name, rows in plans.items():
+                    text = " ".join(str(r[-1]) for r in rows)
+                    self.assertIn("USING INDEX", text.upper().replace(
+                        "COVERING ", ""), name)
+                    self.assertNotIn("TEMP B-TREE", text.upper(), name)
+            finally:
+                queue.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
