@@ -86,6 +86,10 @@ KILL_GRACE = 2.0
 #: Shorter jobs skip that write: it is the biggest cost of a tiny job.
 RECORD_GROUP_AFTER = 0.02
 
+#: Commands longer than this many characters run from a private temporary
+#: file: Linux refuses a single exec argument over 128 KiB.
+LONG_COMMAND = 65536
+
 #: Job ids: 1 to 128 of these characters.
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -354,6 +358,7 @@ def connect(path, synchronous="NORMAL"):
     try:
         if not os.path.exists(path):
             _create_database(path)
+        _check_writable(path)
         conn = _sqlite_open(path)
     except (OSError, sqlite3.Error) as exc:
         raise QueueError("cannot open database %s: %s" % (path, _reason(exc)))
@@ -365,6 +370,16 @@ def connect(path, synchronous="NORMAL"):
         conn.close()
         raise
     return conn
+
+
+def _check_writable(path):
+    # Workers and commands alike write (state, heartbeats, the WAL files
+    # beside the database): refuse up front rather than half-way.
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise OSError(0, "the file is not readable and writable by this user")
+    if not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+        raise OSError(0, "its folder is not writable by this user (SQLite"
+                      " keeps -wal and -shm files beside it)")
 
 
 def _reason(exc):
@@ -681,7 +696,11 @@ class Queue(object):
                     if len(specs) == 1:
                         raise
                     raise InvalidInput("job %d: %s" % (index + 1, exc))
-            return self._insert_jobs(rows, afters, now)
+            try:
+                return self._insert_jobs(rows, afters, now)
+            except UnicodeEncodeError:
+                raise InvalidInput("a job holds text that is not valid"
+                                   " Unicode (a lone surrogate)")
 
     def _insert_jobs(self, rows, afters, now):
         ids = self._assign_ids(rows)
@@ -1116,18 +1135,25 @@ class _Execution(object):
         env.update(json.loads(job["env"]))
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
+        script = None
+        argv = ["/bin/sh", "-c", job["command"]]
+        if len(job["command"]) > LONG_COMMAND:
+            script = _write_script(job["command"])
+            argv = ["/bin/sh", "-c", '. "$0"', script]
         try:
             self.proc = subprocess.Popen(
-                ["/bin/sh", "-c", job["command"]], cwd=job["cwd"], env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                argv, cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True)
         except (OSError, ValueError) as exc:
+            _remove(script)
             return (None, None, "cannot start: %s" % _start_error(exc, job),
                     "", 0, None)
         try:
             tail, dropped, timed_out = self._read_output()
         finally:
             self.proc.stdout.close()
+            _remove(script)
         code = self.proc.wait()
         output, more = _decode_output(tail, self.output_limit)
         dropped += more
@@ -1171,6 +1197,21 @@ class _Execution(object):
                 # The shell exited but a background child holds the pipe:
                 # the job is over; its leftovers keep running on their own.
                 return tail, dropped, False
+
+
+def _write_script(command):
+    """A private file holding a command too long for one argv string."""
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="queuectl-", suffix=".sh")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(command.encode("utf-8"))
+    return path
+
+
+def _remove(path):
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _start_error(exc, job):
@@ -1425,7 +1466,7 @@ class WorkerPool(object):
             for thread in threads:
                 thread.daemon = True
                 thread.start()
-            self._watch(conn, reaper, threads, config)
+            self._watch(conn, reaper, threads)
         finally:
             with contextlib.suppress(sqlite3.Error):
                 with write_txn(conn):
@@ -1442,10 +1483,12 @@ class WorkerPool(object):
                 " VALUES (?, ?, ?, ?, ?)",
                 [(w, self.pid, self.host, now, now) for w in self.ids])
 
-    def _watch(self, conn, reaper, threads, config):
-        """Beat, reap dead workers, and carry out a forced stop."""
-        lease = config["lease-timeout"]
-        beat_every = min(max(lease / 4.0, 0.05), 5.0)
+    def _watch(self, conn, reaper, threads):
+        """Beat, reap dead workers, and carry out a forced stop.
+
+        Beats come every lease-timeout / 4 and reaps every lease-timeout / 2,
+        but at least once a second, so a changed lease-timeout applies soon.
+        """
         next_beat = next_reap = time.monotonic()
         killed = False
         while not self._finished.is_set():
@@ -1454,14 +1497,15 @@ class WorkerPool(object):
                 self._kill_running()
             mono = time.monotonic()
             if mono >= next_beat:
-                next_beat = mono + beat_every
                 self._beat(conn)
                 lease = _read_config(conn)["lease-timeout"]
-                beat_every = min(max(lease / 4.0, 0.05), 5.0)
+                next_beat = mono + min(max(lease / 4.0, 0.05), 1.0)
             if mono >= next_reap:
-                next_reap = mono + max(lease / 2.0, 0.05)
                 self._guard(reaper.reap, conn, self.now, self.log)
-            self._finished.wait(min(beat_every, 0.2))
+                next_reap = mono + min(max(lease / 2.0, 0.05), 1.0)
+            # Short waits: a forced stop from a signal handler acts soon.
+            self._finished.wait(min(0.2, max(0.0, min(next_beat, next_reap)
+                                             - mono)))
         for thread in threads:
             thread.join()
 
@@ -1826,6 +1870,7 @@ def cmd_worker_start(args, queue):
     signals = []
 
     def on_signal(signum, frame):
+        # Only sets flags: the main thread never holds those events' locks.
         signals.append(signum)
         if len(signals) == 1:
             pool.stop()
@@ -2149,6 +2194,8 @@ def main(argv=None):
     """Run the CLI; return the exit status."""
     _safe_streams()
     try:
+        if argv is None:
+            argv = _decoded_argv(sys.argv[1:])
         args = build_parser().parse_args(argv)
         synchronous = "FULL" if args.func is cmd_enqueue else "NORMAL"
         queue = Queue(args.db or None, synchronous=synchronous)
@@ -2174,6 +2221,14 @@ def main(argv=None):
         if os.environ.get("QUEUECTL_DEBUG"):
             raise
         return _fail_with("internal error: %s: %s" % (type(exc).__name__, exc), 1)
+
+
+def _decoded_argv(argv):
+    """Python 3.6 under LANG=C decodes arguments as ASCII: redo it as UTF-8."""
+    try:
+        return [os.fsencode(arg).decode("utf-8") for arg in argv]
+    except UnicodeDecodeError:
+        raise InvalidInput("arguments must be UTF-8 text")
 
 
 def _fail_with(message, code):

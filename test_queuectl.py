@@ -6,6 +6,7 @@ QUEUECTL_STRESS=N multiplies the sizes of the fault tests for long runs.
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -48,6 +49,17 @@ class CLITestCase(unittest.TestCase):
         self.addCleanup(self._kill_procs)
 
     def _kill_procs(self):
+        # Job groups a killed worker left behind must not outlive the test.
+        try:
+            groups = [r[0] for r in self.sql(
+                "SELECT pgid FROM attempts WHERE pgid IS NOT NULL")]
+        except sqlite3.Error:
+            groups = []
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
@@ -698,6 +710,282 @@ class TestWorkers(CLITestCase):
         self.assertEqual(len(ran), n)
         self.assertEqual(len(set(ran)), n)
         self.assertEqual(self.ok_json("status")["counts"]["completed"], n)
+
+
+def _processes_with(marker):
+    """Pids of live (non-zombie) processes whose command line has `marker`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as handle:
+                cmdline = handle.read()
+            with open("/proc/%s/stat" % name, "rb") as handle:
+                zombie = handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except (OSError, IndexError):
+            continue
+        if marker.encode() in cmdline and not zombie:
+            found.append(int(name))
+    return found
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc (Linux)")
+class TestFaults(CLITestCase):
+    """Real processes, real kills: no job lost, none run twice at once."""
+
+    def test_exactly_once_with_many_worker_processes(self):
+        # 3 processes x 4 threads drain 1,000+ jobs: each id runs once.
+        out = os.path.join(self.dir, "ran.txt")
+        n = 1000 * STRESS
+        self.ok("enqueue", "-f", "-", input="\n".join(
+            json.dumps({"command": 'echo "$QUEUECTL_JOB_ID" >> ' + out})
+            for _ in range(n)))
+        workers = [self.start_worker("--count", "4", "--exit-when-idle")
+                   for _ in range(3)]
+        for worker in workers:
+            self.assertEqual(worker.wait(timeout=300), 0)
+        with open(out) as handle:
+            ran = handle.read().split()
+        self.assertEqual(len(ran), n)
+        self.assertEqual(len(set(ran)), n)
+        status = self.ok_json("status")
+        self.assertEqual(status["counts"]["completed"], n)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM jobs WHERE state"
+                                  " = 'processing'"), [(0,)])
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(n,)])
+
+    def _job_killed_with_its_worker(self, marker, before_kill=lambda: None):
+        """Start a worker, kill -9 it mid-job; return (job id, job pgid)."""
+        self.config(lease_timeout=0.5, backoff_max=0)
+        job_id = self.enqueue(
+            'if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s; fi; echo done'
+            % marker)
+        victim = self.start_worker()
+        self.wait_state(job_id, "processing")
+        pgid = wait_for(lambda: self.sql("SELECT pgid FROM attempts")[0][0],
+                        what="the job's group to be recorded")
+        before_kill()
+        victim.kill()
+        victim.wait()
+        self.assertTrue(_processes_with(marker), "job died with its worker")
+        return job_id, pgid
+
+    def _assert_recovered(self, job_id, marker):
+        self.wait_state(job_id, "completed")
+        runs = self.ok_json("show", job_id)["runs"]
+        self.assertEqual([r["error"] for r in runs], ["worker lost", None])
+        self.assertEqual(self.ok("logs", job_id), "done\n")
+        self.assertEqual(_processes_with(marker), [])
+
+    def test_kill_9_another_live_worker_recovers(self):
+        # A live worker recovers a killed worker's job: 'worker lost', the
+        # orphaned job group is killed, and the retry completes.
+        survivors = []
+
+        def start_survivor():
+            survivors.append(self.start_worker())
+            wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
+                     what="the survivor to register")
+        job_id, pgid = self._job_killed_with_its_worker("31.4159",
+                                                        start_survivor)
+        self._assert_recovered(job_id, "31.4159")
+        (survivor,) = survivors
+        survivor.terminate()
+        self.assertEqual(survivor.wait(timeout=20), 0)
+
+    def test_kill_9_a_later_worker_recovers(self):
+        job_id, pgid = self._job_killed_with_its_worker("31.4158")
+        self.assertEqual(self.state(job_id), "processing")
+        self.drain()
+        self._assert_recovered(job_id, "31.4158")
+
+    def test_kill_9_lease_expiry_without_pid_check(self):
+        # A worker that looks like another host's is judged by its lease:
+        # its beat stopped, so it is dead after lease-timeout.
+        job_id, pgid = self._job_killed_with_its_worker("31.4157")
+        self.sql("UPDATE workers SET host = 'elsewhere'")
+        conn = sqlite3.connect(self.db)
+        conn.execute("UPDATE workers SET host = 'elsewhere'")
+        conn.commit()
+        conn.close()
+        started = time.monotonic()
+        worker = self.start_worker()
+        self.wait_state(job_id, "completed")
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        worker.terminate()
+        self.assertEqual(worker.wait(timeout=20), 0)
+        self._assert_recovered(job_id, "31.4157")
+
+    def test_kill_9_during_bulk_enqueue_is_all_or_nothing(self):
+        # kill -9 of `enqueue -f` mid-file: the file is all in or all out.
+        path = os.path.join(self.dir, "big.jsonl")
+        with open(path, "w") as handle:
+            for n in range(100000):
+                handle.write('{"command": "echo %d"}\n' % n)
+        self.ok("status")  # the database exists before the first kill
+        for delay in (0.05, 0.3, 0.6, 1.0):
+            proc = subprocess.Popen(
+                [sys.executable, SCRIPT, "--db", self.db, "enqueue", "-f",
+                 path], stdout=subprocess.DEVNULL, env=self.env)
+            time.sleep(delay)
+            proc.kill()
+            proc.wait()
+            conn = sqlite3.connect(self.db)
+            try:
+                self.assertEqual(conn.execute("PRAGMA integrity_check")
+                                 .fetchone()[0], "ok")
+                count = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            finally:
+                conn.close()
+            self.assertIn(count % 100000, (0,), "partial enqueue: %d" % count)
+
+    def test_timeout_kills_background_grandchildren(self):
+        marker = "27.1828"
+        job_id = self.enqueue("(sleep %s &); sleep %s & sleep %s; wait"
+                              % (marker, marker, marker),
+                              "--timeout", "0.5", "--max-retries", "0")
+        self.drain()
+        self.assertEqual(self.job(job_id)["last_error"], "timed out after 0.5s")
+        wait_for(lambda: not _processes_with(marker), 5,
+                 what="grandchildren to die")
+
+    def test_huge_output_keeps_memory_and_disk_bounded(self):
+        # 300 MB of output: worker RSS stays small, the tail is kept.
+        job_id = self.enqueue("head -c 300000000 /dev/zero | tr '\\0' x;"
+                              " echo; echo THE-END")
+        worker = self.start_worker()
+        self.wait_state(job_id, "completed", timeout=120)
+        with open("/proc/%d/status" % worker.pid) as handle:
+            peak = [int(line.split()[1]) for line in handle
+                    if line.startswith("VmHWM")][0]
+        worker.terminate()
+        worker.wait(timeout=20)
+        self.assertLess(peak, 100 * 1024, "peak RSS %d kB" % peak)
+        code, out, err = self.cli("logs", job_id)
+        self.assertIn("output truncated", err)
+        self.assertLessEqual(len(out.encode()), 65536)
+        self.assertTrue(out.endswith("x\nTHE-END\n"))
+        self.assertLess(os.path.getsize(self.db), 5 << 20)
+
+    def test_many_concurrent_enqueues_while_workers_run(self):
+        # 60 enqueue processes at once beside busy workers: none fails.
+        self.ok("enqueue", "-f", "-", input="\n".join(
+            ['{"command": "sleep 0.01"}'] * 200))
+        workers = [self.start_worker("--count", "2") for _ in range(2)]
+        procs = [subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db, "enqueue",
+             "echo %d" % n], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=self.env) for n in range(60 * STRESS)]
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            self.assertEqual((proc.returncode, err), (0, b""))
+            self.assertRegex(out.decode(), r"^[0-9a-f]{12}\n$")
+        total = 200 + 60 * STRESS
+        wait_for(lambda: self.ok_json("status")["counts"]["completed"]
+                 == total, 120, what="all jobs to complete")
+        self.ok("worker", "stop", "--wait")
+        for worker in workers:
+            self.assertEqual(worker.wait(timeout=20), 0)
+            worker.log.seek(0)
+            self.assertNotIn("locked", worker.log.read())
+
+    def test_future_jobs_do_not_start_early(self):
+        job_id = self.enqueue("true", "--delay", "0.7")
+        worker = self.start_worker("--poll-interval", "0.02")
+        self.wait_state(job_id, "completed")
+        worker.terminate()
+        worker.wait(timeout=20)
+        job = self.ok_json("show", job_id)
+        started = queuectl.parse_time(job["runs"][0]["started_at"])
+        self.assertGreaterEqual(started, queuectl.parse_time(job["run_at"]))
+
+    def test_wall_clock_jumps_do_not_steal_a_running_job(self):
+        # A worker whose clock jumped back an hour keeps its job: others
+        # judge it by its beat, not by timestamps.
+        self.config(lease_timeout=0.3)
+        job_id = self.enqueue("sleep 1.5", "--run-at", "2020-01-01T00:00:00Z")
+        skewed = queuectl.WorkerPool(self.db, exit_when_idle=True, log=False,
+                                     now=lambda: time.time() - 3600)
+        import threading
+        thread = threading.Thread(target=skewed.run)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.wait_state(job_id, "processing")
+        other = self.start_worker()
+        ahead = queuectl.WorkerPool(self.db, exit_when_idle=True, log=False,
+                                    now=lambda: time.time() + 3600)
+        ahead.run()
+        thread.join(timeout=30)
+        other.terminate()
+        other.wait(timeout=20)
+        runs = self.ok_json("show", job_id)["runs"]
+        self.assertEqual([r["error"] for r in runs], [None])
+        self.assertEqual(self.state(job_id), "completed")
+
+    def test_read_only_database_and_folder(self):
+        # Unwritable file or folder: one error line, exit 1, file unchanged.
+        prefix = []
+        if os.geteuid() == 0:  # root ignores file modes unless it drops caps
+            if not shutil.which("setpriv"):
+                self.skipTest("root without setpriv cannot test file modes")
+            prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+        self.enqueue("true")
+        with open(self.db, "rb") as handle:
+            content = handle.read()
+        for file_mode, dir_mode in [(0o444, 0o755), (0o644, 0o555)]:
+            os.chmod(self.db, file_mode)
+            os.chmod(self.dir, dir_mode)
+            try:
+                for args in (("enqueue", "true"), ("status",)):
+                    proc = subprocess.run(
+                        prefix + [sys.executable, SCRIPT, "--db", self.db]
+                        + list(args), stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, env=self.env, cwd="/")
+                    err = proc.stderr.decode()
+                    self.assertEqual(proc.returncode, 1, err)
+                    self.assertTrue(err.startswith("queuectl: error: "), err)
+                    self.assertEqual(err.count("\n"), 1, err)
+            finally:
+                os.chmod(self.dir, 0o755)
+                os.chmod(self.db, 0o600)
+            with open(self.db, "rb") as handle:
+                self.assertEqual(handle.read(), content)
+
+    def test_hostile_input_round_trips(self):
+        # Quotes, newlines, unicode, SQL, a 1 MB command: stored and run
+        # exactly; NUL bytes and non-string env values are refused.
+        nasty = ["echo \"it's\" '\"quoted\"'", "echo 'line1\nline2'",
+                 "echo '\u65e5\u672c \U0001f600 caf\u00e9'",
+                 "echo \"'); DROP TABLE jobs; --\"", "echo %s%%s ${HOME+x}",
+                 "printf '\\377\\376 bad utf8\\n'"]
+        ids = [self.enqueue(json.dumps({"command": c, "id": "n%d" % i}))
+               for i, c in enumerate(nasty)]
+        big = "echo " + "y" * (1 << 20) + " | wc -c"
+        path = os.path.join(self.dir, "big.json")
+        with open(path, "w") as handle:
+            json.dump({"command": big, "id": "big"}, handle)
+        self.ok("enqueue", "-f", path)
+        self.expect_failure(2, "must not contain NUL", "enqueue",
+                            '{"command": "a\\u0000"}')
+        self.expect_failure(2, "env: value of A must be a string", "enqueue",
+                            '{"command": "true", "env": {"A": null}}')
+        self.expect_failure(2, "not valid Unicode", "enqueue",
+                            '{"command": "echo \\ud800"}')
+        self.expect_failure(2, "id must be", "enqueue", "true", "--id",
+                            "x'; DROP TABLE jobs; --")
+        self.drain()
+        for job_id, command in zip(ids, nasty):
+            job = self.job(job_id)
+            self.assertEqual((job["command"], job["state"]),
+                             (command, "completed"))
+        self.assertEqual(self.ok("logs", "n1"), "line1\nline2\n")
+        self.assertEqual(self.ok("logs", "n2"),
+                         "\u65e5\u672c \U0001f600 caf\u00e9\n")
+        self.assertEqual(self.ok("logs", "n3"), "'); DROP TABLE jobs; --\n")
+        self.assertEqual(self.ok("logs", "n5"), "\ufffd\ufffd bad utf8\n")
+        self.assertEqual(self.ok("logs", "big").strip(), str((1 << 20) + 1))
+        self.assertEqual(self.job("big")["command"], big)
 
 
 class TestLibrary(unittest.TestCase):
