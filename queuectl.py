@@ -879,15 +879,26 @@ class Queue(object):
             return self._requeue(seqs)
 
     def _requeue(self, seqs):
+        """Dead jobs back to pending, waiting again for unfinished deps."""
         now = self.now()
-        ids = []
         for seq in seqs:
             self.conn.execute(
                 "UPDATE jobs SET state = 'pending', attempts = 0, run_at = ?,"
-                " updated_at = ?, ready = CASE WHEN waiting = 0 THEN 1 END"
-                " WHERE seq = ?", (now, now, seq))
-            ids.append(self._id(seq))
-        return ids
+                " updated_at = ?, waiting = (SELECT COUNT(*) FROM deps d"
+                " JOIN jobs j ON j.seq = d.dep_seq WHERE d.job_seq = ?"
+                " AND j.state <> 'completed') WHERE seq = ?",
+                (now, now, seq, seq))
+            self.conn.execute("UPDATE jobs SET ready = CASE WHEN waiting = 0"
+                              " THEN 1 END WHERE seq = ?", (seq,))
+        for seq in seqs:
+            dead = self.conn.execute(
+                "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.dep_seq"
+                " WHERE d.job_seq = ? AND j.state = 'dead' LIMIT 1",
+                (seq,)).fetchone()
+            if dead:
+                raise Conflict("job '%s' waits on dead job '%s'; retry that"
+                               " one too" % (self._id(seq), dead[0]))
+        return [self._id(seq) for seq in seqs]
 
     def delete(self, job_ids):
         """Delete jobs (and their attempts) that are not processing."""
@@ -969,6 +980,30 @@ class Queue(object):
         with write_txn(self.conn):
             self.conn.execute("INSERT OR REPLACE INTO config (key, value)"
                               " VALUES ('_paused', ?)", (str(int(paused)),))
+
+    def wait(self, job_ids, timeout=None, interval=0.1):
+        """Block until every job is completed or dead.
+
+        Returns {id: state}; raises TimeoutError after `timeout` seconds and
+        NotFound if a job is deleted while waited for.
+        """
+        rows = [self._resolve_row(i) for i in job_ids]
+        seqs = dict(rows)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        marks = ",".join("?" * len(seqs))
+        while True:
+            states = dict(self.conn.execute(
+                "SELECT seq, state FROM jobs WHERE seq IN (%s)" % marks,
+                list(seqs)).fetchall())
+            gone = [seqs[s] for s in seqs if s not in states]
+            if gone:
+                raise NotFound("job '%s' was deleted" % gone[0])
+            if all(s in ("completed", "dead") for s in states.values()):
+                return dict((seqs[s], states[s]) for s in seqs)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("timed out after %s waiting for %d job(s)"
+                                   % (_seconds_text(timeout), len(seqs)))
+            time.sleep(interval)
 
     def _bump(self, key):
         value = _read_config(self.conn).get(key, 0) + 1
@@ -1979,6 +2014,121 @@ def _parse_duration_arg(text, name):
         raise InvalidInput("%s: %s" % (name, exc))
 
 
+def cmd_wait(args, queue):
+    if args.timeout is not None and args.timeout < 0:
+        raise InvalidInput("--timeout must be >= 0, got %s" % args.timeout)
+    try:
+        for job_id in args.ids:
+            queue.resolve(job_id)
+    except NotFound as exc:
+        raise InvalidInput(str(exc))
+    try:
+        states = queue.wait(args.ids, args.timeout)
+    except TimeoutError as exc:
+        return _fail_with(str(exc), 124)
+    for job_id, state in states.items():
+        _print("%s %s" % (job_id, state))
+    dead = [job_id for job_id, state in states.items() if state == "dead"]
+    if dead:
+        return _fail_with("%d job(s) dead: %s" % (len(dead), ", ".join(dead)),
+                          1)
+    return 0
+
+
+def cmd_pause(args, queue):
+    queue.set_paused(True)
+    _print("paused: workers finish running jobs and claim no new ones")
+    return 0
+
+
+def cmd_resume(args, queue):
+    queue.set_paused(False)
+    _print("resumed")
+    return 0
+
+
+def cmd_demo(args, queue):
+    """A classroom walkthrough; uses a temporary database, never the user's."""
+    import tempfile
+    import threading
+    with tempfile.TemporaryDirectory(prefix="queuectl-demo-") as folder:
+        path = os.path.join(folder, "demo.db")
+        demo = Queue(path)
+        pool = WorkerPool(path, count=2, poll_interval=0.05, log=_DemoLog())
+        worker = threading.Thread(target=pool.run)
+        try:
+            _demo_script(demo, pool, worker, folder)
+        finally:
+            pool.stop()
+            if worker.is_alive():
+                worker.join()
+            demo.close()
+    return 0
+
+
+class _DemoLog(object):
+    """Shows the worker's log lines indented under the narration."""
+
+    def write(self, text):
+        if text.strip():
+            sys.stdout.write("      worker log | %s\n" % text.strip()[11:])
+
+    def flush(self):
+        sys.stdout.flush()
+
+
+def _demo_step(title, command=None):
+    _print()
+    _print(title)
+    if command:
+        _print("    $ queuectl " + command)
+    sys.stdout.flush()
+
+
+def _demo_script(demo, pool, worker, folder):
+    _print("queuectl demo: a job queue in one SQLite file.")
+    _print("This demo uses a temporary database: %s" % demo.path)
+    _demo_step("1. Queue a job that succeeds. enqueue prints the new job's id.",
+               "enqueue 'echo hello from a job' --id hello")
+    demo.enqueue({"command": "echo hello from a job", "id": "hello",
+                  "cwd": folder})
+    _demo_step("2. Queue a job that fails until a file exists. With"
+               " max_retries 2 it runs\n   at most 3 times. Backoff base 2:"
+               " it waits 2**1 = 2 s after the first failure,\n   2**2 = 4 s"
+               " after the second, then goes to the dead letter queue (DLQ).",
+               "enqueue 'test -f ready.flag' --max-retries 2 --id needs-flag")
+    demo.enqueue({"command": "test -f ready.flag", "id": "needs-flag",
+                  "max_retries": 2, "cwd": folder})
+    _demo_step("3. Start a worker with 2 threads. Each line of its log is one"
+               " event:", "worker start --count 2")
+    worker.start()
+    demo.wait(["hello", "needs-flag"])
+    _demo_step("4. Status: one job completed, one dead after 3 attempts.",
+               "status")
+    _print(_indent(_status_text(_demo_status(demo), False)))
+    _demo_step("5. The dead job and its attempts:", "show needs-flag")
+    _print(_indent(_show_text(demo.get("needs-flag", runs=True))))
+    _demo_step("6. Fix the cause (create ready.flag) and retry the job from"
+               " the DLQ:\n   attempts start again from 0.",
+               "dlq retry needs-flag")
+    open(os.path.join(folder, "ready.flag"), "w").close()
+    demo.retry(["needs-flag"])
+    demo.wait(["needs-flag"])
+    _demo_step("7. Final status: both jobs completed.", "status")
+    _print(_indent(_status_text(_demo_status(demo), False)))
+    _demo_step("Try it on your own queue: queuectl enqueue 'echo hi', then"
+               " queuectl worker start.")
+
+
+def _demo_status(queue):
+    return {"counts": queue.counts(), "workers": queue.workers(),
+            "paused": False, "db": queue.path}
+
+
+def _indent(text):
+    return "\n".join("    " + line if line else "" for line in text.splitlines())
+
+
 def cmd_config(args, queue):
     if args.action == "list":
         if args.key is not None or args.value is not None:
@@ -2045,12 +2195,25 @@ def _bounded_int(name, minimum):
     return check
 
 
+_COMMAND_GROUPS = """\
+commands by what you need them for:
+  add and run jobs   enqueue, worker start, worker stop
+  see what happens   status, list, show, logs, wait
+  when jobs fail     dlq list, dlq retry, delete, purge
+  control            pause, resume, config
+  learn              demo
+
+start here:
+  queuectl enqueue 'echo hello'
+  queuectl worker start --exit-when-idle
+  queuectl status"""
+
+
 def build_parser():
     parser = _Parser(
         prog="queuectl", description="A background job queue for shell"
         " commands, stored in one SQLite file.",
-        epilog="start here:\n  queuectl enqueue 'echo hello'\n"
-        "  queuectl worker start --exit-when-idle\n  queuectl status",
+        epilog=_COMMAND_GROUPS,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", metavar="PATH", help="database file (default:"
                         " $QUEUECTL_DB, else ~/.queuectl/queue.db)")
@@ -2080,6 +2243,19 @@ def build_parser():
     p.add_argument("id", help="job id or unambiguous prefix")
     p.add_argument("--attempt", type=_positive_int("--attempt"), metavar="K")
     _add_dlq(sub)
+    p = _add_command(sub, "wait", cmd_wait, "Block until jobs are completed"
+                     " or dead (exit 0 all completed, 1 any dead, 124 timeout).",
+                     "queuectl wait 3f9a 77c0 --timeout 600")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
+                   metavar="S", help="give up after S seconds (exit 124)")
+    _add_command(sub, "pause", cmd_pause, "Workers finish what runs and claim"
+                 " nothing new until resume.", "queuectl pause")
+    _add_command(sub, "resume", cmd_resume, "Let paused workers claim jobs"
+                 " again.", "queuectl resume")
+    p = _add_command(sub, "demo", cmd_demo, "A narrated walkthrough on a"
+                     " temporary database (about 10 seconds).", "queuectl demo")
+    p.set_defaults(no_database=True)
     p = _add_command(sub, "delete", cmd_delete, "Delete jobs that are not"
                      " processing.", "queuectl delete 3f9a 77c0")
     p.add_argument("ids", nargs="+", metavar="ID")
@@ -2197,6 +2373,8 @@ def main(argv=None):
         if argv is None:
             argv = _decoded_argv(sys.argv[1:])
         args = build_parser().parse_args(argv)
+        if getattr(args, "no_database", False):
+            return args.func(args, None)
         synchronous = "FULL" if args.func is cmd_enqueue else "NORMAL"
         queue = Queue(args.db or None, synchronous=synchronous)
         try:

@@ -712,6 +712,121 @@ class TestWorkers(CLITestCase):
         self.assertEqual(self.ok_json("status")["counts"]["completed"], n)
 
 
+class TestScripting(CLITestCase):
+
+    def test_wait_exit_codes(self):
+        # wait: 0 all completed, 1 any dead, 124 timeout, 2 unknown id.
+        self.config(backoff_max=0)
+        good = self.enqueue("true")
+        bad = self.enqueue("false", "--max-retries", "0")
+        waiter = subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db, "wait", good, bad],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
+        time.sleep(0.3)
+        self.assertIsNone(waiter.poll(), "wait returned before the jobs ran")
+        self.drain()
+        out, err = waiter.communicate(timeout=20)
+        self.assertEqual(waiter.returncode, 1)
+        self.assertEqual(sorted(out.decode().split("\n")[:2]),
+                         sorted(["%s completed" % good, "%s dead" % bad]))
+        self.assertIn("1 job(s) dead: " + bad, err.decode())
+        self.assertEqual(self.cli("wait", good)[0], 0)
+        later = self.enqueue("true", "--delay", "3600")
+        code, out, err = self.cli("wait", later, "--timeout", "0.2")
+        self.assertEqual(code, 124)
+        self.assertIn("timed out after 0.2s", err)
+        self.expect_failure(2, "no job with id 'ghost'", "wait", good, "ghost")
+
+    def test_pause_and_resume(self):
+        # Paused workers finish what runs, claim nothing, even after restart.
+        first = self.enqueue("sleep 0.4")
+        worker = self.start_worker("--poll-interval", "0.02")
+        self.wait_state(first, "processing")
+        self.assertIn("paused", self.ok("pause"))
+        second = self.enqueue("true")
+        self.wait_state(first, "completed")
+        self.assertTrue(self.ok_json("status")["paused"])
+        self.assertIn("paused: workers claim no new jobs", self.ok("status"))
+        self.drain()  # a fresh worker exits at once: nothing it may claim
+        time.sleep(0.3)
+        self.assertEqual(self.state(second), "pending")
+        self.ok("resume")
+        self.wait_state(second, "completed")
+        self.assertFalse(self.ok_json("status")["paused"])
+        worker.terminate()
+        self.assertEqual(worker.wait(timeout=20), 0)
+
+    def test_after_runs_in_dependency_order(self):
+        # --after holds a job, whatever its priority, until its deps complete.
+        out = os.path.join(self.dir, "order.txt")
+        cmd = "echo $QUEUECTL_JOB_ID >> " + out
+        self.enqueue(cmd, "--id", "a", "--priority", "1")
+        self.enqueue(cmd, "--id", "b")
+        self.enqueue(json.dumps({"command": cmd, "id": "c", "priority": 99,
+                                 "after": ["a", "b"]}))
+        self.enqueue(cmd, "--id", "d", "--priority", "50", "--after", "c")
+        self.assertEqual(self.job("c")["after"], ["a", "b"])
+        self.drain()
+        with open(out) as handle:
+            self.assertEqual(handle.read().split(), ["a", "b", "c", "d"])
+        self.enqueue(cmd, "--id", "e", "--after", "a")  # already completed
+        self.drain()
+        self.assertEqual(self.state("e"), "completed")
+
+    def test_dead_dependency_buries_the_chain(self):
+        self.config(backoff_max=0)
+        flag = os.path.join(self.dir, "flag")
+        self.enqueue("test -f " + flag, "--id", "root", "--max-retries", "0")
+        self.enqueue("true", "--id", "mid", "--after", "root")
+        self.enqueue("true", "--id", "leaf", "--after", "mid")
+        self.expect_failure(1, "is waited on by 'mid'", "delete", "root")
+        self.drain()
+        self.assertEqual([(self.job(i)["state"], self.job(i)["last_error"])
+                          for i in ("root", "mid", "leaf")],
+                         [("dead", "exit code 1"),
+                          ("dead", "dependency root failed"),
+                          ("dead", "dependency mid failed")])
+        self.expect_failure(1, "job 'root' is dead", "enqueue", "true",
+                            "--after", "root")
+        open(flag, "w").close()
+        self.ok("dlq", "retry", "root")
+        self.drain()
+        self.assertEqual(self.state("mid"), "dead")  # not revived silently
+        self.expect_failure(1, "waits on dead job", "dlq", "retry", "leaf")
+        self.ok("dlq", "retry", "mid", "leaf")
+        self.drain()
+        self.assertEqual([self.state(i) for i in ("mid", "leaf")],
+                         ["completed", "completed"])
+
+    def test_demo_runs_on_a_temporary_database(self):
+        started = time.monotonic()
+        out = self.ok("demo", db=None)
+        self.assertLess(time.monotonic() - started, 30)
+        for text in ("dead letter queue", "dlq retry needs-flag",
+                     "needs-flag dead exit code 1", "completed          2"):
+            self.assertIn(text, out)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, ".queuectl")))
+        self.assertNotIn("\x1b[", out)
+
+    def test_every_command_has_help_with_an_example(self):
+        def parsers(parser):
+            for action in parser._actions:
+                if isinstance(action, queuectl.argparse._SubParsersAction):
+                    for name, sub in action.choices.items():
+                        yield name, sub
+                        for item in parsers(sub):
+                            yield item
+        names = []
+        for name, sub in parsers(queuectl.build_parser()):
+            names.append(name)
+            self.assertIn("example:\n  queuectl ", sub.format_help(), name)
+            self.assertTrue(sub.description, name)
+        for name in ("enqueue", "start", "stop", "wait", "pause", "resume",
+                     "demo", "retry"):
+            self.assertIn(name, names)
+        self.assertIn("commands by what you need them for", self.ok("--help"))
+
+
 def _processes_with(marker):
     """Pids of live (non-zombie) processes whose command line has `marker`."""
     found = []
