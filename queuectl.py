@@ -1679,6 +1679,281 @@ class WorkerPool(object):
 
 
 ###############################################################################
+# Benchmark ###################################################################
+###############################################################################
+
+# `queuectl bench` measures on a temporary database, each figure beside the
+# baseline it is compared with, measured in the same run: machines differ
+# and are noisy, so ratios travel better than absolute times.
+
+
+def _median(values):
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
+
+
+def _percentile(values, fraction):
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class _Bench(object):
+    """Runs each measurement; results is a list of (name, figures dict)."""
+
+    def __init__(self, folder, quick, progress):
+        self.folder = folder
+        self.quick = quick
+        self.progress = progress
+        self.script = os.path.abspath(__file__)
+        self.results = []
+
+    def cli(self, db, *args, **kwargs):
+        import subprocess
+        started = time.perf_counter()
+        subprocess.check_call([sys.executable, self.script, "--db", db]
+                              + list(args), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, **kwargs)
+        return time.perf_counter() - started
+
+    def db(self, name):
+        path = os.path.join(self.folder, name + ".db")
+        Queue(path).close()
+        return path
+
+    def add(self, name, value, unit, baseline=None, target=None, note=""):
+        ratio = value / baseline if baseline else None
+        self.results.append({"name": name, "value": value, "unit": unit,
+                             "baseline": baseline, "ratio": ratio,
+                             "target": target, "note": note})
+
+    def run(self):
+        for step in (self.throughput, self.bulk_enqueue, self.enqueue_call,
+                     self.pickup_and_idle, self.memory, self.scale):
+            self.progress("bench: %s..." % step.__name__.replace("_", " "))
+            step()
+        return self.results
+
+    def throughput(self):
+        n = 400 if self.quick else 2000
+        raw = _spawn_rate(n, threads=2)
+        db = self.db("e2e")
+        queue = Queue(db)
+        queue.enqueue_many([{"command": "true"}] * n)
+        wall = self.cli(db, "worker", "start", "--count", "2",
+                        "--exit-when-idle")
+        first, last = queue.conn.execute(
+            "SELECT MIN(started_at), MAX(ended_at) FROM attempts").fetchone()
+        done = queue.counts()["completed"]
+        queue.close()
+        if done != n:
+            raise QueueError("bench: only %d of %d jobs completed" % (done, n))
+        self.add("raw spawn rate, 2 threads (sh -c true)", raw, "jobs/s")
+        self.add("end-to-end, worker --count 2, %d jobs" % n,
+                 n / (last - first), "jobs/s", raw, ">= 0.8x",
+                 "first claim to last result; %.0f jobs/s with start-up"
+                 % (n / wall))
+
+    def bulk_enqueue(self):
+        n = 10000 if self.quick else 100000
+        path = os.path.join(self.folder, "bulk.jsonl")
+        with open(path, "w") as handle:
+            for i in range(n):
+                handle.write('{"command": "echo %d", "priority": %d}\n'
+                             % (i, i % 5))
+        took = self.cli(self.db("bulk"), "enqueue", "-f", path)
+        self.add("bulk enqueue -f, %d JSON lines" % n, n / took, "jobs/s",
+                 None, ">= 50000/s", "one transaction, incl. start-up")
+
+    def enqueue_call(self):
+        import subprocess
+        rounds = 5 if self.quick else 15
+        db = self.db("calls")
+        here = os.path.dirname(self.script)
+        env = dict(os.environ, PYTHONPATH=here)
+
+        def timed(argv):
+            started = time.perf_counter()
+            subprocess.check_call(argv, stdout=subprocess.DEVNULL, env=env,
+                                  cwd=here)
+            return time.perf_counter() - started
+        module = os.path.splitext(os.path.basename(self.script))[0]
+        timed([sys.executable, "-m", module, "--db", db, "enqueue", "true"])
+        base, script, cached = [], [], []
+        for _ in range(rounds):
+            base.append(timed([sys.executable, "-c",
+                               "import sqlite3, json, argparse"]))
+            script.append(timed([sys.executable, self.script, "--db", db,
+                                 "enqueue", "true"]))
+            cached.append(timed([sys.executable, "-m", module, "--db", db,
+                                 "enqueue", "true"]))
+        self.add("enqueue call, script by path", _median(script) * 1000, "ms",
+                 _median(base) * 1000, "<= 1.8x",
+                 "baseline: python -c 'import sqlite3, json, argparse'")
+        self.add("enqueue call, python -m (bytecode cached)",
+                 _median(cached) * 1000, "ms", _median(base) * 1000, "<= 1.3x")
+
+    def pickup_and_idle(self):
+        import random
+        import subprocess
+        db = self.db("pickup")
+        queue = Queue(db)
+        worker = subprocess.Popen(
+            [sys.executable, self.script, "--db", db, "worker", "start",
+             "--count", "2"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            while len(queue.workers()) < 2:
+                time.sleep(0.02)
+            time.sleep(0.3)
+            latencies = []
+            for _ in range(8 if self.quick else 30):
+                time.sleep(random.uniform(0.05, 0.25))
+                job_id = queue.enqueue({"command": "true"})
+                queue.wait([job_id], timeout=10, interval=0.01)
+                job = queue.get(job_id, runs=True)
+                latencies.append(parse_time(job["runs"][0]["started_at"])
+                                 - parse_time(job["created_at"]))
+            self.add("pick-up latency, median", _median(latencies) * 1000,
+                     "ms", None, "<= 100 ms", "idle workers, default config")
+            self.add("pick-up latency, p95", _percentile(latencies, 0.95)
+                     * 1000, "ms", None, "<= 250 ms")
+            seconds = 2.0 if self.quick else 10.0
+            before = _cpu_seconds(worker.pid)
+            time.sleep(seconds)
+            after = _cpu_seconds(worker.pid)
+            if before is not None and after is not None:
+                self.add("idle worker CPU (--count 2)", 100 * (after - before)
+                         / seconds, "% of a core", None, "< 1%",
+                         "over %gs idle" % seconds)
+        finally:
+            worker.terminate()
+            worker.wait()
+            queue.close()
+
+    def memory(self):
+        import subprocess
+        db = self.db("memory")
+        queue = Queue(db)
+        n = 80 if self.quick else 400
+        queue.enqueue_many([{"command": "sleep 0.02; echo %s" % ("x" * 200)}]
+                           * n)
+        worker = subprocess.Popen(
+            [sys.executable, self.script, "--db", db, "worker", "start",
+             "--count", "8"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            queue.wait([j["id"] for j in queue.list(limit=n)], timeout=120,
+                       interval=0.05)
+            peak = _peak_rss_kb(worker.pid)
+        finally:
+            worker.terminate()
+            worker.wait()
+            queue.close()
+        if peak is not None:
+            self.add("worker --count 8 peak memory", peak / 1024.0, "MB",
+                     None, "< 40 MB", "resident, while running %d jobs" % n)
+
+    def scale(self):
+        big = 100000 if self.quick else 1000000
+        small = self._scaled_db("small", 1000)
+        large = self._scaled_db("large", big)
+        figures = {}
+        for name, db in (("small", small), ("large", large)):
+            figures[name] = (_claim_cost(db), _median(
+                [self.cli(db, "status") for _ in range(5)]),
+                _median([self.cli(db, "list", "--state", "pending",
+                                  "--limit", "100", "--offset", "500")
+                         for _ in range(5)]))
+        small_claim, large_claim = figures["small"][0], figures["large"][0]
+        self.add("claim with %d jobs" % big, large_claim * 1e6, "us",
+                 small_claim * 1e6, "<= 1.5x", "baseline: 1,000 jobs")
+        self.add("status with %d jobs (CLI)" % big, figures["large"][1] * 1000,
+                 "ms", figures["small"][1] * 1000, "<= 100 ms",
+                 "incl. Python start-up; baseline: 1,000 jobs")
+        self.add("list page with %d jobs (CLI)" % big,
+                 figures["large"][2] * 1000, "ms", figures["small"][2] * 1000,
+                 None, "--state pending --limit 100 --offset 500")
+
+    def _scaled_db(self, name, total):
+        """`total` jobs, 1% pending and the rest completed, written raw."""
+        db = self.db(name)
+        conn = connect(db)
+        pending = max(total // 100, 600)
+        now = time.time()
+        rows = (("b%07d" % i, "true", "pending" if i >= total - pending
+                 else "completed", 1 if i >= total - pending else None,
+                 now, now) for i in range(total))
+        with write_txn(conn):
+            conn.executemany(
+                "INSERT INTO jobs (id, command, state, ready, run_at,"
+                " max_retries, cwd, created_at, updated_at) VALUES"
+                " (?, ?, ?, ?, ?, 3, '/', ?, ?)",
+                (r[:5] + r[4:] for r in rows))
+        conn.close()
+        return db
+
+
+def _spawn_rate(n, threads):
+    """The baseline: plain subprocess.run('true', shell=True) loops."""
+    import subprocess
+    import threading
+
+    def loop():
+        for _ in range(n // threads):
+            subprocess.run("true", shell=True)
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return (n // threads * threads) / (time.perf_counter() - started)
+
+
+def _claim_cost(db, rounds=300):
+    """Seconds per claim (claim, then roll back, so the queue stays put)."""
+    conn = connect(db)
+    host, now = _host(), time.time()
+    started = time.perf_counter()
+    for _ in range(rounds):
+        conn.execute("BEGIN IMMEDIATE")
+        _claim(conn, "bench", host, now)
+        conn.execute("ROLLBACK")
+    took = (time.perf_counter() - started) / rounds
+    conn.close()
+    return took
+
+
+def _cpu_seconds(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / float(
+            os.sysconf("SC_CLK_TCK"))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _peak_rss_kb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+
+
+def run_bench(quick=False, progress=lambda text: None):
+    """Run every measurement on a temporary database; return the figures."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="queuectl-bench-") as folder:
+        return _Bench(folder, quick, progress).run()
+
+
+###############################################################################
 # Output formatting ###########################################################
 ###############################################################################
 
@@ -2129,6 +2404,30 @@ def _indent(text):
     return "\n".join("    " + line if line else "" for line in text.splitlines())
 
 
+def cmd_bench(args, queue):
+    def progress(text):
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    results = run_bench(args.quick, progress)
+    if args.json:
+        _print_json(results)
+        return 0
+    _print("queuectl %s bench on Python %s, SQLite %s, %d CPUs%s" % (
+        __version__, sys.version.split()[0], sqlite3.sqlite_version,
+        os.cpu_count() or 0, " (--quick)" if args.quick else ""))
+    rows = []
+    for r in results:
+        rows.append((r["name"], "%.1f %s" % (r["value"], r["unit"]),
+                     "%.1f" % r["baseline"] if r["baseline"] else "-",
+                     "%.2fx" % r["ratio"] if r["ratio"] else "-",
+                     r["target"] or ""))
+    _print(_table(rows, ("MEASURE", "VALUE", "BASELINE", "RATIO", "TARGET")))
+    for r in results:
+        if r["note"]:
+            _print("  %s: %s" % (r["name"], r["note"]))
+    return 0
+
+
 def cmd_config(args, queue):
     if args.action == "list":
         if args.key is not None or args.value is not None:
@@ -2201,7 +2500,7 @@ commands by what you need them for:
   see what happens   status, list, show, logs, wait
   when jobs fail     dlq list, dlq retry, delete, purge
   control            pause, resume, config
-  learn              demo
+  learn and measure  demo, bench
 
 start here:
   queuectl enqueue 'echo hello'
@@ -2253,6 +2552,13 @@ def build_parser():
                  " nothing new until resume.", "queuectl pause")
     _add_command(sub, "resume", cmd_resume, "Let paused workers claim jobs"
                  " again.", "queuectl resume")
+    p = _add_command(sub, "bench", cmd_bench, "Measure throughput, latency,"
+                     " memory and scale on a temporary database.",
+                     "queuectl bench --quick")
+    p.add_argument("--quick", action="store_true", help="small sizes, a few"
+                   " seconds")
+    _add_json(p)
+    p.set_defaults(no_database=True)
     p = _add_command(sub, "demo", cmd_demo, "A narrated walkthrough on a"
                      " temporary database (about 10 seconds).", "queuectl demo")
     p.set_defaults(no_database=True)
