@@ -623,6 +623,12 @@ _JOB_COLUMNS = ("seq, id, command, state, priority, run_at, max_retries,"
 _ATTEMPT_COLUMNS = ("n, worker_id, host, pgid, started_at, ended_at, duration,"
                     " exit_code, signal, error, output_dropped")
 
+# The stop request counter and the pause flag, read with every claim.
+_CONTROL_SQL = (
+    "SELECT CAST(COALESCE(MAX(CASE key WHEN '_stop_seq' THEN value END), 0)"
+    " AS INTEGER), CAST(COALESCE(MAX(CASE key WHEN '_paused' THEN value END),"
+    " 0) AS INTEGER) FROM config WHERE key IN ('_stop_seq', '_paused')")
+
 # Claim order: highest priority, then earliest run_at, then enqueue order.
 _CLAIM_SQL = ("SELECT seq, id, command, timeout, cwd, env, attempts, runs"
               " FROM jobs WHERE ready = 1 AND run_at <= ?"
@@ -1156,20 +1162,23 @@ def signal_name(number):
 class _Execution(object):
     """One run of a job's command: spawn, read a bounded tail, wait."""
 
-    def __init__(self, job, output_limit, on_long_run):
+    def __init__(self, job, output_limit, on_long_run, base_env=None):
         self.job = job
         self.output_limit = output_limit
         self.on_long_run = on_long_run  # called once with the process
+        self.base_env = base_env if base_env is not None else os.environb
         self.proc = None
 
     def run(self):
         """Returns (exit_code, signal, error, output, dropped bytes, pgid)."""
         import subprocess
         job = self.job
-        env = os.environ.copy()
-        env.update(json.loads(job["env"]))
-        env["QUEUECTL_JOB_ID"] = job["id"]
-        env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
+        env = dict(self.base_env)
+        if job["env"] != "{}":
+            for key, value in json.loads(job["env"]).items():
+                env[os.fsencode(key)] = os.fsencode(value)
+        env[b"QUEUECTL_JOB_ID"] = job["id"].encode()
+        env[b"QUEUECTL_ATTEMPT"] = b"%d" % job["attempts"]
         script = None
         argv = ["/bin/sh", "-c", job["command"]]
         if len(job["command"]) > LONG_COMMAND:
@@ -1280,7 +1289,7 @@ def _claim(conn, worker_id, host, now):
             "attempt_id": attempt_id, "started": now}
 
 
-def _record_result(conn, job, result, config, now):
+def _record_result(conn, job, result, now):
     """Store a finished run and move the job on.  Call inside write_txn.
 
     Every update is guarded by the claim (the attempt id), so a worker that
@@ -1296,7 +1305,8 @@ def _record_result(conn, job, result, config, now):
          job["attempt_id"]))
     if error is None:
         return _complete(conn, job["seq"], job["attempt_id"], now)
-    return _fail(conn, job["seq"], job["attempt_id"], error, config, now)
+    return _fail(conn, job["seq"], job["attempt_id"], error,
+                 _read_config(conn), now)
 
 
 _GUARD = " WHERE seq = ? AND state = 'processing' AND attempt_id = ?"
@@ -1308,13 +1318,11 @@ def _complete(conn, seq, attempt_id, now):
         " worker_id = NULL, updated_at = ?" + _GUARD, (now, seq, attempt_id))
     if cur.rowcount != 1:
         return None
-    # Dependents waiting on this job need one job fewer.
-    conn.execute("UPDATE jobs SET waiting = waiting - 1 WHERE seq IN"
-                 " (SELECT job_seq FROM deps WHERE dep_seq = ?)"
-                 " AND state = 'pending' AND waiting > 0", (seq,))
-    conn.execute("UPDATE jobs SET ready = 1 WHERE seq IN"
-                 " (SELECT job_seq FROM deps WHERE dep_seq = ?)"
-                 " AND state = 'pending' AND waiting = 0", (seq,))
+    # Dependents wait for one job fewer; the last one makes them ready.
+    conn.execute("UPDATE jobs SET waiting = waiting - 1, ready = CASE WHEN"
+                 " waiting = 1 THEN 1 END WHERE seq IN (SELECT job_seq FROM"
+                 " deps WHERE dep_seq = ?) AND state = 'pending'"
+                 " AND waiting > 0", (seq,))
     return "completed"
 
 
@@ -1470,6 +1478,8 @@ class WorkerPool(object):
         self._alive = count                 # worker threads not yet ended
         self.failed = False
         self.host, self.pid = _host(), os.getpid()
+        # Encoded once: converting os.environ for every job is costly.
+        self.base_env = dict(os.environb)
         suffix = _random_id()[:6]
         self.ids = ["%s-%d-%d-%s" % (self.host.split(".")[0], self.pid, n,
                                      suffix) for n in range(1, count + 1)]
@@ -1491,7 +1501,8 @@ class WorkerPool(object):
         import threading
         conn = connect(self.path)
         try:
-            config = _read_config(conn)
+            # Settings the threads use, refreshed with every beat.
+            self.settings = config = _read_config(conn)
             self.stop_seq = config.get("_stop_seq", 0)
             self._register(conn)
             reaper = _Reaper(self.ids)
@@ -1533,7 +1544,8 @@ class WorkerPool(object):
             mono = time.monotonic()
             if mono >= next_beat:
                 self._beat(conn)
-                lease = _read_config(conn)["lease-timeout"]
+                self.settings = _read_config(conn)
+                lease = self.settings["lease-timeout"]
                 next_beat = mono + min(max(lease / 4.0, 0.05), 1.0)
             if mono >= next_reap:
                 self._guard(reaper.reap, conn, self.now, self.log)
@@ -1603,21 +1615,20 @@ class WorkerPool(object):
     def _poll_interval(self, conn):
         if self.poll_interval is not None:
             return self.poll_interval
-        return _read_config(conn)["poll-interval"]
+        return self.settings["poll-interval"]
 
     def _settle_and_claim(self, conn, wid, job, result):
         """Record the last run and claim the next job in one transaction."""
         with write_txn(conn):
             now = self.now()
-            config = _read_config(conn)
             state = None
             if job is not None and job.get("forced"):
                 _requeue_unfinished(conn, job, now)
             elif job is not None:
-                state = _record_result(conn, job, result, config, now)
-            if config.get("_stop_seq", 0) != self.stop_seq:
+                state = _record_result(conn, job, result, now)
+            stop_seq, paused = conn.execute(_CONTROL_SQL).fetchone()
+            if stop_seq != self.stop_seq:
                 self.stopping.set()
-            paused = config.get("_paused", 0)
             claimed = None
             if not self.stopping.is_set() and not paused:
                 claimed = _claim(conn, wid, self.host, now)
@@ -1629,7 +1640,7 @@ class WorkerPool(object):
         return claimed
 
     def _execute(self, conn, wid, job):
-        output_limit = int(_read_config(conn)["output-limit"])
+        output_limit = int(self.settings["output-limit"])
 
         def on_long_run(proc):
             self._remember(wid, proc, job)
@@ -1638,7 +1649,8 @@ class WorkerPool(object):
                              " WHERE id = ?", (proc.pid, _process_start(proc.pid),
                                                job["attempt_id"]))
         try:
-            result = _Execution(job, output_limit, on_long_run).run()
+            result = _Execution(job, output_limit, on_long_run,
+                                self.base_env).run()
         finally:
             with self._lock:
                 self._running.pop(wid, None)
