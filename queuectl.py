@@ -90,6 +90,14 @@ RECORD_GROUP_AFTER = 0.02
 #: file: Linux refuses a single exec argument over 128 KiB.
 LONG_COMMAND = 65536
 
+#: A worker claims up to this many jobs per transaction when the queue is
+#: deep (at least this many per thread are due); otherwise one at a time.
+CLAIM_BATCH = 8
+
+#: A finished job's result may wait this long to share a transaction with
+#: the next ones; a job that runs longer than RECORD_GROUP_AFTER saves it.
+RESULT_DELAY = 0.05
+
 #: Job ids: 1 to 128 of these characters.
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -632,7 +640,7 @@ _CONTROL_SQL = (
 # Claim order: highest priority, then earliest run_at, then enqueue order.
 _CLAIM_SQL = ("SELECT seq, id, command, timeout, cwd, env, attempts, runs"
               " FROM jobs WHERE ready = 1 AND run_at <= ?"
-              " ORDER BY priority DESC, run_at, seq LIMIT 1")
+              " ORDER BY priority DESC, run_at, seq LIMIT ?")
 
 
 def _job_dict(row, deps=None):
@@ -1186,7 +1194,7 @@ class _Execution(object):
             argv = ["/bin/sh", "-c", '. "$0"', script]
         try:
             self.proc = subprocess.Popen(
-                argv, cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL,
+                argv, cwd=job["cwd"], env=env, stdin=_devnull(),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True)
         except (OSError, ValueError) as exc:
@@ -1243,6 +1251,17 @@ class _Execution(object):
                 return tail, dropped, False
 
 
+_DEVNULL = []
+
+
+def _devnull():
+    """One /dev/null descriptor for every job's stdin (saves two syscalls)."""
+    if not _DEVNULL:
+        _DEVNULL.append(os.open(os.devnull, os.O_RDONLY | getattr(
+            os, "O_CLOEXEC", 0)))
+    return _DEVNULL[0]
+
+
 def _write_script(command):
     """A private file holding a command too long for one argv string."""
     import tempfile
@@ -1269,82 +1288,113 @@ def _start_error(exc, job):
 ###############################################################################
 
 
-def _claim(conn, worker_id, host, now):
-    """Claim the next due job, or None.  Call inside write_txn."""
-    row = conn.execute(_CLAIM_SQL, (now,)).fetchone()
-    if row is None:
-        return None
-    seq, job_id, command, timeout, cwd, env, attempts, runs = row
-    attempt_id = conn.execute(
+def _claim(conn, worker_id, host, now, deep_at=None):
+    """Claim due jobs; call inside write_txn.  Returns a list of jobs.
+
+    One job, or CLAIM_BATCH of them when at least `deep_at` are due: a
+    deep queue pays one transaction per batch, while a shallow one leaves
+    jobs for idle workers elsewhere.
+    """
+    limit = deep_at or 1
+    rows = conn.execute(_CLAIM_SQL, (now, limit)).fetchall()
+    rows = rows[:CLAIM_BATCH] if deep_at and len(rows) == limit else rows[:1]
+    if not rows:
+        return []
+    conn.executemany(
         "INSERT INTO attempts (job_seq, n, worker_id, host, started_at)"
-        " VALUES (?, ?, ?, ?, ?)", (seq, runs + 1, worker_id, host, now)
-    ).lastrowid
-    conn.execute(
+        " VALUES (?, ?, ?, ?, ?)",
+        [(row[0], row[7] + 1, worker_id, host, now) for row in rows])
+    # AUTOINCREMENT under our write lock: the new ids are consecutive.
+    first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] \
+        - len(rows) + 1
+    jobs = [{"seq": seq, "id": job_id, "command": command, "timeout": timeout,
+             "cwd": cwd, "env": env, "attempts": attempts + 1,
+             "attempt_id": first + n, "started": now}
+            for n, (seq, job_id, command, timeout, cwd, env, attempts, _)
+            in enumerate(rows)]
+    conn.executemany(
         "UPDATE jobs SET state = 'processing', ready = NULL,"
         " attempts = attempts + 1, runs = runs + 1, worker_id = ?,"
         " attempt_id = ?, updated_at = ? WHERE seq = ? AND ready = 1",
-        (worker_id, attempt_id, now, seq))
-    return {"seq": seq, "id": job_id, "command": command, "timeout": timeout,
-            "cwd": cwd, "env": env, "attempts": attempts + 1,
-            "attempt_id": attempt_id, "started": now}
-
-
-def _record_result(conn, job, result, now):
-    """Store a finished run and move the job on.  Call inside write_txn.
-
-    Every update is guarded by the claim (the attempt id), so a worker that
-    lost its job to recovery cannot overwrite what came after.  Returns the
-    job's new state, or None if the claim was lost.
-    """
-    code, sig, error, output, dropped, pgid = result
-    conn.execute(
-        "UPDATE attempts SET ended_at = ?, duration = ?, exit_code = ?,"
-        " signal = ?, error = ?, output = ?, output_dropped = ?,"
-        " pgid = COALESCE(pgid, ?) WHERE id = ? AND ended_at IS NULL",
-        (now, now - job["started"], code, sig, error, output, dropped, pgid,
-         job["attempt_id"]))
-    if error is None:
-        return _complete(conn, job["seq"], job["attempt_id"], now)
-    return _fail(conn, job["seq"], job["attempt_id"], error,
-                 _read_config(conn), now)
+        [(worker_id, job["attempt_id"], now, job["seq"]) for job in jobs])
+    return jobs
 
 
 _GUARD = " WHERE seq = ? AND state = 'processing' AND attempt_id = ?"
 
 
-def _complete(conn, seq, attempt_id, now):
-    cur = conn.execute(
+def _record_results(conn, runs):
+    """Store finished runs [(job, result)] and move their jobs on.
+
+    Call inside write_txn.  Every update is guarded by the claim (the
+    attempt id), so a worker that lost its job to recovery cannot overwrite
+    what came after.  Successes share a few statements (the common case);
+    failures go one by one.  Returns [(job, new state or None if the claim
+    was lost, next run_at)] in the order given.
+    """
+    conn.executemany(
+        "UPDATE attempts SET started_at = ?, ended_at = ?, duration = ?,"
+        " exit_code = ?, signal = ?, error = ?, output = ?,"
+        " output_dropped = ?, pgid = COALESCE(pgid, ?)"
+        " WHERE id = ? AND ended_at IS NULL",
+        [(job["started"], ended, ended - job["started"], code, sig, error,
+          output, dropped, pgid, job["attempt_id"])
+         for job, (code, sig, error, output, dropped, pgid, ended) in runs])
+    outcome = {}
+    _complete(conn, [(job, r[6]) for job, r in runs if r[2] is None], outcome)
+    config = None
+    for job, result in runs:
+        if result[2] is not None:
+            config = config or _read_config(conn)
+            outcome[id(job)] = _fail(conn, job["seq"], job["attempt_id"],
+                                     result[2], config, result[6])
+    return [(job,) + outcome[id(job)] for job, _ in runs]
+
+
+def _complete(conn, finished, outcome):
+    """Mark [(job, end time)] completed and release their dependents."""
+    if not finished:
+        return
+    cur = conn.executemany(
         "UPDATE jobs SET state = 'completed', last_error = NULL,"
-        " worker_id = NULL, updated_at = ?" + _GUARD, (now, seq, attempt_id))
-    if cur.rowcount != 1:
-        return None
+        " worker_id = NULL, updated_at = ?" + _GUARD,
+        [(ended, job["seq"], job["attempt_id"]) for job, ended in finished])
+    done = [job for job, _ in finished]
+    if cur.rowcount != len(finished):  # rare: some claims were lost
+        done = [job for job in done if conn.execute(
+            "SELECT 1 FROM jobs WHERE seq = ? AND state = 'completed'"
+            " AND attempt_id = ?", (job["seq"], job["attempt_id"])).fetchone()]
     # Dependents wait for one job fewer; the last one makes them ready.
-    conn.execute("UPDATE jobs SET waiting = waiting - 1, ready = CASE WHEN"
-                 " waiting = 1 THEN 1 END WHERE seq IN (SELECT job_seq FROM"
-                 " deps WHERE dep_seq = ?) AND state = 'pending'"
-                 " AND waiting > 0", (seq,))
-    return "completed"
+    conn.executemany(
+        "UPDATE jobs SET waiting = waiting - 1, ready = CASE WHEN waiting = 1"
+        " THEN 1 END WHERE seq IN (SELECT job_seq FROM deps WHERE dep_seq = ?)"
+        " AND state = 'pending' AND waiting > 0", [(j["seq"],) for j in done])
+    for job, _ in finished:
+        outcome[id(job)] = (None, None)
+    for job in done:
+        outcome[id(job)] = ("completed", None)
 
 
 def _fail(conn, seq, attempt_id, error, config, now):
+    """A failed run: retry later, or bury.  Returns (new state, run_at)."""
     row = conn.execute("SELECT attempts, max_retries FROM jobs" + _GUARD,
                        (seq, attempt_id)).fetchone()
     if row is None:
-        return None
+        return None, None
     failures, max_retries = row
     if failures <= max_retries:
-        delay = backoff_delay(failures, config["backoff-base"],
-                              config["backoff-max"])
+        run_at = now + backoff_delay(failures, config["backoff-base"],
+                                     config["backoff-max"])
         conn.execute(
             "UPDATE jobs SET state = 'failed', ready = 1, run_at = ?,"
             " last_error = ?, worker_id = NULL, updated_at = ? WHERE seq = ?",
-            (now + delay, error, now, seq))
-        return "failed"
+            (run_at, error, now, seq))
+        return "failed", run_at
     conn.execute(
         "UPDATE jobs SET state = 'dead', ready = NULL, last_error = ?,"
         " worker_id = NULL, updated_at = ? WHERE seq = ?", (error, now, seq))
     _bury_dependents(conn, seq, now)
-    return "dead"
+    return "dead", None
 
 
 def _bury_dependents(conn, seq, now):
@@ -1367,11 +1417,12 @@ def _bury_dependents(conn, seq, now):
 
 
 def _requeue_unfinished(conn, job, now):
-    """A forced stop: the run does not count; the job is pending again."""
+    """A run that does not count (forced stop, or claimed but never started):
+    the job is pending again, in its old place in the queue."""
     cur = conn.execute(
         "UPDATE jobs SET state = 'pending', ready = 1, attempts = attempts - 1,"
-        " runs = runs - 1, worker_id = NULL, attempt_id = NULL, run_at = ?,"
-        " updated_at = ?" + _GUARD, (now, now, job["seq"], job["attempt_id"]))
+        " runs = runs - 1, worker_id = NULL, attempt_id = NULL,"
+        " updated_at = ?" + _GUARD, (now, job["seq"], job["attempt_id"]))
     if cur.rowcount == 1:
         conn.execute("DELETE FROM attempts WHERE id = ?", (job["attempt_id"],))
 
@@ -1426,7 +1477,8 @@ class _Reaper(object):
         for seq, job_id, wid, attempt_id, host, pgid, start in lost:
             _kill_orphans(host, pgid, start)
             with write_txn(conn):
-                state = _recover_job(conn, seq, attempt_id, config, now_fn())
+                state, _ = _recover_job(conn, seq, attempt_id, config,
+                                        now_fn())
             if state:
                 log(wid, job_id, "lost", "worker lost; now %s" % state)
         if dead:
@@ -1446,6 +1498,24 @@ def _kill_orphans(host, pgid, start):
         return  # the pid now belongs to someone else
     if group_alive(pgid):
         kill_group(pgid)
+
+
+class _Local(object):
+    """A worker thread's claimed-but-unstarted jobs and unsaved results."""
+
+    def __init__(self):
+        self.queued = []
+        self.results = []
+        self.first_result = None  # monotonic time the oldest result came
+
+    def add(self, job, result):
+        if not self.results:
+            self.first_result = time.monotonic()
+        self.results.append((job, result))
+
+    def results_due(self):
+        return bool(self.results) and (
+            time.monotonic() - self.first_result >= RESULT_DELAY)
 
 
 class WorkerPool(object):
@@ -1601,60 +1671,95 @@ class WorkerPool(object):
                     self._finished.set()
 
     def _loop(self, conn, wid):
-        job = result = None
+        local = _Local()
         while True:
-            job = self._settle_and_claim(conn, wid, job, result)
-            result = None
-            if job is not None:
-                result = self._execute(conn, wid, job)
+            if (not local.queued or local.results_due()
+                    or self.stopping.is_set()):
+                self._sync(conn, wid, local)
+            if local.queued:
+                local.add(*self._execute(conn, wid, local.queued.pop(0),
+                                         local))
                 continue
             if self.stopping.is_set() or self.exit_when_idle:
                 return
-            self.stopping.wait(self._poll_interval(conn))
+            self.stopping.wait(self._poll_interval())
 
-    def _poll_interval(self, conn):
+    def _poll_interval(self):
         if self.poll_interval is not None:
             return self.poll_interval
         return self.settings["poll-interval"]
 
-    def _settle_and_claim(self, conn, wid, job, result):
-        """Record the last run and claim the next job in one transaction."""
+    def _sync(self, conn, wid, local):
+        """One transaction: save finished runs, then claim or release jobs."""
         with write_txn(conn):
             now = self.now()
-            state = None
-            if job is not None and job.get("forced"):
-                _requeue_unfinished(conn, job, now)
-            elif job is not None:
-                state = _record_result(conn, job, result, now)
+            events = self._save_results(conn, local, now)
             stop_seq, paused = conn.execute(_CONTROL_SQL).fetchone()
             if stop_seq != self.stop_seq:
                 self.stopping.set()
-            claimed = None
-            if not self.stopping.is_set() and not paused:
-                claimed = _claim(conn, wid, self.host, now)
-        if job is not None:
-            self._log_result(wid, job, result, state, conn)
-        if claimed is not None:
-            self.log(wid, claimed["id"], "started",
-                     "attempt %d" % claimed["attempts"])
-        return claimed
+            if self.stopping.is_set() or paused:
+                self._release(conn, local, now)
+            elif not local.queued:
+                local.queued = _claim(conn, wid, self.host, now,
+                                      deep_at=CLAIM_BATCH * self.count)
+        self._log_events(wid, events)
 
-    def _execute(self, conn, wid, job):
-        output_limit = int(self.settings["output-limit"])
+    def _save_results(self, conn, local, now):
+        events = []
+        runs = []
+        for job, result in local.results:
+            if job.get("forced"):
+                _requeue_unfinished(conn, job, now)
+                events.append((job, "requeued", "forced stop; not counted"))
+            else:
+                runs.append((job, result))
+        for (job, state, run_at), (_, result) in zip(
+                _record_results(conn, runs), runs):
+            error = result[2]
+            if state is None:
+                detail = "result dropped: the claim was lost"
+            elif state == "failed":
+                detail = "%s; retry at %s" % (error, iso(run_at))
+            elif state == "dead":
+                detail = "%s; moved to DLQ" % error
+            else:
+                detail = ""
+            events.append((job, state or "stale", detail))
+        local.results = []
+        return events
 
+    def _release(self, conn, local, now):
+        """Claimed jobs that never started go back, uncounted."""
+        for job in local.queued:
+            _requeue_unfinished(conn, job, now)
+        local.queued = []
+
+    def _log_events(self, wid, events):
+        for job, event, detail in events:
+            self.log(wid, job["id"], event, detail)
+
+    def _execute(self, conn, wid, job, local):
+        """Run one job; returns (job, result) for the next transaction."""
         def on_long_run(proc):
+            # Worth a write now: record the group (for recovery), save
+            # earlier results, and hand back jobs this thread cannot start.
             self._remember(wid, proc, job)
             with write_txn(conn):
                 conn.execute("UPDATE attempts SET pgid = ?, proc_start = ?"
-                             " WHERE id = ?", (proc.pid, _process_start(proc.pid),
-                                               job["attempt_id"]))
+                             " WHERE id = ?", (proc.pid, _process_start(
+                                 proc.pid), job["attempt_id"]))
+                events = self._save_results(conn, local, self.now())
+                self._release(conn, local, self.now())
+            self._log_events(wid, events)
+        job["started"] = self.now()
+        self.log(wid, job["id"], "started", "attempt %d" % job["attempts"])
         try:
-            result = _Execution(job, output_limit, on_long_run,
-                                self.base_env).run()
+            result = _Execution(job, int(self.settings["output-limit"]),
+                                on_long_run, self.base_env).run()
         finally:
             with self._lock:
                 self._running.pop(wid, None)
-        return result
+        return job, result + (self.now(),)
 
     def _remember(self, wid, proc, job):
         with self._lock:
@@ -1663,30 +1768,16 @@ class WorkerPool(object):
         if job["forced"]:
             kill_group(proc.pid, proc=proc)
 
-    def _log_result(self, wid, job, result, state, conn):
-        error = result[2]
-        if job.get("forced"):
-            self.log(wid, job["id"], "requeued", "forced stop; not counted")
-        elif state is None:
-            self.log(wid, job["id"], "stale", "result dropped: claim was lost")
-        elif state == "completed":
-            self.log(wid, job["id"], "completed", "")
-        elif state == "failed":
-            row = conn.execute("SELECT run_at FROM jobs WHERE seq = ?",
-                               (job["seq"],)).fetchone()
-            self.log(wid, job["id"], "failed",
-                     "%s; retry at %s" % (error, iso(row[0])))
-        else:
-            self.log(wid, job["id"], "dead", "%s; moved to DLQ" % error)
-
     def log(self, wid, job_id, event, detail):
+        """One line per event: time, worker, job, event, detail."""
         stream = self._log_stream if self._log_stream is not None else sys.stderr
         if stream is False:
             return
-        line = "%s %s %s %s %s" % (iso(self.now()), wid, job_id, event, detail)
+        line = "%s %s %s %s %s" % (iso(self.now()), wid, job_id, event,
+                                   _printable(detail) if detail else "")
         with self._log_lock:
             with contextlib.suppress(OSError, ValueError):
-                stream.write(_printable(line.rstrip()) + "\n")
+                stream.write(line.rstrip() + "\n")
                 stream.flush()
 
 
@@ -1931,7 +2022,7 @@ def _claim_cost(db, rounds=300):
     started = time.perf_counter()
     for _ in range(rounds):
         conn.execute("BEGIN IMMEDIATE")
-        _claim(conn, "bench", host, now)
+        _claim(conn, "bench", host, now, deep_at=8)
         conn.execute("ROLLBACK")
     took = (time.perf_counter() - started) / rounds
     conn.close()

@@ -1137,7 +1137,7 @@ class TestLibrary(unittest.TestCase):
             try:
                 plans = {
                     "claim": queue.conn.execute(
-                        "EXPLAIN QUERY PLAN " + queuectl._CLAIM_SQL, (0,)),
+                        "EXPLAIN QUERY PLAN " + queuectl._CLAIM_SQL, (0, 8)),
                     "list": queue.conn.execute(
                         "EXPLAIN QUERY PLAN SELECT seq FROM jobs WHERE"
                         " state = 'dead' ORDER BY seq LIMIT 5"),
