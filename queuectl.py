@@ -201,6 +201,16 @@ def _random_id():
     return os.urandom(6).hex()
 
 
+def _fill_ids(ids):
+    """Random 12-hex-digit ids where `ids` has None (one urandom call)."""
+    missing = sum(1 for job_id in ids if job_id is None)
+    pool = iter(re.findall("." * 12, os.urandom(6 * missing).hex()))
+    filled = [job_id if job_id is not None else next(pool) for job_id in ids]
+    if len(set(filled)) != len(filled):  # a clash inside the batch
+        return _fill_ids(ids)
+    return filled
+
+
 def _host():
     return os.uname()[1]
 
@@ -510,7 +520,7 @@ def _field_number(spec, name, minimum, exclusive=False, integer=False):
     return value
 
 
-def _validate_job(spec, config, now, cwd=None):
+def _validate_job(spec, config, now, cwd):
     """A JSON-like dict -> the values of a new jobs row (without deps).
 
     Raises InvalidInput naming the first bad field.
@@ -545,10 +555,10 @@ def _validate_job(spec, config, now, cwd=None):
     timeout = config["job-timeout"] or None
     if "timeout" in spec:
         timeout = _field_number(spec, "timeout", 0, exclusive=True)
-    job_cwd = _job_cwd(spec, cwd)
-    env = _job_env(spec)
+    job_cwd = _job_cwd(spec["cwd"]) if "cwd" in spec else cwd
+    env = json.dumps(_job_env(spec), sort_keys=True) if "env" in spec else "{}"
     return (job_id, command, priority, run_at, max_retries, timeout, job_cwd,
-            json.dumps(env, sort_keys=True))
+            env)
 
 
 def _job_run_at(spec, now):
@@ -564,8 +574,7 @@ def _job_run_at(spec, now):
     return now
 
 
-def _job_cwd(spec, cwd):
-    value = spec.get("cwd", cwd if cwd is not None else os.getcwd())
+def _job_cwd(value):
     if not isinstance(value, str) or not value or "\0" in value:
         raise InvalidInput("cwd must be a non-empty path, got %s"
                            % _short_repr(value))
@@ -573,7 +582,7 @@ def _job_cwd(spec, cwd):
 
 
 def _job_env(spec):
-    env = spec.get("env", {})
+    env = spec["env"]
     if not isinstance(env, dict):
         raise InvalidInput("env must be an object of string to string, got %s"
                            % _short_repr(env))
@@ -587,7 +596,9 @@ def _job_env(spec):
 
 
 def _job_after(spec):
-    after = spec.get("after", [])
+    if "after" not in spec:
+        return ()
+    after = spec["after"]
     if isinstance(after, str):
         after = [part for part in after.split(",") if part]
     if not isinstance(after, list):
@@ -698,13 +709,13 @@ class Queue(object):
             raise InvalidInput("expected a JSON object or an array of objects")
         if not specs:
             raise InvalidInput("no jobs in input")
-        now = self.now()
+        now, cwd = self.now(), os.getcwd()
         with write_txn(self.conn):
             config = _read_config(self.conn)
             rows, afters = [], []
             for index, spec in enumerate(specs):
                 try:
-                    rows.append(_validate_job(spec, config, now))
+                    rows.append(_validate_job(spec, config, now, cwd))
                     afters.append(_job_after(spec))
                 except InvalidInput as exc:
                     if len(specs) == 1:
@@ -717,35 +728,41 @@ class Queue(object):
                                    " Unicode (a lone surrogate)")
 
     def _insert_jobs(self, rows, afters, now):
-        ids = self._assign_ids(rows)
+        self._check_given_ids([row[0] for row in rows if row[0] is not None])
+        # Generated ids have 48 random bits: a clash with an existing id is
+        # rare, but must not fail an enqueue: draw again and retry.
+        for tries_left in range(5, 0, -1):
+            ids = _fill_ids([row[0] for row in rows])
+            self.conn.execute("SAVEPOINT insert_jobs")
+            try:
+                self._insert_rows(ids, rows, afters, now)
+            except sqlite3.IntegrityError:
+                self.conn.execute("ROLLBACK TO insert_jobs")
+                if tries_left == 1:
+                    raise
+                continue
+            self.conn.execute("RELEASE insert_jobs")
+            return ids
+
+    def _insert_rows(self, ids, rows, afters, now):
         params = [(job_id,) + row[1:] + (now, now)
                   for job_id, row in zip(ids, rows)]
-        plain = not any(afters)
-        if plain:
+        if not any(afters):
             self.conn.executemany(
                 "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
                 " timeout, cwd, env, created_at, updated_at, state, ready)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',1)", params)
-            return ids
+            return
         seqs = {}
         for job_id, param, after in zip(ids, params, afters):
             seqs[job_id] = self._insert_with_deps(param, after, seqs)
-        return ids
 
-    def _assign_ids(self, rows):
-        given = [row[0] for row in rows if row[0] is not None]
+    def _check_given_ids(self, given):
         if len(set(given)) != len(given):
             seen = set()
             dup = next(i for i in given if i in seen or seen.add(i))
             raise Conflict("duplicate id '%s' in input" % dup)
         self._refuse_existing(given)
-        ids = [row[0] or _random_id() for row in rows]
-        generated = [i for row, i in zip(rows, ids) if row[0] is None]
-        # 48 random bits: a clash is rare, but must not fail an enqueue.
-        while self._existing(generated) or len(set(ids)) != len(ids):
-            ids = [row[0] or _random_id() for row in rows]
-            generated = [i for row, i in zip(rows, ids) if row[0] is None]
-        return ids
 
     def _existing(self, ids):
         found = []
@@ -1875,6 +1892,7 @@ class _Bench(object):
         db = self.db("calls")
         here = os.path.dirname(self.script)
         env = dict(os.environ, PYTHONPATH=here)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # -m should use its cache
 
         def timed(argv):
             started = time.perf_counter()
@@ -2555,7 +2573,20 @@ def cmd_config(args, queue):
     return 0
 
 
+class _Skipped(object):
+    """Stands in for the parser of a command this run does not use."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+
 def _add_command(sub, name, func, summary, example, **kwargs):
+    if isinstance(sub, _Skipped):
+        return sub
+    if getattr(sub, "only", name) != name:
+        # Building every command's options would cost each call a few ms.
+        sub.add_parser(name, help=summary)
+        return _Skipped()
     parser = sub.add_parser(name, help=summary, description=summary,
                             epilog="example:\n  " + example,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -2611,7 +2642,22 @@ start here:
   queuectl status"""
 
 
-def build_parser():
+def _command_in(argv):
+    """The command argv names, or None when it names none (or asks help)."""
+    args = list(argv or ())
+    while args:
+        arg = args.pop(0)
+        if arg == "--db":
+            args = args[1:]
+        elif not arg.startswith("-"):
+            return arg
+        elif not arg.startswith("--db="):
+            return None
+    return None
+
+
+def build_parser(argv=None):
+    """The CLI's parser; given argv, only the named command is built fully."""
     parser = _Parser(
         prog="queuectl", description="A background job queue for shell"
         " commands, stored in one SQLite file.",
@@ -2624,6 +2670,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 parser_class=_Parser)
     sub.required = True
+    if argv is not None:
+        sub.only = _command_in(argv)
     _add_enqueue(sub)
     _add_worker(sub)
     p = _add_command(sub, "status", cmd_status, "Show job counts per state"
@@ -2781,7 +2829,7 @@ def main(argv=None):
     try:
         if argv is None:
             argv = _decoded_argv(sys.argv[1:])
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         if getattr(args, "no_database", False):
             return args.func(args, None)
         synchronous = "FULL" if args.func is cmd_enqueue else "NORMAL"
