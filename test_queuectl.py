@@ -1151,5 +1151,85 @@ class TestLibrary(unittest.TestCase):
                 queue.close()
 
 
+class TestPerformanceStructure(CLITestCase):
+    """What keeps queuectl fast, checked by structure, never by timing."""
+
+    def test_enqueue_path_imports_no_worker_modules(self):
+        # `enqueue` must not pay for subprocess, threading, sockets...
+        code = ("import sys; sys.path.insert(0, %r); import queuectl;"
+                " queuectl.main(['--db', %r, 'enqueue', 'true']);"
+                " print(sorted(m for m in ('subprocess', 'threading', 'socket',"
+                " 'http.server', 'select', 'signal', 'tempfile')"
+                " if m in sys.modules))" % (HERE, self.db))
+        out = subprocess.check_output([sys.executable, "-S", "-c", code],
+                                      env=self.env).decode()
+        self.assertEqual(out.splitlines()[-1], "[]")
+
+    def test_bulk_enqueue_is_one_transaction(self):
+        # enqueue_many: one BEGIN IMMEDIATE, one COMMIT, whatever the size.
+        queue = queuectl.Queue(self.db)
+        self.addCleanup(queue.close)
+        statements = []
+        queue.conn.set_trace_callback(statements.append)
+        queue.enqueue_many([{"command": "true"}] * 2000)
+        begins = [s for s in statements if s.startswith("BEGIN")]
+        commits = [s for s in statements if s == "COMMIT"]
+        self.assertEqual((begins, len(commits)), (["BEGIN IMMEDIATE"], 1))
+        self.assertEqual(queue.counts()["pending"], 2000)
+
+    def test_hot_queries_use_indexes(self):
+        # Claim, list by state, the status counts and a prefix lookup never
+        # scan the jobs table or sort it in a temporary B-tree.
+        queue = queuectl.Queue(self.db)
+        self.addCleanup(queue.close)
+        queries = [
+            (queuectl._CLAIM_SQL, (0, 8)),
+            ("SELECT seq FROM jobs WHERE state = 'dead' ORDER BY seq"
+             " LIMIT 5 OFFSET 5", ()),
+            ("SELECT state, n FROM counts", ()),
+            ("SELECT seq, id FROM jobs WHERE id > ? AND id < ? ORDER BY id"
+             " LIMIT 6", ("ab", "ac")),
+            ("SELECT j.seq FROM jobs j JOIN attempts a ON a.id = j.attempt_id"
+             " WHERE j.state = 'processing'", ()),
+        ]
+        for sql, args in queries:
+            plan = " ".join(str(r[-1]) for r in queue.conn.execute(
+                "EXPLAIN QUERY PLAN " + sql, args)).upper()
+            self.assertNotIn("TEMP B-TREE", plan, sql)
+            self.assertNotRegex(plan, r"SCAN (TABLE )?JOBS(?! USING)", sql)
+
+    def test_a_generated_id_clash_is_drawn_again(self):
+        # A random id that already exists is replaced, not an error.
+        queue = queuectl.Queue(self.db)
+        self.addCleanup(queue.close)
+        queue.enqueue({"command": "true", "id": "aaaaaaaaaaaa"})
+        real = os.urandom
+        draws = []
+
+        def fake(n):
+            draws.append(n)
+            return b"\xaa" * n if len(draws) == 1 else real(n)
+        queuectl.os.urandom = fake
+        try:
+            job_id = queue.enqueue({"command": "true"})
+        finally:
+            queuectl.os.urandom = real
+        self.assertNotEqual(job_id, "aaaaaaaaaaaa")
+        self.assertEqual(len(draws), 2)
+        self.assertEqual(queue.counts()["pending"], 2)
+
+    def test_bench_quick_reports_every_figure(self):
+        # The benchmark runs and reports each figure with its baseline.
+        if os.environ.get("QUEUECTL_SKIP_BENCH"):
+            self.skipTest("QUEUECTL_SKIP_BENCH is set")
+        results = queuectl.run_bench(quick=True)
+        names = " ".join(r["name"] for r in results)
+        for word in ("raw spawn", "end-to-end", "bulk enqueue", "enqueue call",
+                     "pick-up", "claim", "status"):
+            self.assertIn(word, names)
+        ratios = [r for r in results if r["baseline"]]
+        self.assertTrue(all(r["ratio"] > 0 for r in ratios))
+
+
 if __name__ == "__main__":
     unittest.main()
