@@ -49,7 +49,7 @@ DEFAULT_DB = os.path.join("~", ".queuectl", "queue.db")
 APPLICATION_ID = 0x51754354
 
 #: PRAGMA user_version this code writes; older databases are migrated.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Job states, in the order status shows them.
 STATES = ("pending", "processing", "completed", "failed", "dead")
@@ -304,8 +304,53 @@ _SCHEMA_V1 = (
          UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
 )
 
+#: Upper bounds (seconds) of the run-duration histogram's buckets.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
+
+# Version 2: when each run was due (for wait times), and totals that only
+# grow, kept by a trigger, for Prometheus counters and the histogram.
+_SCHEMA_V2 = (
+    "ALTER TABLE attempts ADD COLUMN due_at REAL",
+    """CREATE TABLE IF NOT EXISTS totals (
+        name TEXT PRIMARY KEY,
+        value REAL NOT NULL)""",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'success', COUNT(*)"
+    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NULL",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'lost', COUNT(*)"
+    " FROM attempts WHERE error = 'worker lost'",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'timeout', COUNT(*)"
+    " FROM attempts WHERE error LIKE 'timed out%'",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'failure', COUNT(*)"
+    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NOT NULL"
+    " AND error <> 'worker lost' AND error NOT LIKE 'timed out%'",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'duration_sum',"
+    " COALESCE(SUM(duration), 0) FROM attempts WHERE ended_at IS NOT NULL",
+    # le is a bucket's upper bound; 9e999 is +Inf.
+    """CREATE TABLE IF NOT EXISTS duration_buckets (
+        le REAL PRIMARY KEY,
+        n INTEGER NOT NULL)""",
+    "INSERT OR IGNORE INTO duration_buckets (le, n) SELECT b.le, (SELECT"
+    " COUNT(*) FROM attempts WHERE ended_at IS NOT NULL AND"
+    " COALESCE(duration, 0) <= b.le) FROM (%s) b" % " UNION ALL ".join(
+        "SELECT %r AS le" % le for le in DURATION_BUCKETS + (9e999,)
+    ).replace("inf", "9e999"),
+    """CREATE TRIGGER IF NOT EXISTS attempts_finish AFTER UPDATE OF ended_at
+       ON attempts WHEN OLD.ended_at IS NULL AND NEW.ended_at IS NOT NULL
+       BEGIN
+         UPDATE totals SET value = value + 1 WHERE name = CASE
+           WHEN NEW.error IS NULL THEN 'success'
+           WHEN NEW.error = 'worker lost' THEN 'lost'
+           WHEN NEW.error LIKE 'timed out%' THEN 'timeout'
+           ELSE 'failure' END;
+         UPDATE totals SET value = value + COALESCE(NEW.duration, 0)
+           WHERE name = 'duration_sum';
+         UPDATE duration_buckets SET n = n + 1
+           WHERE le >= COALESCE(NEW.duration, 0);
+       END""",
+)
+
 #: MIGRATIONS[v] brings a database from user_version v to v + 1.
-MIGRATIONS = {0: _SCHEMA_V1}
+MIGRATIONS = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 
 ###############################################################################
 # Storage: files, connections, transactions ###################################
@@ -649,7 +694,8 @@ _CONTROL_SQL = (
     " 0) AS INTEGER) FROM config WHERE key IN ('_stop_seq', '_paused')")
 
 # Claim order: highest priority, then earliest run_at, then enqueue order.
-_CLAIM_SQL = ("SELECT seq, id, command, timeout, cwd, env, attempts, runs"
+_CLAIM_SQL = ("SELECT seq, id, command, timeout, cwd, env, attempts, runs,"
+              " run_at"
               " FROM jobs WHERE ready = 1 AND run_at <= ?"
               " ORDER BY priority DESC, run_at, seq LIMIT ?")
 
@@ -887,6 +933,18 @@ class Queue(object):
         """Registered workers that look alive, oldest first."""
         return _live_workers(self.conn, _read_config(self.conn), self.now())
 
+    def stats(self, since=3600.0):
+        """Throughput, success, run and wait times (see `queuectl stats`)."""
+        if not since > 0:
+            raise InvalidInput("--since must be > 0")
+        with read_txn(self.conn):
+            return _stats(self.conn, self.now(), since)
+
+    def metrics(self):
+        """The Prometheus text exposition of the queue's gauges/counters."""
+        with read_txn(self.conn):
+            return _metrics_text(self.conn, self.now())
+
     def is_paused(self):
         return bool(_read_config(self.conn).get("_paused", 0))
 
@@ -1080,6 +1138,107 @@ def _live_workers(conn, config, now):
                          "started_at": iso(started),
                          "heartbeat": iso(heartbeat), "job": job})
     return live
+
+
+def _stats(conn, now, since):
+    """Every figure from indexed range queries over the last `since` s."""
+    def one(sql, *args):
+        return conn.execute(sql, args).fetchone()[0]
+    cutoff = now - since
+    ended = "SELECT COUNT(*) FROM attempts WHERE ended_at >= ?"
+    runs = one(ended, cutoff)
+    ok = one(ended + " AND error IS NULL", cutoff)
+    oldest = one("SELECT MIN(run_at) FROM jobs WHERE ready = 1 AND run_at <= ?",
+                 now)
+    failing = conn.execute(
+        "SELECT j.command, COUNT(*) AS n FROM attempts a JOIN jobs j"
+        " ON j.seq = a.job_seq WHERE a.ended_at >= ? AND a.error IS NOT NULL"
+        " GROUP BY j.command ORDER BY n DESC, j.command LIMIT 5",
+        (cutoff,)).fetchall()
+    counts = dict.fromkeys(STATES, 0)
+    counts.update(conn.execute("SELECT state, n FROM counts"))
+    return {
+        "since_seconds": since,
+        "counts": counts,
+        "finished_per_minute": dict(
+            ("%dm" % m, one(ended, now - 60 * m) / float(m)) for m in (1, 5, 15)),
+        "runs": runs,
+        "success_ratio": ok / float(runs) if runs else None,
+        "run_seconds": _percentiles(conn, "duration",
+                                    "duration IS NOT NULL", cutoff),
+        "wait_seconds": _percentiles(conn, "started_at - due_at",
+                                     "due_at IS NOT NULL", cutoff),
+        "oldest_due_seconds": now - oldest if oldest is not None else None,
+        "failing_commands": [{"command": c, "failures": n} for c, n in failing],
+        "per_minute": _per_minute(conn, now, 60),
+    }
+
+
+def _percentiles(conn, expression, condition, cutoff):
+    """p50, p95 and max of an expression over attempts ended since cutoff."""
+    where = " FROM attempts WHERE ended_at >= ? AND " + condition
+    count = conn.execute("SELECT COUNT(*)" + where, (cutoff,)).fetchone()[0]
+    figures = {"p50": None, "p95": None, "max": None}
+    if count:
+        for name, fraction in (("p50", 0.5), ("p95", 0.95), ("max", 1.0)):
+            figures[name] = conn.execute(
+                "SELECT %s AS v%s ORDER BY v LIMIT 1 OFFSET ?" % (
+                    expression, where),
+                (cutoff, min(count - 1, int(fraction * count)))).fetchone()[0]
+    return figures
+
+
+def _per_minute(conn, now, minutes):
+    """[{minute start, ok, failed}] for the last `minutes`, oldest first."""
+    start = (int(now) // 60 - minutes + 1) * 60
+    series = [{"t": iso(start + 60 * i), "ok": 0, "failed": 0}
+              for i in range(minutes)]
+    for slot, ok, failed in conn.execute(
+            "SELECT CAST((ended_at - ?) / 60 AS INTEGER) AS m,"
+            " SUM(error IS NULL), SUM(error IS NOT NULL) FROM attempts"
+            " WHERE ended_at >= ? GROUP BY m", (start, start)):
+        if 0 <= slot < minutes:
+            series[slot]["ok"], series[slot]["failed"] = ok, failed
+    return series
+
+
+def _metrics_text(conn, now):
+    """Prometheus text format, version 0.0.4."""
+    lines = []
+
+    def metric(name, kind, text, samples):
+        lines.append("# HELP %s %s" % (name, text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            lines.append("%s%s %s" % (name, labels, _number_text(value)))
+    counts = dict.fromkeys(STATES, 0)
+    counts.update(conn.execute("SELECT state, n FROM counts"))
+    metric("queuectl_jobs", "gauge", "Jobs in the queue by state.",
+           [('{state="%s"}' % s, counts[s]) for s in STATES])
+    totals = dict(conn.execute("SELECT name, value FROM totals"))
+    metric("queuectl_attempts_total", "counter",
+           "Finished attempts by result.",
+           [('{result="%s"}' % r, totals.get(r, 0))
+            for r in ("success", "failure", "timeout", "lost")])
+    workers = _live_workers(conn, _read_config(conn), now)
+    metric("queuectl_workers", "gauge", "Live worker threads.",
+           [("", len(workers))])
+    paused = conn.execute(_CONTROL_SQL).fetchone()[1]
+    metric("queuectl_paused", "gauge", "1 while workers claim nothing new.",
+           [("", paused)])
+    buckets = conn.execute("SELECT le, n FROM duration_buckets ORDER BY le"
+                           ).fetchall()
+    samples = [('_bucket{le="%s"}' % ("+Inf" if le == float("inf") else
+                                      _number_text(le)), n)
+               for le, n in buckets]
+    lines.append("# HELP queuectl_run_duration_seconds Run time of finished"
+                 " attempts.")
+    lines.append("# TYPE queuectl_run_duration_seconds histogram")
+    for suffix, value in samples + [("_sum", totals.get("duration_sum", 0)),
+                                    ("_count", buckets[-1][1])]:
+        lines.append("queuectl_run_duration_seconds%s %s"
+                     % (suffix, _number_text(value)))
+    return "\n".join(lines) + "\n"
 
 
 def _pid_alive(pid):
@@ -1318,16 +1477,16 @@ def _claim(conn, worker_id, host, now, deep_at=None):
     if not rows:
         return []
     conn.executemany(
-        "INSERT INTO attempts (job_seq, n, worker_id, host, started_at)"
-        " VALUES (?, ?, ?, ?, ?)",
-        [(row[0], row[7] + 1, worker_id, host, now) for row in rows])
+        "INSERT INTO attempts (job_seq, n, worker_id, host, started_at,"
+        " due_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [(row[0], row[7] + 1, worker_id, host, now, row[8]) for row in rows])
     # AUTOINCREMENT under our write lock: the new ids are consecutive.
     first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] \
         - len(rows) + 1
     jobs = [{"seq": seq, "id": job_id, "command": command, "timeout": timeout,
              "cwd": cwd, "env": env, "attempts": attempts + 1,
              "attempt_id": first + n, "started": now}
-            for n, (seq, job_id, command, timeout, cwd, env, attempts, _)
+            for n, (seq, job_id, command, timeout, cwd, env, attempts, _, _)
             in enumerate(rows)]
     conn.executemany(
         "UPDATE jobs SET state = 'processing', ready = NULL,"
@@ -1799,6 +1958,464 @@ class WorkerPool(object):
 
 
 ###############################################################################
+# Dashboard: a web page, JSON endpoints and Prometheus metrics ################
+###############################################################################
+
+#: Seconds a dashboard connection may sit idle before it is closed.
+HTTP_TIMEOUT = 15
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_dashboard(path, host="127.0.0.1", port=8765, read_only=False,
+                    ready=None):
+    """Serve the dashboard until interrupted.  ready(url) is called once the
+    socket listens (the CLI prints the URL; --port 0 picks a free port)."""
+    import http.server
+    import socket
+    import socketserver
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        # Threads per request (3.6 has no ThreadingHTTPServer): a slow
+        # client holds only its own thread, and only for HTTP_TIMEOUT.
+        daemon_threads = True
+        allow_reuse_address = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    handler = type("DashboardHandler", (_DashboardRoutes,
+                                        http.server.BaseHTTPRequestHandler), {})
+    try:
+        server = Server((host, port), handler)
+    except OSError as exc:
+        raise QueueError("cannot listen on %s:%s: %s" % (host, port,
+                                                          _reason(exc)))
+    server.db_path = path
+    server.read_only = read_only
+    server.token = os.urandom(16).hex()
+    server.port = server.server_address[1]
+    server.allowed_hosts = _allowed_hosts(host, server.port)
+    url = "http://%s:%d/" % ("[%s]" % host if ":" in host else host,
+                             server.port)
+    if ready is not None:
+        ready(url)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+
+
+def _allowed_hosts(host, port):
+    """Host headers we answer: DNS rebinding must not reach a local page."""
+    if host in _LOOPBACK:
+        return set("%s:%d" % (name, port) for name in
+                   ("127.0.0.1", "localhost", "[::1]"))
+    return None  # bound to a public address on purpose: any name for it
+
+
+class _HTTPError(Exception):
+    def __init__(self, status, message):
+        Exception.__init__(self, message)
+        self.status = status
+
+
+class _DashboardRoutes(object):
+    """GET: the page, /api/..., /metrics.  POST: retry or delete a job.
+
+    Mixed into http.server's handler when the dashboard starts, so that
+    other commands never import the HTTP modules.
+    """
+
+    server_version = "queuectl/" + __version__
+    timeout = HTTP_TIMEOUT
+
+    def log_message(self, format, *args):
+        pass  # one line per request would drown the terminal
+
+    def do_GET(self):
+        self._answer(self._get)
+
+    def do_POST(self):
+        self._answer(self._post)
+
+    def _answer(self, route):
+        from urllib.parse import urlsplit, parse_qs
+        url = urlsplit(self.path)
+        query = dict((k, v[-1]) for k, v in parse_qs(url.query).items())
+        queue = None
+        try:
+            self._check_host()
+            queue = Queue(self.server.db_path, synchronous="NORMAL")
+            status, kind, body = route(url.path, query, queue)
+        except _HTTPError as exc:
+            status, kind, body = exc.status, "json", {"error": str(exc)}
+        except InvalidInput as exc:
+            status, kind, body = 400, "json", {"error": str(exc)}
+        except NotFound as exc:
+            status, kind, body = 404, "json", {"error": str(exc)}
+        except QueueError as exc:
+            status, kind, body = 409 if isinstance(exc, Conflict) else 500, \
+                "json", {"error": str(exc)}
+        except sqlite3.Error as exc:
+            status, kind, body = 500, "json", {"error": "database: %s" % exc}
+        finally:
+            if queue is not None:
+                queue.close()
+        self._send(status, kind, body)
+
+    def _check_host(self):
+        allowed = self.server.allowed_hosts
+        if allowed is not None and self.headers.get("Host") not in allowed:
+            raise _HTTPError(403, "unexpected Host header")
+
+    def _send(self, status, kind, body):
+        nonce = os.urandom(12).hex()
+        if kind == "html":
+            body = body.replace("{{NONCE}}", nonce)
+        if kind == "json":
+            data = json.dumps(body, sort_keys=True).encode("utf-8")
+            content_type = "application/json"
+        elif kind == "html":
+            data, content_type = body.encode("utf-8"), "text/html; charset=utf-8"
+        else:
+            data = body.encode("utf-8")
+            content_type = "text/plain; version=0.0.4; charset=utf-8"
+        with contextlib.suppress(OSError):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Content-Security-Policy", _CSP % nonce)
+            self.end_headers()
+            self.wfile.write(data)
+
+    def _get(self, path, query, queue):
+        if path == "/":
+            return 200, "html", _dashboard_page(self.server)
+        if path == "/metrics":
+            return 200, "text", queue.metrics()
+        if path == "/api/status":
+            return 200, "json", {"counts": queue.counts(),
+                                 "workers": queue.workers(),
+                                 "paused": queue.is_paused(),
+                                 "db": queue.path}
+        if path == "/api/stats":
+            since = _query_number(query, "since", 3600, float, 1)
+            return 200, "json", queue.stats(since)
+        if path == "/api/jobs":
+            state = query.get("state") or None
+            limit = _query_number(query, "limit", 50, int, 1, 500)
+            offset = _query_number(query, "offset", 0, int, 0)
+            total = (queue.counts()[state] if state in STATES
+                     else sum(queue.counts().values()))
+            return 200, "json", {"jobs": queue.list(state, limit, offset),
+                                 "total": total, "limit": limit,
+                                 "offset": offset}
+        if path.startswith("/api/jobs/"):
+            job = queue.get(path[len("/api/jobs/"):], runs=True)
+            if job["runs"]:
+                job["output"], job["output_dropped"], _ = queue.output(
+                    job["id"])
+            return 200, "json", job
+        raise _HTTPError(404, "no such page: %s" % path)
+
+    def _post(self, path, query, queue):
+        if self.server.read_only:
+            raise _HTTPError(403, "this dashboard is read-only")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != "http://%s" % self.headers.get(
+                "Host"):
+            raise _HTTPError(403, "cross-origin request refused")
+        if self.headers.get("X-Queuectl-Token") != self.server.token:
+            raise _HTTPError(403, "missing or wrong X-Queuectl-Token")
+        length = min(int(self.headers.get("Content-Length") or 0), 65536)
+        self.rfile.read(length)
+        parts = path.strip("/").split("/")
+        if len(parts) == 4 and parts[:2] == ["api", "jobs"]:
+            if parts[3] == "retry":
+                return 200, "json", {"retried": queue.retry([parts[2]])}
+            if parts[3] == "delete":
+                return 200, "json", {"deleted": queue.delete([parts[2]])}
+        raise _HTTPError(404, "no such action: %s" % path)
+
+
+def _query_number(query, name, default, kind, minimum, maximum=None):
+    try:
+        value = kind(query.get(name, default))
+    except ValueError:
+        raise InvalidInput("%s must be a number" % name)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise InvalidInput("%s out of range" % name)
+    return value
+
+
+# Everything the page needs is inline; nothing may load from elsewhere.
+# Only the page's own script (by nonce) runs: even markup that slipped into
+# the page could not execute.
+_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src"
+        " 'nonce-%s'; connect-src 'self'; img-src 'self' data:;"
+        " base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _dashboard_page(server):
+    import html
+    settings = json.dumps({"token": "" if server.read_only else server.token,
+                           "readOnly": server.read_only})
+    return _PAGE.replace("{{SETTINGS}}", html.escape(settings, quote=True))
+
+
+_PAGE = r"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>queuectl</title>
+<style>
+:root { --bg: #f6f7f9; --card: #fff; --ink: #1d2330; --muted: #6b7385;
+  --line: #e3e6eb; --pending: #b7791f; --processing: #2b6cb0;
+  --completed: #2f855a; --failed: #c05621; --dead: #c53030; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.45 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 16px;
+  padding: 14px 24px; background: #1d2330; color: #fff; }
+header h1 { margin: 0; font-size: 18px; letter-spacing: .3px; }
+header .db { color: #aab2c5; font: 12px ui-monospace, Menlo, Consolas, monospace;
+  overflow-wrap: anywhere; }
+header .live { margin-left: auto; font-size: 12px; color: #9ae6b4; }
+header .live.stale { color: #feb2b2; }
+main { padding: 20px 24px; display: grid; gap: 18px;
+  grid-template-columns: repeat(12, 1fr); max-width: 1400px; margin: 0 auto; }
+section { background: var(--card); border: 1px solid var(--line);
+  border-radius: 8px; padding: 14px 16px; grid-column: span 12; min-width: 0; }
+section h2 { margin: 0 0 10px; font-size: 13px; text-transform: uppercase;
+  letter-spacing: .6px; color: var(--muted); }
+#counts { display: grid; grid-template-columns: repeat(5, 1fr); gap: 12px;
+  background: none; border: 0; padding: 0; }
+.count { background: var(--card); border: 1px solid var(--line);
+  border-top: 4px solid; border-radius: 8px; padding: 10px 14px; cursor: pointer; }
+.count b { display: block; font-size: 28px; font-weight: 600; }
+.count span { color: var(--muted); font-size: 12px; text-transform: uppercase; }
+.pending { border-top-color: var(--pending); } .processing { border-top-color: var(--processing); }
+.completed { border-top-color: var(--completed); } .failed { border-top-color: var(--failed); }
+.dead { border-top-color: var(--dead); }
+#chart-box { grid-column: span 8; } #workers-box { grid-column: span 4; }
+#stats-line { color: var(--muted); font-size: 12px; margin-top: 6px; }
+svg { width: 100%; height: 160px; display: block; }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
+th { font-size: 12px; color: var(--muted); font-weight: 600; }
+td.cmd, td.mono, .mono { font-family: ui-monospace, Menlo, Consolas, monospace;
+  font-size: 12.5px; overflow-wrap: anywhere; }
+tr.job { cursor: pointer; } tr.job:hover { background: #f0f4fa; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px;
+  font-size: 12px; color: #fff; }
+.badge.pending { background: var(--pending); } .badge.processing { background: var(--processing); }
+.badge.completed { background: var(--completed); } .badge.failed { background: var(--failed); }
+.badge.dead { background: var(--dead); }
+.toolbar { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin-bottom: 10px; }
+button, select { font: inherit; padding: 4px 10px; border: 1px solid #c9ced8;
+  border-radius: 6px; background: #fff; cursor: pointer; }
+button.danger { color: var(--dead); border-color: #f0b4b4; }
+button:disabled { opacity: .45; cursor: default; }
+pre { background: #10141c; color: #e2e8f0; padding: 10px 12px; border-radius: 6px;
+  max-height: 320px; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere; }
+.muted { color: var(--muted); } .error { color: var(--dead); }
+@media (max-width: 800px) {
+  main { padding: 12px; gap: 12px; }
+  #counts { grid-template-columns: repeat(3, 1fr); }
+  #chart-box, #workers-box { grid-column: span 12; }
+  .hide-narrow { display: none; }
+}
+</style></head>
+<body data-settings="{{SETTINGS}}">
+<header><h1>queuectl</h1><span class="db" id="db"></span>
+<span class="live" id="live">connecting...</span></header>
+<main>
+<section id="counts"></section>
+<section id="chart-box"><h2>Runs per minute, last hour</h2>
+<svg id="chart" viewBox="0 0 600 160" preserveAspectRatio="none" role="img"
+ aria-label="runs finished per minute"></svg><div id="stats-line"></div></section>
+<section id="workers-box"><h2>Live workers</h2><div id="workers"></div></section>
+<section id="jobs-box"><h2>Jobs</h2>
+<div class="toolbar"><label>State <select id="state">
+<option value="">all</option><option>pending</option><option>processing</option>
+<option>completed</option><option>failed</option><option>dead</option></select></label>
+<button id="prev">&larr; Newer page</button><button id="next">Next page &rarr;</button>
+<span class="muted" id="page"></span></div>
+<table><thead><tr><th>ID</th><th>State</th><th class="hide-narrow">Tries</th>
+<th class="hide-narrow">Updated</th><th>Command</th></tr></thead>
+<tbody id="jobs"></tbody></table></section>
+<section id="detail-box" hidden><h2>Job <span id="detail-id" class="mono"></span></h2>
+<div id="detail"></div></section>
+</main>
+<script nonce="{{NONCE}}">
+"use strict";
+const SETTINGS = JSON.parse(document.body.dataset.settings);
+const STATES = ["pending", "processing", "completed", "failed", "dead"];
+const PAGE = 25;
+let offset = 0, selected = null;
+
+function el(tag, attrs, children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "text") node.textContent = value;
+    else if (key === "cls") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children || []) node.appendChild(child);
+  return node;
+}
+function replace(id, ...nodes) {
+  const box = document.getElementById(id);
+  box.replaceChildren ? box.replaceChildren(...nodes)
+    : (box.textContent = "", nodes.forEach(n => box.appendChild(n)));
+}
+async function api(path, options) {
+  const response = await fetch(path, options);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+function seconds(value) {
+  if (value === null || value === undefined) return "-";
+  return value < 1 ? (value * 1000).toFixed(0) + " ms" : value.toFixed(1) + " s";
+}
+function when(stamp) { return stamp ? stamp.slice(0, 19).replace("T", " ") : "-"; }
+
+function renderCounts(status) {
+  replace("db", document.createTextNode(status.db + (status.paused ? "  (paused)" : "")));
+  replace("counts", ...STATES.map(state => el("div", {
+    cls: "count " + state, id: "count-" + state,
+    onclick: () => { document.getElementById("state").value = state; offset = 0; refresh(); }
+  }, [el("b", {text: String(status.counts[state])}), el("span", {text: state})])));
+  const rows = status.workers.map(w => el("tr", {}, [
+    el("td", {cls: "mono", text: w.id}), el("td", {text: String(w.pid)}),
+    el("td", {cls: "mono", text: w.job || "idle"})]));
+  replace("workers", rows.length ? el("table", {}, [el("thead", {}, [el("tr", {}, [
+    el("th", {text: "Worker"}), el("th", {text: "PID"}), el("th", {text: "Job"})])]),
+    el("tbody", {}, rows)]) : el("p", {cls: "muted", text: "No live workers."}));
+}
+
+function renderStats(stats) {
+  const svg = document.getElementById("chart");
+  const ns = "http://www.w3.org/2000/svg";
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const series = stats.per_minute;
+  const top = Math.max(1, ...series.map(p => p.ok + p.failed));
+  const width = 600 / series.length;
+  series.forEach((point, i) => {
+    const ok = point.ok / top * 150, failed = point.failed / top * 150;
+    for (const [height, y, colour] of [[ok, 160 - ok, "#2f855a"],
+                                       [failed, 160 - ok - failed, "#c53030"]]) {
+      if (!height) continue;
+      const bar = document.createElementNS(ns, "rect");
+      bar.setAttribute("x", (i * width + 1).toFixed(1));
+      bar.setAttribute("width", Math.max(1, width - 2).toFixed(1));
+      bar.setAttribute("y", y.toFixed(1));
+      bar.setAttribute("height", height.toFixed(1));
+      bar.setAttribute("fill", colour);
+      const tip = document.createElementNS(ns, "title");
+      tip.textContent = when(point.t) + ": " + point.ok + " ok, " + point.failed + " failed";
+      bar.appendChild(tip);
+      svg.appendChild(bar);
+    }
+  });
+  const ratio = stats.success_ratio === null ? "-" : (stats.success_ratio * 100).toFixed(1) + "%";
+  replace("stats-line", document.createTextNode(
+    "last hour: " + stats.runs + " runs, success " + ratio +
+    " | run p50 " + seconds(stats.run_seconds.p50) + ", p95 " + seconds(stats.run_seconds.p95) +
+    " | wait p50 " + seconds(stats.wait_seconds.p50) + ", p95 " + seconds(stats.wait_seconds.p95) +
+    " | " + stats.finished_per_minute["1m"].toFixed(1) + "/min now" +
+    (stats.oldest_due_seconds === null ? "" : " | oldest due " + seconds(stats.oldest_due_seconds))));
+}
+
+function renderJobs(page) {
+  replace("jobs", ...(page.jobs.length ? page.jobs.map(job => el("tr", {
+    cls: "job", id: "job-" + job.id, onclick: () => { selected = job.id; showJob(); }
+  }, [el("td", {cls: "mono", text: job.id}),
+      el("td", {}, [el("span", {cls: "badge " + job.state, text: job.state})]),
+      el("td", {cls: "hide-narrow", text: job.attempts + "/" + (job.max_retries + 1)}),
+      el("td", {cls: "hide-narrow", text: when(job.updated_at)}),
+      el("td", {cls: "cmd", text: job.command})])) :
+    [el("tr", {}, [el("td", {colspan: "5", cls: "muted", text: "No jobs."})])]));
+  const last = Math.min(page.offset + page.jobs.length, page.total);
+  replace("page", document.createTextNode(
+    page.total ? (page.offset + 1) + "-" + last + " of " + page.total : ""));
+  document.getElementById("prev").disabled = page.offset === 0;
+  document.getElementById("next").disabled = last >= page.total;
+}
+
+async function act(action) {
+  try {
+    await api("/api/jobs/" + encodeURIComponent(selected) + "/" + action,
+              {method: "POST", headers: {"X-Queuectl-Token": SETTINGS.token}});
+    if (action === "delete") selected = null;
+  } catch (error) { alert(action + " failed: " + error.message); }
+  refresh();
+}
+
+async function showJob() {
+  const box = document.getElementById("detail-box");
+  if (!selected) { box.hidden = true; return; }
+  let job;
+  try { job = await api("/api/jobs/" + encodeURIComponent(selected)); }
+  catch (error) { box.hidden = true; selected = null; return; }
+  box.hidden = false;
+  replace("detail-id", document.createTextNode(job.id));
+  const facts = [["state", job.state], ["command", job.command],
+    ["attempts", job.attempts + " of " + (job.max_retries + 1)],
+    ["priority", String(job.priority)], ["run at", when(job.run_at)],
+    ["last error", job.last_error || "-"], ["cwd", job.cwd]];
+  const buttons = [];
+  if (job.state === "dead" && !SETTINGS.readOnly) {
+    buttons.push(el("button", {id: "retry", text: "Retry", onclick: () => act("retry")}));
+    buttons.push(el("button", {id: "delete", cls: "danger", text: "Delete",
+                               onclick: () => act("delete")}));
+  }
+  const runs = job.runs.map(r => el("tr", {}, [
+    el("td", {text: String(r.attempt)}), el("td", {text: when(r.started_at)}),
+    el("td", {text: seconds(r.duration)}),
+    el("td", {text: r.exit_code === null ? "-" : String(r.exit_code)}),
+    el("td", {text: r.error || (r.ended_at ? "ok" : "running")})]));
+  replace("detail",
+    el("table", {}, [el("tbody", {}, facts.map(([k, v]) => el("tr", {}, [
+      el("th", {text: k}), el("td", {cls: "mono", text: v})])))]),
+    el("div", {cls: "toolbar"}, buttons),
+    el("table", {}, [el("thead", {}, [el("tr", {}, ["#", "Started", "Took", "Exit",
+      "Result"].map(h => el("th", {text: h})))]), el("tbody", {}, runs)]),
+    el("h2", {text: "Output of the last attempt"}),
+    el("pre", {id: "output", text: job.output === undefined ? "(not run yet)" :
+      (job.output_dropped ? "[first " + job.output_dropped + " bytes dropped]\n" : "") + job.output}));
+}
+
+async function refresh() {
+  const state = document.getElementById("state").value;
+  const live = document.getElementById("live");
+  try {
+    const [status, stats, page] = await Promise.all([api("/api/status"), api("/api/stats"),
+      api("/api/jobs?limit=" + PAGE + "&offset=" + offset + "&state=" + encodeURIComponent(state))]);
+    renderCounts(status); renderStats(stats); renderJobs(page);
+    if (selected) await showJob();
+    live.textContent = "live, " + new Date().toLocaleTimeString();
+    live.className = "live";
+  } catch (error) {
+    live.textContent = "not reachable: " + error.message;
+    live.className = "live stale";
+  }
+}
+document.getElementById("state").addEventListener("change", () => { offset = 0; refresh(); });
+document.getElementById("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
+document.getElementById("next").addEventListener("click", () => { offset += PAGE; refresh(); });
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body></html>
+"""
+
+
+###############################################################################
 # Benchmark ###################################################################
 ###############################################################################
 
@@ -2177,6 +2794,42 @@ def _show_text(job):
         lines.append(_table(rows, ("#", "STARTED", "TOOK", "EXIT", "WORKER",
                                    "RESULT")))
     return "\n".join(lines)
+
+
+def _stats_text(stats):
+    def secs(value):
+        return "-" if value is None else "%.3fs" % value
+    counts = stats["counts"]
+    rate = stats["finished_per_minute"]
+    ratio = stats["success_ratio"]
+    run, wait = stats["run_seconds"], stats["wait_seconds"]
+    lines = [
+        "jobs:         " + "  ".join("%s %d" % (s, counts[s]) for s in STATES),
+        "runs/minute:  last 1m %.1f   5m %.1f   15m %.1f" % (
+            rate["1m"], rate["5m"], rate["15m"]),
+        "since %s:  %d runs, success %s" % (
+            _duration_text(stats["since_seconds"]), stats["runs"],
+            "-" if ratio is None else "%.1f%%" % (100 * ratio)),
+        "run time:     p50 %s   p95 %s   max %s" % (
+            secs(run["p50"]), secs(run["p95"]), secs(run["max"])),
+        "wait time:    p50 %s   p95 %s   (due to started)" % (
+            secs(wait["p50"]), secs(wait["p95"])),
+        "oldest due:   %s" % ("-" if stats["oldest_due_seconds"] is None else
+                              "%s waiting" % secs(stats["oldest_due_seconds"])),
+    ]
+    failing = stats["failing_commands"]
+    lines.append("failing most:" + ("" if failing else " -"))
+    for item in failing:
+        lines.append("  %5d  %s" % (item["failures"],
+                                    _clip(item["command"], 70)))
+    return "\n".join(lines)
+
+
+def _duration_text(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return _seconds_text(seconds)
 
 
 def _status_text(status, colour):
@@ -2561,6 +3214,31 @@ def cmd_bench(args, queue):
     return 0
 
 
+def cmd_stats(args, queue):
+    since = _parse_duration_arg(args.since, "--since") if args.since else 3600
+    stats = queue.stats(since)
+    if args.json:
+        _print_json(stats)
+    else:
+        _print(_stats_text(stats))
+    return 0
+
+
+def cmd_dashboard(args, queue):
+    queue.close()
+
+    def ready(url):
+        mode = " (read-only)" if args.read_only else ""
+        _print("queuectl dashboard%s: %s  (Ctrl-C stops it)" % (mode, url))
+        sys.stdout.flush()
+    try:
+        serve_dashboard(queue.path, args.host, args.port, args.read_only,
+                        ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_config(args, queue):
     if args.action == "list":
         if args.key is not None or args.value is not None:
@@ -2643,7 +3321,7 @@ def _bounded_int(name, minimum):
 _COMMAND_GROUPS = """\
 commands by what you need them for:
   add and run jobs   enqueue, worker start, worker stop
-  see what happens   status, list, show, logs, wait
+  see what happens   status, list, show, logs, wait, stats, dashboard
   when jobs fail     dlq list, dlq retry, delete, purge
   control            pause, resume, config
   learn and measure  demo, bench
@@ -2715,6 +3393,21 @@ def build_parser(argv=None):
                  " nothing new until resume.", "queuectl pause")
     _add_command(sub, "resume", cmd_resume, "Let paused workers claim jobs"
                  " again.", "queuectl resume")
+    p = _add_command(sub, "stats", cmd_stats, "Throughput, success ratio, run"
+                     " and wait times, the commands that fail most.",
+                     "queuectl stats --since 24h")
+    p.add_argument("--since", metavar="DURATION", help="the window for ratios"
+                   " and times (default 1h; e.g. 15m, 24h, 7d)")
+    _add_json(p)
+    p = _add_command(sub, "dashboard", cmd_dashboard, "Serve a live web"
+                     " dashboard, its JSON API and /metrics.",
+                     "queuectl dashboard --port 8765")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind"
+                   " (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_non_negative_int("--port"), default=8765,
+                   help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--read-only", action="store_true",
+                   help="serve no retry or delete")
     p = _add_command(sub, "bench", cmd_bench, "Measure throughput, latency,"
                      " memory and scale on a temporary database.",
                      "queuectl bench --quick")

@@ -6,6 +6,7 @@ QUEUECTL_STRESS=N multiplies the sizes of the fault tests for long runs.
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -1149,6 +1150,262 @@ class TestLibrary(unittest.TestCase):
                     self.assertNotIn("TEMP B-TREE", text.upper(), name)
             finally:
                 queue.close()
+
+
+class TestStats(CLITestCase):
+
+    def test_stats_on_an_empty_database(self):
+        stats = self.ok_json("stats")
+        self.assertEqual(stats["runs"], 0)
+        self.assertIsNone(stats["success_ratio"])
+        self.assertEqual(stats["run_seconds"], {"p50": None, "p95": None,
+                                                "max": None})
+        self.assertIsNone(stats["oldest_due_seconds"])
+        self.assertEqual(len(stats["per_minute"]), 60)
+        self.assertIn("runs/minute:", self.ok("stats"))
+
+    def test_stats_figures(self):
+        # Ratios, percentiles, failing commands and the per-minute series.
+        self.config(backoff_max=0)
+        for _ in range(3):
+            self.enqueue("true")
+        self.enqueue("exit 4", "--max-retries", "1")
+        self.enqueue("sleep 0.3")
+        self.drain("--count", "2")
+        self.enqueue("true", "--run-at", "2020-01-01T00:00:00Z")
+        stats = self.ok_json("stats", "--since", "10m")
+        self.assertEqual(stats["since_seconds"], 600)
+        self.assertEqual(stats["runs"], 6)
+        self.assertAlmostEqual(stats["success_ratio"], 4 / 6.0)
+        self.assertGreaterEqual(stats["run_seconds"]["max"], 0.3)
+        self.assertLess(stats["run_seconds"]["p50"], 0.3)
+        self.assertGreaterEqual(stats["wait_seconds"]["p50"], 0)
+        self.assertGreater(stats["oldest_due_seconds"], 3600)
+        self.assertEqual(stats["failing_commands"],
+                         [{"command": "exit 4", "failures": 2}])
+        self.assertEqual(stats["finished_per_minute"]["1m"], 6)
+        self.assertEqual(sum(p["ok"] + p["failed"]
+                             for p in stats["per_minute"]), 6)
+        self.expect_failure(2, "--since: not a duration", "stats",
+                            "--since", "yesterday")
+
+    def test_old_schema_is_migrated_in_place(self):
+        # A version-1 database gains the version-2 tables and keeps its data.
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        for statement in queuectl.MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version=1")
+        conn.execute("PRAGMA application_id=%d" % queuectl.APPLICATION_ID)
+        conn.execute("INSERT INTO jobs (id, command, state, run_at,"
+                     " max_retries, cwd, created_at, updated_at) VALUES"
+                     " ('old1', 'true', 'completed', 0, 3, '/', 0, 0)")
+        conn.execute("UPDATE counts SET n = 1 WHERE state = 'completed'")
+        conn.execute("INSERT INTO attempts (job_seq, n, started_at, ended_at,"
+                     " duration) VALUES (1, 1, 0, 2, 2)")
+        conn.close()
+        self.assertEqual(self.job("old1")["state"], "completed")
+        self.assertEqual(self.sql("PRAGMA user_version"),
+                         [(queuectl.SCHEMA_VERSION,)])
+        metrics = self.dashboard_free_metrics()
+        self.assertIn('queuectl_attempts_total{result="success"} 1', metrics)
+        self.assertIn('queuectl_run_duration_seconds_bucket{le="1"} 0', metrics)
+        self.assertIn('queuectl_run_duration_seconds_bucket{le="5"} 1', metrics)
+
+    def dashboard_free_metrics(self):
+        queue = queuectl.Queue(self.db)
+        try:
+            return queue.metrics()
+        finally:
+            queue.close()
+
+
+class TestDashboard(CLITestCase):
+    """A live dashboard on a free loopback port, driven with urllib."""
+
+    def setUp(self):
+        super(TestDashboard, self).setUp()
+        self.config(backoff_max=0)
+        self.done = self.enqueue("echo '<b>bold</b>'")
+        self.dead = self.enqueue(
+            "echo '<script>alert(1)</script><img src=x onerror=alert(2)>';"
+            " exit 3", "--max-retries", "0", "--id", "evil")
+        self.drain()
+        self.waiting = self.enqueue("true", "--delay", "3600")
+
+    def start(self, *flags):
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db, "dashboard", "--port",
+             "0"] + list(flags), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=self.env)
+        self.procs.append(proc)
+        line = proc.stdout.readline().decode()
+        self.assertIn("http://127.0.0.1:", line)
+        self.url = line.split()[-4] if "(read-only)" in line else \
+            line.split()[2]
+        self.port = int(self.url.rstrip("/").rsplit(":", 1)[1])
+        return proc
+
+    def request(self, path, method="GET", headers=None, host=None):
+        """(status, headers, body) without urllib's error handling."""
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.putrequest(method, path, skip_host=True)
+            conn.putheader("Host", host or "127.0.0.1:%d" % self.port)
+            for key, value in (headers or {}).items():
+                conn.putheader(key, value)
+            conn.putheader("Content-Length", "0")
+            conn.endheaders()
+            response = conn.getresponse()
+            return response.status, response, response.read().decode()
+        finally:
+            conn.close()
+
+    def get_json(self, path, status=200):
+        code, response, body = self.request(path)
+        self.assertEqual(code, status, body)
+        self.assertEqual(response.getheader("Content-Type"), "application/json")
+        return json.loads(body)
+
+    def token(self):
+        import html
+        code, response, page = self.request("/")
+        start = page.index('data-settings="') + len('data-settings="')
+        settings = json.loads(html.unescape(page[start:page.index('"', start)]))
+        return settings["token"]
+
+    def test_endpoints(self):
+        self.start()
+        status = self.get_json("/api/status")
+        self.assertEqual((status["counts"]["completed"], status["counts"]["dead"],
+                          status["counts"]["pending"]), (1, 1, 1))
+        stats = self.get_json("/api/stats")
+        self.assertEqual(stats["runs"], 2)
+        page = self.get_json("/api/jobs?state=dead&limit=1&offset=0")
+        self.assertEqual(([j["id"] for j in page["jobs"]], page["total"]),
+                         (["evil"], 1))
+        page = self.get_json("/api/jobs?limit=2&offset=1")
+        self.assertEqual([j["id"] for j in page["jobs"]],
+                         [self.dead, self.waiting])
+        job = self.get_json("/api/jobs/evi")
+        self.assertEqual(job["runs"][0]["error"], "exit code 3")
+        self.assertIn("<script>alert(1)</script>", job["output"])
+        self.assertEqual(self.get_json("/api/jobs/nope", 404)["error"],
+                         "no job with id 'nope'")
+        self.assertIn("limit", self.get_json("/api/jobs?limit=x", 400)["error"])
+        self.assertIn("unknown state", self.get_json("/api/jobs?state=x", 400)
+                      ["error"])
+        self.assertIn("no such page", self.get_json("/nope", 404)["error"])
+
+    def test_page_is_self_contained_and_carries_no_job_data(self):
+        # Job text reaches the page only as JSON rendered with textContent;
+        # only the page's own script may run (CSP nonce).
+        self.start()
+        code, response, page = self.request("/")
+        self.assertEqual(code, 200)
+        self.assertFalse("alert(1)" in page or "onerror" in page or "evil" in
+                         page, "job data in the page's HTML")
+        self.assertNotRegex(page, r"(src|href)=\"?(https?:)?//")
+        self.assertNotIn("innerHTML", page)
+        csp = response.getheader("Content-Security-Policy")
+        nonce = re.search(r"'nonce-([0-9a-f]+)'", csp).group(1)
+        self.assertIn('<script nonce="%s">' % nonce, page)
+        self.assertIn("default-src 'none'", csp)
+        self.assertEqual(response.getheader("X-Content-Type-Options"), "nosniff")
+
+    def test_writes_need_token_host_and_origin(self):
+        self.start()
+        token = self.token()
+        path = "/api/jobs/evil/retry"
+        cases = [({}, None, "X-Queuectl-Token"),
+                 ({"X-Queuectl-Token": "wrong"}, None, "X-Queuectl-Token"),
+                 ({"X-Queuectl-Token": token, "Origin": "http://evil.example"},
+                  None, "cross-origin"),
+                 ({"X-Queuectl-Token": token}, "evil.example:%d" % self.port,
+                  "unexpected Host")]
+        for headers, host, message in cases:
+            code, _, body = self.request(path, "POST", headers, host)
+            self.assertEqual(code, 403, body)
+            self.assertIn(message, json.loads(body)["error"])
+            self.assertEqual(self.state("evil"), "dead")
+        code, _, body = self.request("/api/status", host="rebind.example")
+        self.assertEqual(code, 403)
+        origin = "http://127.0.0.1:%d" % self.port
+        code, _, body = self.request(path, "POST", {
+            "X-Queuectl-Token": token, "Origin": origin})
+        self.assertEqual((code, json.loads(body)), (200, {"retried": ["evil"]}))
+        self.assertEqual(self.state("evil"), "pending")
+        code, _, body = self.request("/api/jobs/%s/delete" % self.done, "POST",
+                                     {"X-Queuectl-Token": token})
+        self.assertEqual(code, 200, body)
+        code, _, body = self.request("/api/jobs/%s/delete" % self.done, "POST",
+                                     {"X-Queuectl-Token": token})
+        self.assertEqual(code, 404, body)
+
+    def test_read_only_serves_no_writes(self):
+        self.start("--read-only")
+        self.assertEqual(self.token(), "")
+        code, _, body = self.request("/api/jobs/evil/retry", "POST",
+                                     {"X-Queuectl-Token": ""})
+        self.assertEqual(code, 403)
+        self.assertIn("read-only", body)
+        self.assertEqual(self.state("evil"), "dead")
+
+    def test_metrics_format(self):
+        # Prometheus text: HELP and TYPE before samples, valid sample lines,
+        # cumulative histogram buckets ending in +Inf = count.
+        self.start()
+        code, response, text = self.request("/metrics")
+        self.assertEqual(code, 200)
+        self.assertTrue(response.getheader("Content-Type").startswith(
+            "text/plain; version=0.0.4"))
+        sample = re.compile(r'^([a-z_]+)(\{[a-z]+="[^"\\]*"\})? '
+                            r'(-?[0-9.]+(e[+-]?[0-9]+)?)$')
+        typed, buckets, values = {}, [], {}
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                continue
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split()
+                typed[name] = kind
+                continue
+            match = sample.match(line)
+            self.assertTrue(match, line)
+            name = match.group(1)
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            self.assertIn(base if base in typed else name, typed, line)
+            values[name + (match.group(2) or "")] = float(match.group(3))
+            if name.endswith("_bucket"):
+                buckets.append(float(match.group(3)))
+        self.assertEqual(typed["queuectl_attempts_total"], "counter")
+        self.assertEqual(typed["queuectl_run_duration_seconds"], "histogram")
+        self.assertEqual(values['queuectl_jobs{state="dead"}'], 1)
+        self.assertEqual(values['queuectl_attempts_total{result="success"}'], 1)
+        self.assertEqual(values['queuectl_attempts_total{result="failure"}'], 1)
+        self.assertEqual(buckets, sorted(buckets))
+        self.assertEqual(buckets[-1],
+                         values["queuectl_run_duration_seconds_count"])
+
+    def test_a_stalled_client_does_not_block_others(self):
+        import socket
+        self.start()
+        stalled = socket.create_connection(("127.0.0.1", self.port))
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"GET /api/status HTTP/1.1\r\n")  # never finishes
+        started = time.monotonic()
+        self.get_json("/api/status")
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_port_in_use_is_one_error_line(self):
+        import socket
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.expect_failure(1, "cannot listen on 127.0.0.1:%d"
+                            % busy.getsockname()[1], "dashboard", "--port",
+                            str(busy.getsockname()[1]))
 
 
 class TestPerformanceStructure(CLITestCase):
