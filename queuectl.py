@@ -2200,7 +2200,13 @@ section h2 { margin: 0 0 10px; font-size: 13px; text-transform: uppercase;
 .dead { border-top-color: var(--dead); }
 #chart-box { grid-column: span 8; } #workers-box { grid-column: span 4; }
 #stats-line { color: var(--muted); font-size: 12px; margin-top: 6px; }
-svg { width: 100%; height: 160px; display: block; }
+svg { width: 100%; height: 160px; display: block; background:
+  repeating-linear-gradient(to top, #fff 0 39px, #eef0f4 39px 40px); }
+.axis { display: flex; justify-content: space-between; color: var(--muted);
+  font-size: 11px; margin: 2px 0; }
+.key { display: inline-block; width: 9px; height: 9px; border-radius: 2px;
+  margin: 0 4px 0 10px; } .key.ok { background: #2f855a; } .key.bad { background: #c53030; }
+.count.active { box-shadow: 0 0 0 2px #1d2330 inset; }
 table { width: 100%; border-collapse: collapse; }
 th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line);
   vertical-align: top; }
@@ -2234,14 +2240,18 @@ pre { background: #10141c; color: #e2e8f0; padding: 10px 12px; border-radius: 6p
 <main>
 <section id="counts"></section>
 <section id="chart-box"><h2>Runs per minute, last hour</h2>
+<div class="axis"><span id="chart-top"></span><span><i class="key ok"></i>ok
+<i class="key bad"></i>failed</span></div>
 <svg id="chart" viewBox="0 0 600 160" preserveAspectRatio="none" role="img"
- aria-label="runs finished per minute"></svg><div id="stats-line"></div></section>
+ aria-label="runs finished per minute"></svg>
+<div class="axis"><span>60 min ago</span><span>now</span></div>
+<div id="stats-line"></div></section>
 <section id="workers-box"><h2>Live workers</h2><div id="workers"></div></section>
 <section id="jobs-box"><h2>Jobs</h2>
 <div class="toolbar"><label>State <select id="state">
 <option value="">all</option><option>pending</option><option>processing</option>
 <option>completed</option><option>failed</option><option>dead</option></select></label>
-<button id="prev">&larr; Newer page</button><button id="next">Next page &rarr;</button>
+<button id="prev">&larr; Previous</button><button id="next">Next &rarr;</button>
 <span class="muted" id="page"></span></div>
 <table><thead><tr><th>ID</th><th>State</th><th class="hide-narrow">Tries</th>
 <th class="hide-narrow">Updated</th><th>Command</th></tr></thead>
@@ -2254,7 +2264,8 @@ pre { background: #10141c; color: #e2e8f0; padding: 10px 12px; border-radius: 6p
 const SETTINGS = JSON.parse(document.body.dataset.settings);
 const STATES = ["pending", "processing", "completed", "failed", "dead"];
 const PAGE = 25;
-let offset = 0, selected = null;
+let offset = 0;
+let selected = new URLSearchParams(location.hash.slice(1)).get("job");  // #job=ID
 
 function el(tag, attrs, children) {
   const node = document.createElement(tag);
@@ -2287,7 +2298,8 @@ function when(stamp) { return stamp ? stamp.slice(0, 19).replace("T", " ") : "-"
 function renderCounts(status) {
   replace("db", document.createTextNode(status.db + (status.paused ? "  (paused)" : "")));
   replace("counts", ...STATES.map(state => el("div", {
-    cls: "count " + state, id: "count-" + state,
+    cls: "count " + state + (document.getElementById("state").value === state ? " active" : ""),
+    id: "count-" + state,
     onclick: () => { document.getElementById("state").value = state; offset = 0; refresh(); }
   }, [el("b", {text: String(status.counts[state])}), el("span", {text: state})])));
   const rows = status.workers.map(w => el("tr", {}, [
@@ -2304,6 +2316,7 @@ function renderStats(stats) {
   while (svg.firstChild) svg.removeChild(svg.firstChild);
   const series = stats.per_minute;
   const top = Math.max(1, ...series.map(p => p.ok + p.failed));
+  replace("chart-top", document.createTextNode("max " + top + " runs/min"));
   const width = 600 / series.length;
   series.forEach((point, i) => {
     const ok = point.ok / top * 150, failed = point.failed / top * 150;
@@ -2333,7 +2346,9 @@ function renderStats(stats) {
 
 function renderJobs(page) {
   replace("jobs", ...(page.jobs.length ? page.jobs.map(job => el("tr", {
-    cls: "job", id: "job-" + job.id, onclick: () => { selected = job.id; showJob(); }
+    cls: "job", id: "job-" + job.id, onclick: () => {
+      selected = job.id; history.replaceState(null, "", "#job=" + encodeURIComponent(job.id));
+      showJob(); }
   }, [el("td", {cls: "mono", text: job.id}),
       el("td", {}, [el("span", {cls: "badge " + job.state, text: job.state})]),
       el("td", {cls: "hide-narrow", text: job.attempts + "/" + (job.max_retries + 1)}),
