@@ -1789,8 +1789,7 @@ class WorkerPool(object):
                 self._kill_running()
             mono = time.monotonic()
             if mono >= next_beat:
-                self._beat(conn)
-                self.settings = _read_config(conn)
+                self._guard(self._beat, conn)
                 lease = self.settings["lease-timeout"]
                 next_beat = mono + min(max(lease / 4.0, 0.05), 1.0)
             if mono >= next_reap:
@@ -1803,12 +1802,11 @@ class WorkerPool(object):
             thread.join()
 
     def _beat(self, conn):
-        def beat():
-            with write_txn(conn):
-                conn.execute("UPDATE workers SET beat = beat + 1,"
-                             " heartbeat = ? WHERE pid = ? AND host = ?",
-                             (self.now(), self.pid, self.host))
-        self._guard(beat)
+        with write_txn(conn):
+            conn.execute("UPDATE workers SET beat = beat + 1, heartbeat = ?"
+                         " WHERE pid = ? AND host = ?",
+                         (self.now(), self.pid, self.host))
+        self.settings = _read_config(conn)
 
     def _guard(self, fn, *args):
         try:
@@ -1827,20 +1825,17 @@ class WorkerPool(object):
     # -- one worker thread --------------------------------------------------
 
     def _work(self, wid):
+        conn = None
         try:
             conn = connect(self.path)
-        except QueueError as exc:
-            self.log(wid, "-", "error", str(exc))
-            self.failed = True
-            return
-        try:
             self._loop(conn, wid)
-        except Exception as exc:  # keep the pool alive; report and stop
+        except Exception as exc:  # report, and stop the other threads too
             self.log(wid, "-", "error", "%s: %s" % (type(exc).__name__, exc))
             self.failed = True
             self.stopping.set()
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
             with self._lock:
                 self._alive -= 1
                 if not self._alive:
@@ -1876,6 +1871,11 @@ class WorkerPool(object):
             if self.stopping.is_set() or paused:
                 self._release(conn, local, now)
             elif not local.queued:
+                # Registered before claiming: a worker that others declared
+                # dead (stopped too long) must not hold jobs nobody owns.
+                conn.execute("INSERT OR IGNORE INTO workers (id, pid, host,"
+                             " started_at, heartbeat) VALUES (?, ?, ?, ?, ?)",
+                             (wid, self.pid, self.host, now, now))
                 local.queued = _claim(conn, wid, self.host, now,
                                       deep_at=CLAIM_BATCH * self.count)
         self._log_events(wid, events)
@@ -2884,6 +2884,15 @@ def _print_json(value):
     _print(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _emit(args, value, as_text):
+    """--json prints the value; otherwise as_text(value) does the talking."""
+    if args.json:
+        _print_json(value)
+    else:
+        _print(as_text(value))
+    return 0
+
+
 def cmd_enqueue(args, queue):
     if args.file is not None:
         if args.command_or_json is not None or _field_flags(args):
@@ -3012,38 +3021,24 @@ def cmd_status(args, queue):
     with read_txn(queue.conn):
         status = {"counts": queue.counts(), "workers": queue.workers(),
                   "paused": queue.is_paused(), "db": queue.path}
-    if args.json:
-        _print_json(status)
-    else:
-        _print(_status_text(status, _use_colour(sys.stdout)))
-    return 0
+    return _emit(args, status, lambda s: _status_text(
+        s, _use_colour(sys.stdout)))
 
 
 def cmd_list(args, queue):
-    jobs = queue.list(args.state, args.limit, args.offset)
-    _print_jobs(args, jobs)
-    return 0
+    return _print_jobs(args, queue.list(args.state, args.limit, args.offset))
 
 
 def cmd_dlq_list(args, queue):
-    _print_jobs(args, queue.list("dead", args.limit, args.offset))
-    return 0
+    return _print_jobs(args, queue.list("dead", args.limit, args.offset))
 
 
 def _print_jobs(args, jobs):
-    if args.json:
-        _print_json(jobs)
-    else:
-        _print(_job_table(jobs, _use_colour(sys.stdout)))
+    return _emit(args, jobs, lambda j: _job_table(j, _use_colour(sys.stdout)))
 
 
 def cmd_show(args, queue):
-    job = queue.get(args.id, runs=True)
-    if args.json:
-        _print_json(job)
-    else:
-        _print(_show_text(job))
-    return 0
+    return _emit(args, queue.get(args.id, runs=True), _show_text)
 
 
 def cmd_logs(args, queue):
@@ -3231,12 +3226,7 @@ def cmd_bench(args, queue):
 
 def cmd_stats(args, queue):
     since = _parse_duration_arg(args.since, "--since") if args.since else 3600
-    stats = queue.stats(since)
-    if args.json:
-        _print_json(stats)
-    else:
-        _print(_stats_text(stats))
-    return 0
+    return _emit(args, queue.stats(since), _stats_text)
 
 
 def cmd_dashboard(args, queue):
