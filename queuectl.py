@@ -3007,11 +3007,13 @@ def cmd_worker_start(args, queue):
 
 
 def cmd_worker_stop(args, queue):
+    asked = set(w["id"] for w in queue.workers())
     queue.request_stop()
     if not args.wait:
-        _print("stop requested; %d worker(s) running" % len(queue.workers()))
+        _print("stop requested; %d worker(s) running" % len(asked))
         return 0
-    while queue.workers():
+    # Wait for the workers that were asked; one started since keeps going.
+    while asked & set(w["id"] for w in queue.workers()):
         time.sleep(0.1)
     _print("all workers stopped")
     return 0

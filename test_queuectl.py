@@ -630,6 +630,34 @@ class TestOutput(CLITestCase):
             self.assertNotIn("\x1b", out)
         self.assertIn("\\x1b", self.ok("show", job_id, env=env))
 
+    def test_colour_only_on_a_terminal_without_no_color(self):
+        # State names are coloured on a TTY; NO_COLOR or a pipe turns it off.
+        import pty
+        self.enqueue("true")
+
+        def on_tty(env):
+            master, slave = pty.openpty()
+            proc = subprocess.Popen(
+                [sys.executable, SCRIPT, "--db", self.db, "list"],
+                stdout=slave, stderr=subprocess.PIPE, env=env)
+            os.close(slave)
+            chunks = []
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            proc.wait(timeout=30)
+            proc.stderr.close()
+            os.close(master)
+            return b"".join(chunks).decode()
+        self.assertIn("\x1b[33mpending", on_tty(self.env))
+        self.assertNotIn("\x1b[", on_tty(dict(self.env, NO_COLOR="1")))
+        self.assertNotIn("\x1b[", self.ok("list"))
+
     def test_version_and_help(self):
         self.assertEqual(self.ok("--version"), "queuectl %s\n"
                          % queuectl.__version__)
