@@ -98,6 +98,9 @@ CLAIM_BATCH = 8
 #: the next ones; a job that runs longer than RECORD_GROUP_AFTER saves it.
 RESULT_DELAY = 0.05
 
+#: Seconds between a worker process's WAL checkpoints.
+CHECKPOINT_EVERY = 30.0
+
 #: Job ids: 1 to 128 of these characters.
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -1782,6 +1785,7 @@ class WorkerPool(object):
         but at least once a second, so a changed lease-timeout applies soon.
         """
         next_beat = next_reap = time.monotonic()
+        next_checkpoint = next_beat + CHECKPOINT_EVERY
         killed = False
         while not self._finished.is_set():
             if self.forced.is_set() and not killed:
@@ -1795,6 +1799,12 @@ class WorkerPool(object):
             if mono >= next_reap:
                 self._guard(reaper.reap, conn, self.now, self.log)
                 next_reap = mono + min(max(lease / 2.0, 0.05), 1.0)
+            if mono >= next_checkpoint:
+                # Copies the WAL back so it can restart small, even when
+                # busy connections keep SQLite's own checkpoints from it.
+                self._guard(lambda: conn.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+                next_checkpoint = mono + CHECKPOINT_EVERY
             # Short waits: a forced stop from a signal handler acts soon.
             self._finished.wait(min(0.2, max(0.0, min(next_beat, next_reap)
                                              - mono)))
