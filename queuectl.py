@@ -3303,9 +3303,8 @@ class _Skipped(object):
 def _add_command(sub, name, func, summary, example, **kwargs):
     if isinstance(sub, _Skipped):
         return sub
-    if getattr(sub, "only", name) != name:
-        # Building every command's options would cost each call a few ms.
-        sub.add_parser(name, help=summary)
+    if getattr(sub, "only", None) not in (None, name):
+        # Building every command's parser costs each call a few ms.
         return _Skipped()
     parser = sub.add_parser(name, help=summary, description=summary,
                             epilog="example:\n  " + example,
@@ -3377,7 +3376,15 @@ def _command_in(argv):
 
 
 def build_parser(argv=None):
-    """The CLI's parser; given argv, only the named command is built fully."""
+    """The CLI's parser; given argv naming a command, only that one's."""
+    only = _command_in(argv) if argv is not None else None
+    parser, commands = _build_parser(only)
+    if only is not None and only not in commands.choices:
+        parser, commands = _build_parser(None)  # a typo: list every command
+    return parser
+
+
+def _build_parser(only):
     parser = _Parser(
         prog="queuectl", description="A background job queue for shell"
         " commands, stored in one SQLite file.",
@@ -3390,8 +3397,7 @@ def build_parser(argv=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 parser_class=_Parser)
     sub.required = True
-    if argv is not None:
-        sub.only = _command_in(argv)
+    sub.only = only or None
     _add_enqueue(sub)
     _add_worker(sub)
     p = _add_command(sub, "status", cmd_status, "Show job counts per state"
@@ -3467,7 +3473,7 @@ def build_parser(argv=None):
     p.add_argument("key", nargs="?", metavar="KEY")
     p.add_argument("value", nargs="?", metavar="VALUE")
     _add_json(p)
-    return parser
+    return parser, sub
 
 
 def _add_enqueue(sub):
