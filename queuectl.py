@@ -35,7 +35,8 @@ import time
 __version__ = "1.0.0"
 __all__ = [
     "Queue", "WorkerPool", "QueueError", "InvalidInput", "NotFound",
-    "Conflict", "CONFIG_DEFAULTS", "STATES", "main",
+    "Conflict", "CONFIG_DEFAULTS", "STATES", "backoff_delay", "parse_time",
+    "parse_duration", "serve_dashboard", "run_bench", "main",
 ]
 
 ###############################################################################
@@ -3255,6 +3256,8 @@ def cmd_stats(args, queue):
 
 
 def cmd_dashboard(args, queue):
+    if args.port > 65535:
+        raise InvalidInput("--port must be 0-65535, got %d" % args.port)
     queue.close()
 
     def ready(url):

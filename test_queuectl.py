@@ -335,6 +335,9 @@ class TestBadInput(CLITestCase):
             (("logs", "abc123", "--attempt", "0"), "--attempt must be >= 1"),
             (("frobnicate",), "invalid choice"),
             (("dlq", "retry"), "give job ids or --all"),
+            (("dashboard", "--port", "70000"), "--port must be 0-65535"),
+            (("wait", "abc123", "--timeout", "-1"), "--timeout must be >= 0"),
+            (("stats", "--since", "0"), "--since must be > 0"),
         ]
         for args, message in cases:
             with self.subTest(args=args):
