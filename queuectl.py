@@ -1647,12 +1647,15 @@ class _Reaper(object):
 
     def reap(self, conn, now_fn, log):
         config = _read_config(conn)
-        dead, known = self.dead_workers(conn, config["lease-timeout"])
-        lost = conn.execute(
-            "SELECT j.seq, j.id, j.worker_id, a.id, a.host, a.pgid,"
-            " a.proc_start FROM jobs j INDEXED BY jobs_state"
-            " JOIN attempts a ON a.id = j.attempt_id"
-            " WHERE j.state = 'processing'").fetchall()
+        # One snapshot: a worker that registers and claims between two
+        # separate reads would look like the owner of an orphaned job.
+        with read_txn(conn):
+            dead, known = self.dead_workers(conn, config["lease-timeout"])
+            lost = conn.execute(
+                "SELECT j.seq, j.id, j.worker_id, a.id, a.host, a.pgid,"
+                " a.proc_start FROM jobs j INDEXED BY jobs_state"
+                " JOIN attempts a ON a.id = j.attempt_id"
+                " WHERE j.state = 'processing'").fetchall()
         lost = [r for r in lost if r[2] in dead or r[2] not in known]
         for seq, job_id, wid, attempt_id, host, pgid, start in lost:
             _kill_orphans(host, pgid, start)
