@@ -760,17 +760,19 @@ class Queue(object):
         if not specs:
             raise InvalidInput("no jobs in input")
         now, cwd = self.now(), os.getcwd()
+        # Validated before the write lock is taken: a big file must not
+        # hold up the workers while it is checked.
+        config = _read_config(self.conn)
+        rows, afters = [], []
+        for index, spec in enumerate(specs):
+            try:
+                rows.append(_validate_job(spec, config, now, cwd))
+                afters.append(_job_after(spec))
+            except InvalidInput as exc:
+                if len(specs) == 1:
+                    raise
+                raise InvalidInput("job %d: %s" % (index + 1, exc))
         with write_txn(self.conn):
-            config = _read_config(self.conn)
-            rows, afters = [], []
-            for index, spec in enumerate(specs):
-                try:
-                    rows.append(_validate_job(spec, config, now, cwd))
-                    afters.append(_job_after(spec))
-                except InvalidInput as exc:
-                    if len(specs) == 1:
-                        raise
-                    raise InvalidInput("job %d: %s" % (index + 1, exc))
             try:
                 return self._insert_jobs(rows, afters, now)
             except UnicodeEncodeError:
