@@ -148,9 +148,16 @@ def iso(t):
     """Unix time -> '2026-11-26T07:00:00.123Z' (None stays None)."""
     if t is None:
         return None
-    millis = int(round(t * 1000))
-    secs, ms = divmod(millis, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%03dZ" % ms
+    global _ISO_SECOND
+    secs, ms = divmod(int(round(t * 1000)), 1000)
+    cached = _ISO_SECOND  # (second, text): workers log many times a second
+    if cached[0] != secs:
+        cached = _ISO_SECOND = (secs, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                    time.gmtime(secs)))
+    return "%s.%03dZ" % (cached[1], ms)
+
+
+_ISO_SECOND = (None, "")
 
 
 def parse_time(text):
@@ -1939,8 +1946,8 @@ class WorkerPool(object):
         local.queued = []
 
     def _log_events(self, wid, events):
-        for job, event, detail in events:
-            self.log(wid, job["id"], event, detail)
+        self.log_lines([(wid, job["id"], event, detail)
+                        for job, event, detail in events])
 
     def _execute(self, conn, wid, job, local):
         """Run one job; returns (job, result) for the next transaction."""
@@ -1974,14 +1981,20 @@ class WorkerPool(object):
 
     def log(self, wid, job_id, event, detail):
         """One line per event: time, worker, job, event, detail."""
+        self.log_lines([(wid, job_id, event, detail)])
+
+    def log_lines(self, entries):
+        """Several events in one write: a batch of results costs one call."""
         stream = self._log_stream if self._log_stream is not None else sys.stderr
-        if stream is False:
+        if stream is False or not entries:
             return
-        line = "%s %s %s %s %s" % (iso(self.now()), wid, job_id, event,
-                                   _printable(detail) if detail else "")
+        stamp = iso(self.now())
+        text = "".join("%s %s %s %s%s\n" % (
+            stamp, wid, job_id, event, " " + _printable(detail) if detail
+            else "") for wid, job_id, event, detail in entries)
         with self._log_lock:
             with contextlib.suppress(OSError, ValueError):
-                stream.write(line.rstrip() + "\n")
+                stream.write(text)
                 stream.flush()
 
 
