@@ -938,9 +938,7 @@ class Queue(object):
 
     def counts(self):
         """{state: number of jobs} for all five states."""
-        counts = dict.fromkeys(STATES, 0)
-        counts.update(self.conn.execute("SELECT state, n FROM counts"))
-        return counts
+        return _counts(self.conn)
 
     def workers(self):
         """Registered workers that look alive, oldest first."""
@@ -957,6 +955,12 @@ class Queue(object):
         """The Prometheus text exposition of the queue's gauges/counters."""
         with read_txn(self.conn):
             return _metrics_text(self.conn, self.now())
+
+    def status(self):
+        """Counts, live workers, the pause flag and the path (`status`)."""
+        with read_txn(self.conn):
+            return {"counts": self.counts(), "workers": self.workers(),
+                    "paused": self.is_paused(), "db": self.path}
 
     def is_paused(self):
         return bool(_read_config(self.conn).get("_paused", 0))
@@ -1153,6 +1157,13 @@ def _live_workers(conn, config, now):
     return live
 
 
+def _counts(conn):
+    """{state: jobs} from the trigger-kept table: one row per state."""
+    counts = dict.fromkeys(STATES, 0)
+    counts.update(conn.execute("SELECT state, n FROM counts"))
+    return counts
+
+
 def _stats(conn, now, since):
     """Every figure from indexed range queries over the last `since` s."""
     def one(sql, *args):
@@ -1168,8 +1179,7 @@ def _stats(conn, now, since):
         " ON j.seq = a.job_seq WHERE a.ended_at >= ? AND a.error IS NOT NULL"
         " GROUP BY j.command ORDER BY n DESC, j.command LIMIT 5",
         (cutoff,)).fetchall()
-    counts = dict.fromkeys(STATES, 0)
-    counts.update(conn.execute("SELECT state, n FROM counts"))
+    counts = _counts(conn)
     return {
         "since_seconds": since,
         "counts": counts,
@@ -1224,8 +1234,7 @@ def _metrics_text(conn, now):
         lines.append("# TYPE %s %s" % (name, kind))
         for labels, value in samples:
             lines.append("%s%s %s" % (name, labels, _number_text(value)))
-    counts = dict.fromkeys(STATES, 0)
-    counts.update(conn.execute("SELECT state, n FROM counts"))
+    counts = _counts(conn)
     metric("queuectl_jobs", "gauge", "Jobs in the queue by state.",
            [('{state="%s"}' % s, counts[s]) for s in STATES])
     totals = dict(conn.execute("SELECT name, value FROM totals"))
@@ -2137,10 +2146,7 @@ class _DashboardRoutes(object):
         if path == "/metrics":
             return 200, "text", queue.metrics()
         if path == "/api/status":
-            return 200, "json", {"counts": queue.counts(),
-                                 "workers": queue.workers(),
-                                 "paused": queue.is_paused(),
-                                 "db": queue.path}
+            return 200, "json", queue.status()
         if path == "/api/stats":
             since = _query_number(query, "since", 3600, float, 1)
             return 200, "json", queue.stats(since)
@@ -2148,8 +2154,8 @@ class _DashboardRoutes(object):
             state = query.get("state") or None
             limit = _query_number(query, "limit", 50, int, 1, 500)
             offset = _query_number(query, "offset", 0, int, 0)
-            total = (queue.counts()[state] if state in STATES
-                     else sum(queue.counts().values()))
+            counts = queue.counts()
+            total = counts[state] if state in STATES else sum(counts.values())
             return 200, "json", {"jobs": queue.list(state, limit, offset),
                                  "total": total, "limit": limit,
                                  "offset": offset}
@@ -3062,10 +3068,7 @@ def cmd_worker_stop(args, queue):
 
 
 def cmd_status(args, queue):
-    with read_txn(queue.conn):
-        status = {"counts": queue.counts(), "workers": queue.workers(),
-                  "paused": queue.is_paused(), "db": queue.path}
-    return _emit(args, status, lambda s: _status_text(
+    return _emit(args, queue.status(), lambda s: _status_text(
         s, _use_colour(sys.stdout)))
 
 
@@ -3220,7 +3223,7 @@ def _demo_script(demo, pool, worker, folder):
     demo.wait(["hello", "needs-flag"])
     _demo_step("4. Status: one job completed, one dead after 3 attempts.",
                "status")
-    _print(_indent(_status_text(_demo_status(demo), False)))
+    _print(_indent(_status_text(demo.status(), False)))
     _demo_step("5. The dead job and its attempts:", "show needs-flag")
     _print(_indent(_show_text(demo.get("needs-flag", runs=True))))
     _demo_step("6. Fix the cause (create ready.flag) and retry the job from"
@@ -3230,14 +3233,9 @@ def _demo_script(demo, pool, worker, folder):
     demo.retry(["needs-flag"])
     demo.wait(["needs-flag"])
     _demo_step("7. Final status: both jobs completed.", "status")
-    _print(_indent(_status_text(_demo_status(demo), False)))
+    _print(_indent(_status_text(demo.status(), False)))
     _demo_step("Try it on your own queue: queuectl enqueue 'echo hi', then"
                " queuectl worker start.")
-
-
-def _demo_status(queue):
-    return {"counts": queue.counts(), "workers": queue.workers(),
-            "paused": False, "db": queue.path}
 
 
 def _indent(text):
