@@ -21,8 +21,59 @@ import unittest
 import queuectl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: A PostgreSQL database (URL) to run the backend-independent tests against
+#: too; its schema `queuectl` is dropped before each test.  .ci/run sets it.
+PG_URL = os.environ.get("QUEUECTL_TEST_PG") or None
 SCRIPT = os.path.join(HERE, "queuectl.py")
 STRESS = max(1, int(os.environ.get("QUEUECTL_STRESS", "1") or 1))
+
+
+def sqlite_only(why):
+    """A test of something only the SQLite store has (files, WAL, locks):
+    skipped, saying why, in the PostgreSQL run."""
+    def wrap(test):
+        def run(self, *args, **kwargs):
+            if self.STORE != "sqlite":
+                self.skipTest("SQLite only: " + why)
+            return test(self, *args, **kwargs)
+        run.__name__, run.__doc__ = test.__name__, test.__doc__
+        return run
+    return wrap
+
+
+def _pg_connect(url):
+    try:
+        import psycopg
+        return psycopg.connect(url, autocommit=True)
+    except ImportError:
+        import psycopg2
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        return conn
+
+
+def _pg_sql(url, query, params=()):
+    """Run SQL written for the tests (`?` placeholders) in schema queuectl."""
+    conn = _pg_connect(url)
+    try:
+        cursor = conn.cursor()
+        cursor.execute("SET search_path = queuectl")
+        cursor.execute(query.replace("?", "%s"), params or None)
+        return [tuple(r) for r in cursor.fetchall()] \
+            if cursor.description else []
+    finally:
+        conn.close()
+
+
+def _pg_dump(url):
+    """Every row of schema queuectl as text (None when there is none)."""
+    tables = [r[0] for r in _pg_sql(
+        url, "SELECT table_name FROM information_schema.tables WHERE"
+        " table_schema = 'queuectl' ORDER BY table_name")]
+    if not tables:
+        return None
+    return "\n".join("%s: %r" % (t, _pg_sql(url, "SELECT * FROM %s ORDER BY 1"
+                                              % t)) for t in tables)
 
 
 def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
@@ -38,13 +89,22 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
 
 
 class CLITestCase(unittest.TestCase):
-    """Each test gets its own folder, HOME and database."""
+    """Each test gets its own folder, HOME and database.
+
+    STORE says which: "sqlite" (a file in the folder) or "postgresql" (the
+    database PG_URL, its schema dropped first); the classes made at the end
+    of this file run the backend-independent tests on PostgreSQL."""
+
+    STORE = "sqlite"
 
     def setUp(self):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         self.dir = tmp.name
         self.db = os.path.join(self.dir, "q.db")
+        if self.STORE == "postgresql":
+            self.db = PG_URL
+            _pg_sql(PG_URL, "DROP SCHEMA IF EXISTS queuectl CASCADE")
         self.env = dict(os.environ, HOME=self.dir)
         self.env.pop("QUEUECTL_DB", None)
         self.env.pop("NO_COLOR", None)
@@ -156,6 +216,8 @@ class CLITestCase(unittest.TestCase):
 
     def dump(self):
         """Every row of the database, to prove a failed command changed none."""
+        if self.STORE == "postgresql":
+            return _pg_dump(self.db)
         if not os.path.exists(self.db):
             return None
         conn = sqlite3.connect(self.db)
@@ -178,6 +240,8 @@ class CLITestCase(unittest.TestCase):
                  what="job %s to be %s" % (job_id, state))
 
     def sql(self, query, *params):
+        if self.STORE == "postgresql":
+            return _pg_sql(self.db, query, params)
         conn = sqlite3.connect(self.db, timeout=30)
         try:
             return conn.execute(query, params).fetchall()
@@ -1852,6 +1916,16 @@ class TestPerformanceStructure(CLITestCase):
             self.assertIn(word, names)
         ratios = [r for r in results if r["baseline"]]
         self.assertTrue(all(r["ratio"] > 0 for r in ratios))
+
+
+# The backend-independent tests, again on PostgreSQL (QUEUECTL_TEST_PG).
+if PG_URL:
+    for _base in (TestEnqueue, TestBadInput, TestLifecycle, TestOutput,
+                  TestWorkers, TestScripting, TestFaults, TestHeldPromises,
+                  TestStats, TestDashboard):
+        _name = _base.__name__ + "OnPostgres"
+        globals()[_name] = type(_name, (_base,), {"STORE": "postgresql"})
+    del _base, _name
 
 
 if __name__ == "__main__":
