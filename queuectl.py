@@ -66,14 +66,20 @@ CONFIG_DEFAULTS = {
     "output-limit": 65536,
 }
 _CONFIG_RULES = {
-    # key: (type, minimum, minimum is exclusive, what a value must be)
-    "max-retries": (int, 0, False, "an integer >= 0"),
-    "backoff-base": (float, 1, False, "a number >= 1"),
-    "backoff-max": (float, 0, False, "a number of seconds >= 0"),
-    "poll-interval": (float, 0, True, "a number of seconds > 0"),
-    "job-timeout": (float, 0, False, "a number of seconds >= 0 (0 = none)"),
-    "lease-timeout": (float, 0, True, "a number of seconds > 0"),
-    "output-limit": (int, 0, False, "a number of bytes >= 0"),
+    # key: (type, minimum, minimum is exclusive, maximum, what a value must be)
+    "max-retries": (int, 0, False, 2 ** 31 - 1,
+                    "an integer >= 0 and <= 2147483647"),
+    "backoff-base": (float, 1, False, 1000, "a number >= 1 and <= 1000"),
+    "backoff-max": (float, 0, False, 10 ** 9,
+                    "a number of seconds >= 0 and <= 1e9"),
+    "poll-interval": (float, 0, True, 3600,
+                      "a number of seconds > 0 and <= 3600"),
+    "job-timeout": (float, 0, False, 10 ** 9,
+                    "a number of seconds >= 0 (0 = none) and <= 1e9"),
+    "lease-timeout": (float, 0, True, 86400,
+                      "a number of seconds > 0 and <= 86400"),
+    "output-limit": (int, 0, False, 1 << 30,
+                     "a number of bytes >= 0 and <= 1073741824"),
 }
 
 #: Seconds a command waits for the database lock before it gives up.
@@ -99,8 +105,22 @@ CLAIM_BATCH = 8
 #: the next ones; a job that runs longer than RECORD_GROUP_AFTER saves it.
 RESULT_DELAY = 0.05
 
+#: While the database cannot be written (disk full, locked by another
+#: process), a worker thread retries after this many seconds, doubling...
+STORE_RETRY_FIRST = 0.1
+#: ...up to this many.
+STORE_RETRY_MAX = 5.0
+
 #: Seconds between a worker process's WAL checkpoints.
 CHECKPOINT_EVERY = 30.0
+
+#: The most seconds any delay, timeout, backoff or interval may be (about
+#: 31 years), so every due time stays far inside the year 9999.
+MAX_SECONDS = 10 ** 9
+
+#: The largest count a user may give (retries, --limit, --offset,
+#: --attempt): far inside SQLite's 64-bit integers.
+MAX_COUNT = 2 ** 31 - 1
 
 #: Job ids: 1 to 128 of these characters.
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -138,9 +158,10 @@ class Conflict(QueueError):
 ###############################################################################
 
 _ISO_RE = re.compile(
-    r"^(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d)(\.\d+)?)?)?"
-    r"\s*(Z|[+-]\d\d:?\d\d)?$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
+    r"^([0-9]{4})-([0-9]{2})-([0-9]{2})"
+    r"(?:[T ]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(\.[0-9]+)?)?)?"
+    r"[ ]*(Z|[+-][0-9]{2}:?[0-9]{2})?$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?) *([smhdw]?)$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -165,19 +186,23 @@ def parse_time(text):
     m = _ISO_RE.match(text.strip()) if isinstance(text, str) else None
     if not m:
         raise ValueError("not an ISO 8601 time: %r" % (text,))
+    import calendar
     y, mo, d, h, mi, s, frac, zone = m.groups()
     fields = (int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0))
-    if not (1 <= fields[1] <= 12 and 1 <= fields[2] <= 31 and fields[3] < 24
-            and fields[4] < 60 and fields[5] < 61):
-        raise ValueError("not a valid date and time: %r" % (text,))
+    if not (1970 <= fields[0] <= 9999 and 1 <= fields[1] <= 12
+            and 1 <= fields[2] <= calendar.monthrange(*fields[:2])[1]
+            and fields[3] < 24 and fields[4] < 60 and fields[5] < 61):
+        raise ValueError("not a valid date and time in the years 1970-9999:"
+                         " %r" % (text,))
     fraction = float(frac) if frac else 0.0
     if zone is None:
         return time.mktime(fields + (0, 0, -1)) + fraction
-    import calendar
     offset = 0
     if zone.upper() != "Z":
         sign = -1 if zone[0] == "-" else 1
         digits = zone[1:].replace(":", "")
+        if int(digits[:2]) > 23 or int(digits[2:]) > 59:
+            raise ValueError("not a valid UTC offset: %r" % (zone,))
         offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
     return calendar.timegm(fields + (0, 0, 0)) - offset + fraction
 
@@ -187,7 +212,28 @@ def parse_duration(text):
     m = _DURATION_RE.match(str(text).strip().lower())
     if not m:
         raise ValueError("not a duration: %r (try 30s, 15m, 12h or 7d)" % (text,))
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds > MAX_SECONDS:
+        raise ValueError("a duration may be at most 1e9 seconds, got %r"
+                         % (text,))
+    return seconds
+
+
+def parse_json(text):
+    """Parse user JSON; refuse duplicate keys and absurd nesting (ValueError)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply")
+
+
+def _unique_keys(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError("duplicate key %s" % json.dumps(key))
+        result[key] = value
+    return result
 
 
 def _seconds_text(value):
@@ -408,11 +454,13 @@ def write_txn(conn):
                 time.sleep(0.001)
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
+            # A failed COMMIT (disk full) may leave the transaction open.
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
 
 @contextlib.contextmanager
@@ -430,6 +478,9 @@ def connect(path, synchronous="NORMAL"):
     """Open (creating if missing) the queuectl database at `path`."""
     path = os.path.abspath(os.path.expanduser(path))
     try:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise OSError(0, "it is a symbolic link to %s, which does not"
+                          " exist" % os.readlink(path))
         if not os.path.exists(path):
             _create_database(path)
         _check_writable(path)
@@ -462,15 +513,39 @@ def _reason(exc):
     return str(exc)
 
 
+def _transient(exc):
+    """Is this a database error that may go away (lock, full disk, I/O)?"""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in text for word in ("locked", "busy", "full", "disk i/o",
+                                  "unable to open"))
+
+
+def _store_reason(exc, path=None):
+    """The real cause of a database error, in the user's words."""
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return ("database locked by another process for %s s"
+                % _number_text(LOCK_WAIT))
+    if "full" in text or (path and "i/o" in text and _disk_full(path)):
+        return "disk full"
+    return str(exc)
+
+
+def _disk_full(path):
+    try:
+        return os.statvfs(os.path.dirname(path) or ".").f_bavail == 0
+    except OSError:
+        return False
+
+
 def _create_database(path):
     """Build the database under a temporary name, then link it into place.
 
     So no process ever sees a half-made queuectl database: a file at `path`
     is either complete or not ours (an empty file is an error, not a queue).
     """
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        os.makedirs(folder, mode=0o700)
+    _make_private_folders(os.path.dirname(path))
     tmp = "%s.%d-%s.tmp" % (path, os.getpid(), _random_id())
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
@@ -492,6 +567,17 @@ def _create_database(path):
                 os.unlink(tmp + suffix)
 
 
+def _make_private_folders(folder):
+    """Create the missing folders of a path, each 0700 whatever the umask:
+    whoever can write there can make workers run commands."""
+    parent = os.path.dirname(folder)
+    if parent != folder and not os.path.isdir(parent):
+        _make_private_folders(parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+        os.chmod(folder, 0o700)
+
+
 def _migrate(conn, version):
     while version < SCHEMA_VERSION:
         for statement in MIGRATIONS[version]:
@@ -507,6 +593,9 @@ def _check_schema(conn, path):
             app = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.DatabaseError as exc:
+        if _transient(exc):
+            raise QueueError("cannot read %s: %s" % (path, _store_reason(
+                exc, path)))
         raise QueueError("%s is not a usable queuectl database: %s"
                          % (path, exc))
     if app != APPLICATION_ID:
@@ -564,15 +653,18 @@ def _short_repr(value):
 
 
 def _field_number(spec, name, minimum, exclusive=False, integer=False):
+    """A number field within [minimum, MAX_COUNT or MAX_SECONDS]."""
     value = spec[name]
+    maximum = MAX_COUNT if integer else MAX_SECONDS
     ok = _is_int(value) if integer else _is_number(value)
     if ok:
-        ok = value > minimum if exclusive else value >= minimum
+        ok = (value > minimum if exclusive else value >= minimum) \
+            and value <= maximum
     if not ok:
         kind = "an integer" if integer else "a number"
-        raise InvalidInput("%s must be %s %s %s, got %s" % (
+        raise InvalidInput("%s must be %s %s %s and <= %s, got %s" % (
             name, kind, ">" if exclusive else ">=", _number_text(minimum),
-            _short_repr(value)))
+            _number_text(maximum), _short_repr(value)))
     return value
 
 
@@ -637,17 +729,28 @@ def _job_cwd(value):
     return os.path.abspath(value)
 
 
+def _encodable(text):
+    """Can this text become a process argument or environment entry?"""
+    try:
+        os.fsencode(text)
+        return True
+    except UnicodeError:
+        return False
+
+
 def _job_env(spec):
     env = spec["env"]
     if not isinstance(env, dict):
         raise InvalidInput("env must be an object of string to string, got %s"
                            % _short_repr(env))
     for key, value in env.items():
-        if not key or "=" in key or "\0" in key:
+        if not key or "=" in key or "\0" in key or not _encodable(key):
             raise InvalidInput("env: bad variable name %s" % _short_repr(key))
-        if not isinstance(value, str) or "\0" in value:
-            raise InvalidInput("env: value of %s must be a string without NUL,"
-                               " got %s" % (key, _short_repr(value)))
+        if not isinstance(value, str) or "\0" in value \
+                or not _encodable(value):
+            raise InvalidInput("env: value of %s must be a string without NUL"
+                               " or lone surrogates, got %s"
+                               % (key, _short_repr(value)))
     return env
 
 
@@ -670,19 +773,20 @@ def parse_jobs_text(text):
         raise InvalidInput("no jobs in input")
     if stripped[0] == "[":
         try:
-            jobs = json.loads(stripped)
+            jobs = parse_json(stripped)
         except ValueError as exc:
             raise InvalidInput("invalid JSON: %s" % exc)
         return jobs
     try:
-        return [json.loads(stripped)]
-    except ValueError:
-        pass
+        return [parse_json(stripped)]
+    except ValueError as exc:
+        if "duplicate key" in str(exc) or "nested" in str(exc):
+            raise InvalidInput("invalid JSON: %s" % exc)
     jobs = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                jobs.append(json.loads(line))
+                jobs.append(parse_json(line))
             except ValueError as exc:
                 raise InvalidInput("line %d: invalid JSON: %s" % (number, exc))
     return jobs
@@ -1128,14 +1232,15 @@ def config_key(key):
 
 def config_value(key, text):
     """Parse and check a config value given as text."""
-    kind, minimum, exclusive, what = _CONFIG_RULES[key]
+    kind, minimum, exclusive, maximum, what = _CONFIG_RULES[key]
     try:
         value = kind(text) if kind is int else float(text)
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise InvalidInput("%s must be %s, got %r" % (key, what, text))
-    if value < minimum or (exclusive and value == minimum):
+    if (value < minimum or (exclusive and value == minimum)
+            or value > maximum):
         raise InvalidInput("%s must be %s, got %r" % (key, what, text))
     return int(value) if float(value).is_integer() else value
 
@@ -1378,24 +1483,18 @@ class _Execution(object):
     def run(self):
         """Returns (exit_code, signal, error, output, dropped bytes, pgid)."""
         import subprocess
-        job = self.job
-        env = dict(self.base_env)
-        if job["env"] != "{}":
-            for key, value in json.loads(job["env"]).items():
-                env[os.fsencode(key)] = os.fsencode(value)
-        env[b"QUEUECTL_JOB_ID"] = job["id"].encode()
-        env[b"QUEUECTL_ATTEMPT"] = b"%d" % job["attempts"]
-        script = None
-        argv = ["/bin/sh", "-c", job["command"]]
-        if len(job["command"]) > LONG_COMMAND:
-            script = _write_script(job["command"])
-            argv = ["/bin/sh", "-c", '. "$0"', script]
+        job, script = self.job, None
         try:
+            argv = ["/bin/sh", "-c", job["command"]]
+            env = self._environment()
+            if len(job["command"]) > LONG_COMMAND:
+                script = _write_script(job["command"])
+                argv = ["/bin/sh", "-c", '. "$0"', script]
             self.proc = subprocess.Popen(
                 argv, cwd=job["cwd"], env=env, stdin=_devnull(),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # whatever it is, it ends this attempt only
             _remove(script)
             return (None, None, "cannot start: %s" % _start_error(exc, job),
                     "", 0, None)
@@ -1418,15 +1517,32 @@ class _Execution(object):
         return (code if code >= 0 else None, -code if code < 0 else None,
                 error, output, dropped, self.proc.pid)
 
+    def _environment(self):
+        job = self.job
+        env = dict(self.base_env)
+        if job["env"] != "{}":
+            for key, value in json.loads(job["env"]).items():
+                env[os.fsencode(key)] = os.fsencode(value)
+        env[b"QUEUECTL_JOB_ID"] = job["id"].encode()
+        env[b"QUEUECTL_ATTEMPT"] = b"%d" % job["attempts"]
+        return env
+
     def _read_output(self):
+        """Keep the output's tail until the shell exits or times out.
+
+        A job's lifetime is its process, not its pipe: a job that closes or
+        redirects its output early still times out, still has its group
+        recorded (on_long_run) and can still be killed by a forced stop.
+        """
         import select
+        import subprocess
         proc, limit = self.proc, self.output_limit
         fd = proc.stdout.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         started = time.monotonic()
         deadline = started + self.job["timeout"] if self.job["timeout"] else None
-        tail, dropped, reported = bytearray(), 0, False
+        tail, dropped, reported, pipe_open = bytearray(), 0, False, True
         while True:
             now = time.monotonic()
             if not reported and now - started >= RECORD_GROUP_AFTER:
@@ -1438,11 +1554,19 @@ class _Execution(object):
                     kill_group(proc.pid, proc=proc)
                     return tail, dropped, True
                 wait = min(wait, deadline - now)
-            if poller.poll(wait * 1000):
-                chunk = os.read(fd, 65536)
-                if not chunk:
+            if not pipe_open:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(wait)
                     return tail, dropped, False
-                dropped += _keep_tail(tail, chunk, limit)
+            elif poller.poll(wait * 1000):
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    dropped += _keep_tail(tail, chunk, limit)
+                    continue
+                pipe_open = False  # EOF: now follow the process itself
+                poller.unregister(fd)
+                if proc.poll() is not None:
+                    return tail, dropped, False
             elif proc.poll() is not None:
                 # The shell exited but a background child holds the pipe:
                 # the job is over; its leftovers keep running on their own.
@@ -1645,6 +1769,10 @@ class _Reaper(object):
         self.own_ids = set(own_ids)
         self.seen = {}  # worker id -> (beat, monotonic time first seen)
 
+    def forget(self):
+        """Start every lease afresh (after this process could not write)."""
+        self.seen.clear()
+
     def dead_workers(self, conn, lease_timeout):
         host, mono = _host(), time.monotonic()
         dead, known = [], set()
@@ -1706,8 +1834,11 @@ class _Local(object):
 
     def __init__(self):
         self.queued = []
+        self.claimed_at = None    # monotonic time of the last claim
         self.results = []
         self.first_result = None  # monotonic time the oldest result came
+        self.retry_delay = STORE_RETRY_FIRST  # while the database fails
+        self.busy = False         # counted in the pool's _busy
 
     def add(self, job, result):
         if not self.results:
@@ -1738,8 +1869,8 @@ class WorkerPool(object):
         import threading
         if not _is_int(count) or count < 1:
             raise InvalidInput("--count must be an integer >= 1, got %r" % count)
-        if poll_interval is not None and not poll_interval > 0:
-            raise InvalidInput("--poll-interval must be > 0, got %r"
+        if poll_interval is not None and not 0 < poll_interval <= 3600:
+            raise InvalidInput("--poll-interval must be > 0 and <= 3600, got %r"
                                % poll_interval)
         if idle_timeout is not None and not (
                 _is_number(idle_timeout) and idle_timeout > 0):
@@ -1764,6 +1895,7 @@ class WorkerPool(object):
         self._lock = threading.Lock()       # guards _running and _alive
         self._running = {}                  # worker id -> (Popen, job)
         self._alive = count                 # worker threads not yet ended
+        self._trouble = None                # why the database fails, if it does
         self._slots = max_jobs              # claims --max-jobs has left
         self._busy = 0                      # threads holding claimed jobs
         self._idle_since = time.monotonic()  # when _busy last became 0
@@ -1796,9 +1928,11 @@ class WorkerPool(object):
             # Settings the threads use, refreshed with every beat.
             self.settings = config = _read_config(conn)
             self.stop_seq = config.get("_stop_seq", 0)
-            self._register(conn)
+            # Neither may fail the pool: on a full disk or a locked database
+            # the threads register with their first claim instead.
+            self._guard(self._register, conn)
             reaper = _Reaper(self.ids)
-            reaper.reap(conn, self.now, self.log)
+            self._guard(reaper.reap, conn, self.now, self.log)
             threads = [threading.Thread(target=self._work, args=(wid,),
                                         name=wid) for wid in self.ids]
             for thread in threads:
@@ -1829,14 +1963,21 @@ class WorkerPool(object):
         """
         next_beat = next_reap = time.monotonic()
         next_checkpoint = next_beat + CHECKPOINT_EVERY
-        killed = False
+        killed = announced = False
         while not self._finished.is_set():
             if self.forced.is_set() and not killed:
                 killed = True
                 self._kill_running()
+            if self.stopping.is_set() and not announced:
+                announced = True
+                self.log("-", "-", "pool", "stopping: running jobs finish,"
+                         " none start (a second signal forces)")
             mono = time.monotonic()
             if mono >= next_beat:
-                self._guard(self._beat, conn)
+                if not self._guard(self._beat, conn):
+                    # A lease runs only while its observer can write: after
+                    # an outage every worker gets a whole lease to beat again.
+                    reaper.forget()
                 lease = self.settings["lease-timeout"]
                 next_beat = mono + min(max(lease / 4.0, 0.05), 1.0)
             if mono >= next_reap:
@@ -1862,10 +2003,33 @@ class WorkerPool(object):
         self.settings = _read_config(conn)
 
     def _guard(self, fn, *args):
+        """Run fn; a database error is logged, not raised.  True if it ran."""
         try:
             fn(*args)
         except sqlite3.Error as exc:
-            self.log("-", "-", "error", "database: %s" % exc)
+            if _transient(exc):
+                self._store_failed(exc)
+            else:
+                self.log("-", "-", "error", "database: %s" % exc)
+            return False
+        return True
+
+    def _store_failed(self, exc):
+        """One log line per outage (disk full, locked by another process)."""
+        with self._lock:
+            first, self._trouble = self._trouble is None, _store_reason(
+                exc, self.path)
+        if first:
+            self.log("-", "-", "error", "database unavailable: %s; running"
+                     " jobs go on, results are kept until it is back"
+                     % self._trouble)
+
+    def _store_ok(self):
+        if self._trouble is not None:
+            with self._lock:
+                was, self._trouble = self._trouble, None
+            if was is not None:
+                self.log("-", "-", "database", "available again")
 
     def _kill_running(self):
         with self._lock:
@@ -1896,32 +2060,69 @@ class WorkerPool(object):
 
     def _loop(self, conn, wid):
         local = _Local()
-        busy = False
         while True:
-            if ((not local.queued or local.results_due()
-                    or self.stopping.is_set())
-                    and self._worth_a_transaction(conn, local)):
-                self._sync(conn, wid, local)
-            if local.queued:
-                if not busy:
-                    busy = self._set_busy(True)
-                local.add(*self._execute(conn, wid, local.queued.pop(0),
-                                         local))
-                continue
-            if busy:
-                busy = self._set_busy(False)
-            if (self.stopping.is_set() or self.exit_when_idle
-                    or self._done()):
-                return
-            self.stopping.wait(self._poll_interval())
+            try:
+                if not self._step(conn, wid, local):
+                    return
+                local.retry_delay = STORE_RETRY_FIRST
+            except sqlite3.OperationalError as exc:
+                if not _transient(exc):
+                    raise
+                # Keep results and claims, start nothing, try again later.
+                self._store_failed(exc)
+                if self.forced.wait(local.retry_delay):
+                    return  # forced out: unsaved runs are recovered later
+                local.retry_delay = min(local.retry_delay * 2, STORE_RETRY_MAX)
 
-    def _set_busy(self, busy):
+    def _step(self, conn, wid, local):
+        """Save, claim, run one job, or idle.  False when the thread is done."""
+        if ((not local.queued or local.results_due() or self.stopping.is_set())
+                and self._worth_a_transaction(conn, local)):
+            self._sync(conn, wid, local)
+            self._store_ok()
+        if local.queued:
+            self._set_busy(local, True)
+            job = local.queued[0]
+            ours = self._claim_still_ours(conn, wid, job, local)
+            local.queued.pop(0)  # only now: the check may raise
+            if ours:
+                local.add(*self._execute(conn, wid, job, local))
+            else:
+                self._give_back(1)  # not run here: --max-jobs spent nothing
+            return True
+        self._set_busy(local, False)
+        if self.stopping.is_set() or self.exit_when_idle or self._done():
+            return False
+        self.stopping.wait(self._poll_interval())
+        return True
+
+    def _claim_still_ours(self, conn, wid, job, local):
+        """Before starting a job claimed a while ago, check the claim.
+
+        A worker stopped (SIGSTOP, Ctrl-Z) for longer than the lease has had
+        its claims recovered and started elsewhere; it must start none of
+        them.  A claim younger than a quarter lease cannot have been
+        recovered yet, so the common case costs no query.
+        """
+        fresh = min(self.settings["lease-timeout"] / 4.0, 1.0)
+        if time.monotonic() - local.claimed_at < fresh:
+            return True
+        if conn.execute("SELECT 1 FROM jobs" + _GUARD,
+                        (job["seq"], job["attempt_id"])).fetchone():
+            return True
+        self.log(wid, job["id"], "stale", "claim recovered while this worker"
+                 " was stopped; not started")
+        return False
+
+    def _set_busy(self, local, busy):
         """A thread took claimed jobs (True) or has none left (False)."""
+        if local.busy == busy:
+            return
+        local.busy = busy
         with self._lock:
             self._busy += 1 if busy else -1
             if not self._busy:
                 self._idle_since = time.monotonic()
-        return busy
 
     def _done(self):
         """--max-jobs used up, or --idle-timeout passed (stops the pool)."""
@@ -1978,28 +2179,45 @@ class WorkerPool(object):
             (self.now(),)).fetchone() is not None
 
     def _sync(self, conn, wid, local):
-        """One transaction: save finished runs, then claim or release jobs."""
-        with write_txn(conn):
-            now = self.now()
-            events = self._save_results(conn, local, now)
-            stop_seq, paused = conn.execute(_CONTROL_SQL).fetchone()
-            if stop_seq != self.stop_seq:
-                self.stopping.set()
-            if self.stopping.is_set() or paused:
-                self._release(conn, local, now)
-            elif not local.queued:
-                # Registered before claiming: a worker that others declared
-                # dead (stopped too long) must not hold jobs nobody owns.
-                conn.execute("INSERT OR IGNORE INTO workers (id, pid, host,"
-                             " started_at, heartbeat) VALUES (?, ?, ?, ?, ?)",
-                             (wid, self.pid, self.host, now, now))
-                local.queued = self._claim_within_budget(conn, wid, now)
+        """One transaction: save finished runs, then claim or release jobs.
+
+        The thread's memory (local) changes only once the transaction has
+        committed: a COMMIT that fails (disk full) loses no result."""
+        queued = claimed = local.queued
+        try:
+            with write_txn(conn):
+                now = self.now()
+                events = self._save_results(conn, local.results, now)
+                stop_seq, paused = conn.execute(_CONTROL_SQL).fetchone()
+                if stop_seq != self.stop_seq:
+                    self.stopping.set()
+                if self.stopping.is_set() or paused:
+                    queued = self._release(conn, queued, now)
+                elif not queued:
+                    # Registered before claiming: a worker that others
+                    # declared dead (stopped too long) must not hold jobs
+                    # nobody owns.
+                    conn.execute("INSERT OR IGNORE INTO workers (id, pid,"
+                                 " host, started_at, heartbeat) VALUES"
+                                 " (?, ?, ?, ?, ?)",
+                                 (wid, self.pid, self.host, now, now))
+                    queued = claimed = self._claim_within_budget(conn, wid,
+                                                                 now)
+        except Exception:
+            if claimed is not local.queued:  # rolled back: not claimed
+                self._give_back(len(claimed))
+            raise
+        if queued is not local.queued:  # claimed, or handed back unstarted
+            self._give_back(len(local.queued))
+        if queued and queued is not local.queued:
+            local.claimed_at = time.monotonic()
+        local.results, local.queued = [], queued
         self._log_events(wid, events)
 
-    def _save_results(self, conn, local, now):
+    def _save_results(self, conn, results, now):
         events = []
         runs = []
-        for job, result in local.results:
+        for job, result in results:
             if job.get("forced"):
                 _requeue_unfinished(conn, job, now)
                 events.append((job, "requeued", "forced stop; not counted"))
@@ -2017,15 +2235,13 @@ class WorkerPool(object):
             else:
                 detail = ""
             events.append((job, state or "stale", detail))
-        local.results = []
         return events
 
-    def _release(self, conn, local, now):
-        """Claimed jobs that never started go back, uncounted."""
-        for job in local.queued:
+    def _release(self, conn, queued, now):
+        """Claimed jobs that never started go back, uncounted.  Returns []."""
+        for job in queued:
             _requeue_unfinished(conn, job, now)
-        self._give_back(len(local.queued))
-        local.queued = []
+        return []
 
     def _log_events(self, wid, events):
         self.log_lines([(wid, job["id"], event, detail)
@@ -2037,12 +2253,21 @@ class WorkerPool(object):
             # Worth a write now: record the group (for recovery), save
             # earlier results, and hand back jobs this thread cannot start.
             self._remember(wid, proc, job)
-            with write_txn(conn):
-                conn.execute("UPDATE attempts SET pgid = ?, proc_start = ?"
-                             " WHERE id = ?", (proc.pid, _process_start(
-                                 proc.pid), job["attempt_id"]))
-                events = self._save_results(conn, local, self.now())
-                self._release(conn, local, self.now())
+            try:
+                with write_txn(conn):
+                    conn.execute("UPDATE attempts SET pgid = ?, proc_start = ?"
+                                 " WHERE id = ?", (proc.pid, _process_start(
+                                     proc.pid), job["attempt_id"]))
+                    now = self.now()
+                    events = self._save_results(conn, local.results, now)
+                    self._release(conn, local.queued, now)
+            except sqlite3.OperationalError as exc:
+                if not _transient(exc):
+                    raise
+                self._store_failed(exc)  # the job runs on; saved at its end
+                return
+            self._give_back(len(local.queued))
+            local.results, local.queued = [], []
             self._log_events(wid, events)
         job["started"] = self.now()
         self.log(wid, job["id"], "started", "attempt %d" % job["attempts"])
@@ -2160,6 +2385,19 @@ class _DashboardRoutes(object):
     def do_POST(self):
         self._answer(self._post)
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, unknown method) as
+        JSON with the same headers as every other response."""
+        self.close_connection = True
+        if code == 501:  # a method we do not serve
+            code, message = 405, "method not allowed: use GET or POST"
+        self._send(code, "json", {"error": message or "bad request"})
+
+    def do_OTHER(self):
+        self.send_error(501)
+
+    do_HEAD = do_PUT = do_DELETE = do_OPTIONS = do_TRACE = do_PATCH = do_OTHER
+
     def _answer(self, route):
         from urllib.parse import urlsplit, parse_qs
         url = urlsplit(self.path)
@@ -2187,6 +2425,8 @@ class _DashboardRoutes(object):
 
     def _check_host(self):
         allowed = self.server.allowed_hosts
+        if len(self.headers.get_all("Host") or ()) > 1:
+            raise _HTTPError(400, "more than one Host header")
         if allowed is not None and self.headers.get("Host") not in allowed:
             raise _HTTPError(403, "unexpected Host header")
 
@@ -2210,8 +2450,11 @@ class _DashboardRoutes(object):
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("X-Frame-Options", "DENY")
             self.send_header("Content-Security-Policy", _CSP % nonce)
+            if status == 405:
+                self.send_header("Allow", "GET, POST")
             self.end_headers()
-            self.wfile.write(data)
+            if getattr(self, "command", None) != "HEAD":
+                self.wfile.write(data)
 
     def _get(self, path, query, queue):
         if path == "/":
@@ -2249,8 +2492,10 @@ class _DashboardRoutes(object):
             raise _HTTPError(403, "cross-origin request refused")
         if self.headers.get("X-Queuectl-Token") != self.server.token:
             raise _HTTPError(403, "missing or wrong X-Queuectl-Token")
-        length = min(int(self.headers.get("Content-Length") or 0), 65536)
-        self.rfile.read(length)
+        length = self.headers.get("Content-Length") or "0"
+        if not re.match("^[0-9]{1,12}$", length):
+            raise _HTTPError(400, "bad Content-Length: %s" % length[:40])
+        self.rfile.read(min(int(length), 65536))
         parts = path.strip("/").split("/")
         if len(parts) == 4 and parts[:2] == ["api", "jobs"]:
             if parts[3] == "retry":
@@ -2260,13 +2505,14 @@ class _DashboardRoutes(object):
         raise _HTTPError(404, "no such action: %s" % path)
 
 
-def _query_number(query, name, default, kind, minimum, maximum=None):
+def _query_number(query, name, default, kind, minimum, maximum=MAX_COUNT):
     try:
         value = kind(query.get(name, default))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidInput("%s must be a number" % name)
-    if value < minimum or (maximum is not None and value > maximum):
-        raise InvalidInput("%s out of range" % name)
+    if not minimum <= value <= maximum:  # also refuses nan
+        raise InvalidInput("%s must be from %s to %s" % (
+            name, _number_text(minimum), _number_text(maximum)))
     return value
 
 
@@ -3133,11 +3379,13 @@ def _is_job_file(text):
 def _json_argument(text):
     """Parse an argument that starts with { or [ (it must be JSON)."""
     try:
-        return json.loads(text)
-    except ValueError as exc:
+        return parse_json(text)
+    except json.JSONDecodeError as exc:  # not JSON: maybe a shell command
         raise InvalidInput("invalid JSON: %s; to enqueue a shell command"
                            " that starts with %s, %s" % (
                                exc, text.lstrip()[0], _command_hint(text)))
+    except ValueError as exc:  # JSON, but a duplicate key or too deep
+        raise InvalidInput("invalid JSON: %s" % exc)
 
 
 def _command_hint(command):
@@ -3755,9 +4003,10 @@ def _bounded_int(name, minimum):
 
     def check(text):
         value = parse(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError("%s must be >= %d, got %s"
-                                             % (name, minimum, text))
+        if not minimum <= value <= MAX_COUNT:
+            raise argparse.ArgumentTypeError(
+                "%s must be >= %d and <= %d, got %s" % (name, minimum,
+                                                        MAX_COUNT, text))
         return value
     return check
 
@@ -4034,6 +4283,7 @@ def main(argv=None):
     """Run the CLI; return the exit status."""
     global _PROG
     _safe_streams()
+    path = None  # the database, once open: to tell a full disk from damage
     try:
         _PROG = "queuectl" if argv is not None else _prog_name(sys.argv[0])
         if argv is None:
@@ -4044,6 +4294,7 @@ def main(argv=None):
             return args.func(args, None)
         synchronous = "FULL" if args.func is cmd_enqueue else "NORMAL"
         queue = Queue(args.db or None, synchronous=synchronous)
+        path = queue.path
         try:
             return args.func(args, queue)
         finally:
@@ -4059,7 +4310,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         return _fail_with("interrupted", 130)
     except sqlite3.Error as exc:
-        return _fail_with("database: %s" % exc, 1)
+        return _fail_with("database: %s" % _store_reason(exc, path), 1)
     except OSError as exc:
         return _fail_with("%s" % exc, 1)
     except Exception as exc:  # never a traceback; QUEUECTL_DEBUG=1 shows one

@@ -942,6 +942,9 @@ class TestNewcomer(CLITestCase):
         self.expect_failure(2, "a JSON array holds job objects", "enqueue",
                             '["echo x"]')
         self.expect_failure(2, "no jobs in input", "enqueue", "[]")
+        self.expect_failure(2, 'duplicate key "command"', "enqueue",
+                            '[{"command": "a", "command": "b"}]')
+        self.expect_failure(2, "nested too deeply", "enqueue", "[" * 100000)
         self.expect_failure(2, "not both", "enqueue", '[{"command": "x"}]',
                             "--priority", "2")
         # A shell test `[ ... ]` is not JSON: the error says how to queue it.
@@ -1523,6 +1526,283 @@ class TestFaults(CLITestCase):
         self.assertEqual(self.job("big")["command"], big)
 
 
+class TestHeldPromises(CLITestCase):
+    """Issue 9: promises that hostile jobs, numbers and machines broke."""
+
+    def hold(self, name="hold"):
+        """A file whose existence keeps a job running: the test releases it."""
+        path = os.path.join(self.dir, name)
+        open(path, "w").close()
+        self.addCleanup(_remove_quietly, path)
+        return path
+
+    def test_job_that_closes_its_output_still_times_out(self):
+        # A job's lifetime is its process, not its pipe: redirecting its
+        # own output must not let it escape the timeout.
+        job_id = self.enqueue("exec >/dev/null 2>&1; sleep 30.1234",
+                              "--timeout", "1", "--max-retries", "0")
+        self.drain()
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["last_error"]),
+                         ("dead", "timed out after 1s"))
+        self.assertEqual(_processes_with("30.1234"), [])
+
+    def test_forced_stop_kills_a_job_that_closed_its_output(self):
+        # Its group is recorded (for recovery) and a second SIGTERM kills
+        # it and requeues it uncounted.
+        job_id = self.enqueue("exec >/dev/null 2>&1; sleep 31.4242")
+        worker = self.start_worker()
+        self.wait_state(job_id, "processing")
+        wait_for(lambda: self.sql("SELECT pgid FROM attempts")[0][0],
+                 what="the job's group to be recorded")
+        worker.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping:" in _read(worker.log.name),
+                 what="the first signal to be taken")
+        worker.send_signal(signal.SIGTERM)
+        self.assertNotEqual(worker.wait(timeout=30), 0)
+        self.assertEqual(self.state(job_id), "pending")
+        self.assertEqual(self.job(job_id)["attempts"], 0)
+        wait_for(lambda: not _processes_with("31.4242"),
+                 what="the job's group to be killed")
+
+    def test_long_job_without_output_hands_back_its_batch(self):
+        # A worker claims 8 jobs at once from a deep queue; when the first
+        # runs long (and has closed its output) the other 7 go back at once
+        # for other workers instead of waiting behind it.
+        hold = self.hold()
+        first = self.enqueue("exec >/dev/null 2>&1; while [ -e %s ]; do"
+                             " sleep 0.05; done" % hold, "--priority", "9")
+        rest = [self.enqueue("true") for _ in range(7)]
+        holder = self.start_worker("--count", "1")
+        self.wait_state(first, "processing")
+        wait_for(lambda: self.sql("SELECT pgid FROM attempts a JOIN jobs j"
+                                  " ON j.attempt_id = a.id WHERE j.id = ?",
+                                  first)[0][0],
+                 what="the long job's group to be recorded")
+        self.drain()  # a second worker runs the 7 while the first holds
+        self.assertEqual([self.state(j) for j in rest], ["completed"] * 7)
+        self.assertEqual(self.state(first), "processing")
+        os.unlink(hold)
+        self.wait_state(first, "completed")
+        holder.send_signal(signal.SIGTERM)
+        self.assertEqual(holder.wait(timeout=30), 0)
+
+    def test_thawed_worker_starts_no_recovered_claim(self):
+        # A worker stopped (SIGSTOP) longer than the lease, holding claimed
+        # jobs, has them recovered elsewhere; thawed, it must start none of
+        # them: every job runs exactly once.
+        self.config(lease_timeout=1, backoff_max=0)
+        ran = os.path.join(self.dir, "ran")
+        self.enqueue('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then kill -STOP $PPID;'
+                     ' fi', "--priority", "9")
+        ids = [self.enqueue('echo "$QUEUECTL_JOB_ID" >> %s' % ran)
+               for _ in range(7)]
+        frozen = self.start_worker("--count", "1")
+        wait_for(lambda: _process_state(frozen.pid) == "T",
+                 what="the worker to stop itself")
+        rescuer = self.start_worker()
+        wait_for(lambda: self.ok_json("status")["counts"]["completed"] == 8,
+                 timeout=60, what="the rescuer to run every job")
+        os.kill(frozen.pid, signal.SIGCONT)
+        # Its own run of the first job is saved last, after every claim it
+        # held was checked (and, the fix, none of them started).
+        wait_for(lambda: "the claim was lost" in _read(frozen.log.name),
+                 timeout=30, what="the thawed worker to drop its claims")
+        for proc in (frozen, rescuer):
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(timeout=30), 0)
+        with open(ran) as handle:
+            self.assertEqual(sorted(handle.read().split()), sorted(ids))
+
+    def test_unencodable_env_is_refused_at_enqueue(self):
+        # One bad env value must not reach (and kill) the workers.
+        self.enqueue("true")
+        for env in ('{"X": "\\ud800"}', '{"\\udfff": "1"}'):
+            self.expect_failure(2, "env:", "enqueue",
+                                '{"command": "true", "env": %s}' % env)
+
+    def test_anything_failing_at_start_fails_only_that_attempt(self):
+        # A job that cannot even be started (here an env written by an
+        # older queuectl) fails as 'cannot start', and the pool goes on.
+        bad = self.enqueue("true", "--max-retries", "0")
+        good = self.enqueue("true")
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            conn.execute("UPDATE jobs SET env = ? WHERE id = ?",
+                         ('{"X": "\\ud800"}', bad))
+        self.drain()
+        self.assertEqual(self.state(good), "completed")
+        job = self.job(bad)
+        self.assertEqual(job["state"], "dead")
+        self.assertTrue(job["last_error"].startswith("cannot start:"),
+                        job["last_error"])
+
+    def test_numbers_beyond_what_storage_and_clock_hold(self):
+        # Every number has a range checked before anything is written.
+        self.enqueue("true", "--id", "there")
+        huge = "99999999999999999999999"
+        cases = [
+            (("enqueue", "true", "--delay", "1e17"), "delay must be"),
+            (("enqueue", "true", "--delay", "1e20"), "delay must be"),
+            (("enqueue", '{"command": "x", "timeout": 1e27}'),
+             "timeout must be"),
+            (("enqueue", '{"command": "x", "max_retries": 9223372036854775808}'),
+             "max_retries must be"),
+            (("enqueue", '{"command": "x", "delay": 1%s}' % ("0" * 400)),
+             "delay must be"),
+            (("enqueue", '{"command": "x", "run_at": "2026-02-31T10:00:00Z"}'),
+             "not a valid date"),
+            (("enqueue", '{"command": "x", "run_at": "2026-02-01T10:00+99:99"}'),
+             "not a valid UTC offset"),
+            (("enqueue", '{"command": "x", "run_at": "0000-01-01T00:00:00Z"}'),
+             "not a valid date"),
+            (("enqueue", '{"command": "x", "run_at":'
+              ' "\\uff12\\uff10\\uff12\\uff16-01-01"}'), "not an ISO 8601"),
+            (("enqueue", '{"command": "true", "command": "false"}'),
+             'duplicate key "command"'),
+            (("config", "set", "backoff-base", "1e17"), "backoff-base must be"),
+            (("config", "set", "max-retries", huge), "max-retries must be"),
+            (("config", "set", "output-limit", huge), "output-limit must be"),
+            (("list", "--offset", huge), "--offset must be"),
+            (("list", "--limit", huge), "--limit must be"),
+            (("logs", "there", "--attempt", huge), "--attempt must be"),
+            (("enqueue", "-f", "-"), "nested too deeply"),
+        ]
+        for args, message in cases:
+            with self.subTest(args=args[:3]):
+                stdin = "[" * 200000 if args[-1] == "-" else None
+                self.expect_failure(2, message, *args, input=stdin)
+
+    def test_worker_survives_a_database_locked_for_longer_than_it_waits(self):
+        # Another process holds the write lock past the lock wait: the
+        # worker keeps the finished result, logs once, retries, and saves
+        # it when the lock is released; no attempt is charged.
+        hold = self.hold()
+        job_id = self.enqueue("while [ -e %s ]; do sleep 0.05; done" % hold)
+        log = _LockedLog()
+        saved = queuectl.LOCK_WAIT
+        queuectl.LOCK_WAIT = 0.5
+        self.addCleanup(setattr, queuectl, "LOCK_WAIT", saved)
+        pool = queuectl.WorkerPool(self.db, exit_when_idle=True, log=log)
+        import threading
+        runner = threading.Thread(target=lambda: log.done(pool.run()))
+        runner.start()
+        self.addCleanup(runner.join, 60)
+        self.wait_state(job_id, "processing")
+        blocker = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(blocker.close)
+        blocker.execute("BEGIN IMMEDIATE")
+        os.unlink(hold)
+        wait_for(lambda: "database locked by another process" in log.text(),
+                 timeout=30, what="the worker to report the lock")
+        blocker.execute("ROLLBACK")
+        runner.join(60)
+        self.assertEqual(log.status, 0, log.text())
+        self.assertEqual(log.text().count("database unavailable"), 1,
+                         log.text())
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0,
+                         "mounting a small tmpfs to fill needs root")
+    def test_worker_survives_a_full_disk(self):
+        # The disk fills while jobs run: nothing is charged, nothing lost,
+        # and the CLI names the cause; when space returns all complete.
+        small = os.path.join(self.dir, "small")
+        os.mkdir(small)
+        subprocess.check_call(["mount", "-t", "tmpfs", "-o", "size=4m",
+                               "tmpfs", small])
+        self.addCleanup(subprocess.call, ["umount", "-l", small])
+        self.db = os.path.join(small, "q.db")
+        hold = self.hold()
+        held = self.enqueue("while [ -e %s ]; do sleep 0.05; done" % hold)
+        later = [self.enqueue("true") for _ in range(10)]
+        worker = self.start_worker("--count", "2")
+        self.wait_state(held, "processing")
+        filler = os.path.join(small, "filler")
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * 65536)
+        finally:
+            os.close(fd)
+        os.unlink(hold)
+        wait_for(lambda: "database unavailable: disk full" in
+                 _read(worker.log.name), timeout=30,
+                 what="the worker to report the full disk")
+        code, out, err = self.cli("enqueue", "true")
+        self.assertEqual(code, 1)
+        self.assertIn("disk full", err)
+        os.unlink(filler)
+        for job_id in [held] + later:
+            self.wait_state(job_id, "completed", timeout=60)
+        self.assertEqual(worker.poll(), None, _read(worker.log.name))
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(11,)])
+        self.assertEqual(_read(worker.log.name).count("database unavailable"),
+                         1, _read(worker.log.name))
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(timeout=30), 0)
+
+    def test_private_folders_under_any_umask(self):
+        # Every folder queuectl creates is 0700, even under umask 000.
+        db = os.path.join(self.dir, "a", "b", "q.db")
+        old = os.umask(0)
+        try:
+            code, out, err = self.main("status", db=db)
+        finally:
+            os.umask(old)
+        self.assertEqual(code, 0, err)
+        for folder in ("a", os.path.join("a", "b")):
+            mode = os.stat(os.path.join(self.dir, folder)).st_mode & 0o777
+            self.assertEqual(mode, 0o700, folder)
+
+    def test_dangling_symlink_says_what_is_wrong(self):
+        link = os.path.join(self.dir, "link.db")
+        os.symlink(os.path.join(self.dir, "missing", "q.db"), link)
+        self.expect_failure(1, "is a symbolic link to", "status", db=link)
+
+
+class _LockedLog(object):
+    """A worker log to read from a test while the pool runs in a thread."""
+
+    def __init__(self):
+        import threading
+        self.lock, self.parts, self.status = threading.Lock(), [], None
+
+    def write(self, text):
+        with self.lock:
+            self.parts.append(text)
+
+    def flush(self):
+        pass
+
+    def text(self):
+        with self.lock:
+            return "".join(self.parts)
+
+    def done(self, status):
+        self.status = status
+
+
+def _read(path):
+    with open(path) as handle:
+        return handle.read()
+
+
+def _remove_quietly(path):
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _process_state(pid):
+    """'R', 'S', 'T' (stopped)... of a process, or None when it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
 class TestLibrary(unittest.TestCase):
 
     def test_python_api(self):
@@ -1825,6 +2105,53 @@ class TestDashboard(CLITestCase):
         self.expect_failure(1, "cannot listen on 127.0.0.1:%d"
                             % busy.getsockname()[1], "dashboard", "--port",
                             str(busy.getsockname()[1]))
+
+    def raw(self, request):
+        """Send raw request bytes; (status, headers text, body text)."""
+        import socket
+        with contextlib.closing(socket.create_connection(
+                ("127.0.0.1", self.port), timeout=10)) as sock:
+            sock.sendall(request.encode("latin-1"))
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.decode("latin-1").partition("\r\n\r\n")
+        return int(head.split()[1]), head, body
+
+    def test_malformed_requests_get_json_errors_with_every_header(self):
+        # Bad Content-Length, two Host headers and methods it does not
+        # serve: a JSON error at once, with the CSP like every response.
+        self.start()
+        host = "Host: 127.0.0.1:%d\r\n" % self.port
+        post = ("POST /api/jobs/evil/retry HTTP/1.1\r\n" + host +
+                "X-Queuectl-Token: %s\r\nContent-Length: %%s\r\n"
+                "Connection: close\r\n\r\n" % self.token())
+        cases = [
+            (post % "abc", 400, "bad Content-Length"),
+            (post % "-1", 400, "bad Content-Length"),
+            ("GET /api/status HTTP/1.1\r\n" + host + host +
+             "Connection: close\r\n\r\n", 400, "more than one Host"),
+        ] + [("%s /api/status HTTP/1.1\r\n%sConnection: close\r\n\r\n"
+              % (method, host), 405, "method not allowed")
+             for method in ("PUT", "DELETE", "OPTIONS", "TRACE", "PATCH",
+                            "BREW")]
+        for request, status, message in cases:
+            with self.subTest(request=request.split("\r\n")[0]):
+                code, head, body = self.raw(request)
+                self.assertEqual(code, status, body)
+                self.assertIn("Content-Security-Policy:", head)
+                self.assertIn("application/json", head)
+                self.assertIn(message, json.loads(body)["error"])
+        code, head, body = self.raw("HEAD / HTTP/1.1\r\n%sConnection:"
+                                    " close\r\n\r\n" % host)
+        self.assertEqual((code, body), (405, ""))
+        self.assertEqual(self.get_json("/api/jobs?offset=%s" % ("9" * 23),
+                                       status=400)["error"],
+                         "offset must be from 0 to 2147483647")
+        self.assertEqual(self.state("evil"), "dead")  # nothing retried
 
 
 class TestPerformanceStructure(CLITestCase):
