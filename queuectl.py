@@ -4189,7 +4189,10 @@ def _add_enqueue(sub):
                      "queuectl enqueue 'make test' --max-retries 2\n"
                      "  queuectl enqueue '{\"command\": \"sleep 1\","
                      " \"priority\": 5}'\n  queuectl enqueue -f jobs.jsonl")
-    p.add_argument("command_or_json", nargs="?", metavar="COMMAND|JSON")
+    p.add_argument("command_or_json", nargs="?", metavar="COMMAND|JSON",
+                   help="a shell command; a JSON object ({...}) or array of"
+                   " them ([...]); or an existing .json/.jsonl file, read"
+                   " like -f")
     p.add_argument("-f", "--file", metavar="FILE",
                    help="JSON object, array or JSON Lines ('-' for stdin);"
                    " all or nothing")
