@@ -21,6 +21,7 @@ Standard library only; runs on CPython 3.6 and newer, on Linux and macOS.
 
 import _thread
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -151,6 +152,20 @@ class NotFound(QueueError):
 
 class Conflict(QueueError):
     """The request clashes with the queue's state (duplicate id, busy job)."""
+
+
+class StoreError(QueueError):
+    """The database failed: locked, full, unreachable or damaged.
+
+    `transient`: it may pass (a lock held elsewhere, a full disk, a lost
+    connection), so workers wait it out instead of exiting.  `reason`: the
+    cause alone, for log lines that say where it happened themselves.
+    """
+
+    def __init__(self, message, transient=False, reason=None):
+        QueueError.__init__(self, message)
+        self.transient = transient
+        self.reason = reason or message
 
 
 ###############################################################################
@@ -410,223 +425,6 @@ _SCHEMA_V2 = (
 MIGRATIONS = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 
 ###############################################################################
-# Storage: files, connections, transactions ###################################
-###############################################################################
-
-# Serialises this process's write transactions: threads of one process queue
-# here instead of sleeping in SQLite's busy handler.  Held only around one
-# BEGIN IMMEDIATE ... COMMIT.
-_WRITE_LOCK = _thread.allocate_lock()
-
-
-def default_db_path():
-    return os.path.expanduser(os.environ.get("QUEUECTL_DB") or DEFAULT_DB)
-
-
-def _uri(path, mode="rw"):
-    quoted = path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-    return "file:%s?mode=%s" % (quoted, mode)
-
-
-def _sqlite_open(path):
-    # mode=rw: never let SQLite create a stray empty file at a mistyped path.
-    return sqlite3.connect(_uri(path), uri=True, timeout=LOCK_WAIT,
-                           isolation_level=None)
-
-
-def _is_locked(exc):
-    text = str(exc)
-    return "locked" in text or "busy" in text
-
-
-@contextlib.contextmanager
-def write_txn(conn):
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-    with _WRITE_LOCK:
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if not _is_locked(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.001)
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            # A failed COMMIT (disk full) may leave the transaction open.
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            raise
-
-
-@contextlib.contextmanager
-def read_txn(conn):
-    """A consistent snapshot over several SELECTs, released at once after."""
-    conn.execute("BEGIN")
-    try:
-        yield conn
-    finally:
-        if conn.in_transaction:
-            conn.execute("COMMIT")
-
-
-def connect(path, synchronous="NORMAL"):
-    """Open (creating if missing) the queuectl database at `path`."""
-    path = os.path.abspath(os.path.expanduser(path))
-    try:
-        if os.path.islink(path) and not os.path.exists(path):
-            raise OSError(0, "it is a symbolic link to %s, which does not"
-                          " exist" % os.readlink(path))
-        if not os.path.exists(path):
-            _create_database(path)
-        _check_writable(path)
-        conn = _sqlite_open(path)
-    except (OSError, sqlite3.Error) as exc:
-        raise QueueError("cannot open database %s: %s" % (path, _reason(exc)))
-    try:
-        _check_schema(conn, path)
-        conn.execute("PRAGMA synchronous=%s" % synchronous)
-        conn.execute("PRAGMA journal_size_limit=%d" % (8 << 20))
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _check_writable(path):
-    # Workers and commands alike write (state, heartbeats, the WAL files
-    # beside the database): refuse up front rather than half-way.
-    if not os.access(path, os.R_OK | os.W_OK):
-        raise OSError(0, "the file is not readable and writable by this user")
-    if not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
-        raise OSError(0, "its folder is not writable by this user (SQLite"
-                      " keeps -wal and -shm files beside it)")
-
-
-def _reason(exc):
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc)
-
-
-def _transient(exc):
-    """Is this a database error that may go away (lock, full disk, I/O)?"""
-    text = str(exc).lower()
-    return isinstance(exc, sqlite3.OperationalError) and any(
-        word in text for word in ("locked", "busy", "full", "disk i/o",
-                                  "unable to open"))
-
-
-def _store_reason(exc, path=None):
-    """The real cause of a database error, in the user's words."""
-    text = str(exc).lower()
-    if "locked" in text or "busy" in text:
-        return ("database locked by another process for %s s"
-                % _number_text(LOCK_WAIT))
-    if "full" in text or (path and "i/o" in text and _disk_full(path)):
-        return "disk full"
-    return str(exc)
-
-
-def _disk_full(path):
-    try:
-        return os.statvfs(os.path.dirname(path) or ".").f_bavail == 0
-    except OSError:
-        return False
-
-
-def _create_database(path):
-    """Build the database under a temporary name, then link it into place.
-
-    So no process ever sees a half-made queuectl database: a file at `path`
-    is either complete or not ours (an empty file is an error, not a queue).
-    """
-    _make_private_folders(os.path.dirname(path))
-    tmp = "%s.%d-%s.tmp" % (path, os.getpid(), _random_id())
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    try:
-        conn = _sqlite_open(tmp)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            with write_txn(conn):
-                _migrate(conn, 0)
-                conn.execute("PRAGMA application_id=%d" % APPLICATION_ID)
-        finally:
-            conn.close()
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process created it first; theirs is as good
-    finally:
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp + suffix)
-
-
-def _make_private_folders(folder):
-    """Create the missing folders of a path, each 0700 whatever the umask:
-    whoever can write there can make workers run commands."""
-    parent = os.path.dirname(folder)
-    if parent != folder and not os.path.isdir(parent):
-        _make_private_folders(parent)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(folder, 0o700)
-        os.chmod(folder, 0o700)
-
-
-def _migrate(conn, version):
-    while version < SCHEMA_VERSION:
-        for statement in MIGRATIONS[version]:
-            conn.execute(statement)
-        version += 1
-        conn.execute("PRAGMA user_version=%d" % version)
-
-
-def _check_schema(conn, path):
-    """Refuse foreign, corrupt and newer databases; migrate older ones."""
-    try:
-        with read_txn(conn):
-            app = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        if _transient(exc):
-            raise QueueError("cannot read %s: %s" % (path, _store_reason(
-                exc, path)))
-        raise QueueError("%s is not a usable queuectl database: %s"
-                         % (path, exc))
-    if app != APPLICATION_ID:
-        raise QueueError("%s is not a queuectl database (application_id %d);"
-                         " left untouched" % (path, app))
-    if version > SCHEMA_VERSION:
-        raise QueueError("%s was written by a newer queuectl (schema %d, this"
-                         " one knows up to %d); upgrade queuectl"
-                         % (path, version, SCHEMA_VERSION))
-    if version < SCHEMA_VERSION:
-        with write_txn(conn):
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            _migrate(conn, current)
-
-
-def _read_config(conn):
-    """Every config value (defaults filled in), plus internal '_' keys."""
-    values = dict(CONFIG_DEFAULTS)
-    for key, value in conn.execute("SELECT key, value FROM config"):
-        values[key] = _to_number(value)
-    return values
-
-
-def _to_number(text):
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-###############################################################################
 # Job validation ##############################################################
 ###############################################################################
 
@@ -668,6 +466,11 @@ def _field_number(spec, name, minimum, exclusive=False, integer=False):
     return value
 
 
+#: A validated new job: the values of its jobs row.
+_NewJob = collections.namedtuple(
+    "_NewJob", "id command priority run_at max_retries timeout cwd env")
+
+
 def _validate_job(spec, config, now, cwd):
     """A JSON-like dict -> the values of a new jobs row (without deps).
 
@@ -689,6 +492,8 @@ def _validate_job(spec, config, now, cwd):
                            % _short_repr(command))
     if "\0" in command:
         raise InvalidInput("command must not contain NUL characters")
+    if not _encodable(command):
+        raise InvalidInput("command is not valid Unicode (a lone surrogate)")
     job_id = _check_id(spec["id"]) if "id" in spec else None
     max_retries = config["max-retries"]
     if "max_retries" in spec:
@@ -705,8 +510,8 @@ def _validate_job(spec, config, now, cwd):
         timeout = _field_number(spec, "timeout", 0, exclusive=True)
     job_cwd = _job_cwd(spec["cwd"]) if "cwd" in spec else cwd
     env = json.dumps(_job_env(spec), sort_keys=True) if "env" in spec else "{}"
-    return (job_id, command, priority, run_at, max_retries, timeout, job_cwd,
-            env)
+    return _NewJob(job_id, command, priority, run_at, max_retries, timeout,
+                   job_cwd, env)
 
 
 def _job_run_at(spec, now):
@@ -723,7 +528,8 @@ def _job_run_at(spec, now):
 
 
 def _job_cwd(value):
-    if not isinstance(value, str) or not value or "\0" in value:
+    if not isinstance(value, str) or not value or "\0" in value \
+            or not _encodable(value):
         raise InvalidInput("cwd must be a non-empty path, got %s"
                            % _short_repr(value))
     return os.path.abspath(value)
@@ -793,8 +599,57 @@ def parse_jobs_text(text):
 
 
 ###############################################################################
-# Queue API ###################################################################
+# Store: the one place that speaks SQL ########################################
 ###############################################################################
+#
+# Queue, WorkerPool, the reaper, the dashboard and the benchmark call a
+# store's methods and never see a connection or a statement.  _SQLStore
+# holds what every SQL database shares: the statements (written once, with
+# `?`), the table of state changes, the transaction helpers and the
+# translation of driver errors into StoreError.  _SQLiteStore holds what
+# only SQLite says: its DDL and triggers, BEGIN IMMEDIATE under a
+# process-wide lock, PRAGMAs, checkpoints, VACUUM, INDEXED BY, INSERT OR
+# REPLACE/IGNORE, and how a file becomes a database.
+#
+# A store object belongs to one thread; each thread opens its own.
+
+class _Claim(object):
+    """A job as a worker claims it.  `started` and `forced` are the worker's."""
+
+    __slots__ = ("seq", "id", "command", "timeout", "cwd", "env", "attempts",
+                 "attempt_id", "started", "forced")
+
+    def __init__(self, seq, job_id, command, timeout, cwd, env, attempts,
+                 attempt_id, started):
+        self.seq, self.id, self.command, self.timeout = (seq, job_id, command,
+                                                         timeout)
+        self.cwd, self.env, self.attempts = cwd, env, attempts
+        self.attempt_id, self.started, self.forced = attempt_id, started, False
+
+
+#: What one run of a job's command came to.
+_Result = collections.namedtuple(
+    "_Result", "exit_code signal error output dropped pgid ended")
+
+#: What `ready` is in each state: 1 exactly while the job may be claimed
+#: (pending with every dependency met, or failed), NULL otherwise, so one
+#: index serves the claim without scanning finished jobs.
+_READY = {"pending": "CASE WHEN waiting = 0 THEN 1 END", "failed": "1",
+          "processing": "NULL", "completed": "NULL", "dead": "NULL"}
+
+#: The state changes a job may make: to state <- from states.
+_MOVES = {
+    "processing": ("pending", "failed"),          # claimed
+    "completed": ("processing",),                 # exit 0
+    "failed": ("processing",),                    # a retry is scheduled
+    "dead": ("processing", "pending", "failed"),  # no retries left, or buried
+    "pending": ("processing", "dead"),            # handed back, or retried
+}
+
+# Claim order: highest priority, then earliest run_at, then enqueue order.
+_CLAIM_SQL = ("SELECT seq, id, command, timeout, cwd, env, attempts, runs,"
+              " run_at FROM jobs WHERE ready = 1 AND run_at <= ?"
+              " ORDER BY priority DESC, run_at, seq LIMIT ?")
 
 _JOB_COLUMNS = ("seq, id, command, state, priority, run_at, max_retries,"
                 " timeout, cwd, env, attempts, runs, last_error, worker_id,"
@@ -808,12 +663,906 @@ _CONTROL_SQL = (
     " AS INTEGER), CAST(COALESCE(MAX(CASE key WHEN '_paused' THEN value END),"
     " 0) AS INTEGER) FROM config WHERE key IN ('_stop_seq', '_paused')")
 
-# Claim order: highest priority, then earliest run_at, then enqueue order.
-_CLAIM_SQL = ("SELECT seq, id, command, timeout, cwd, env, attempts, runs,"
-              " run_at"
-              " FROM jobs WHERE ready = 1 AND run_at <= ?"
-              " ORDER BY priority DESC, run_at, seq LIMIT ?")
+# A worker's update of its own job: only while its claim still holds.
+_CLAIM_HELD = " AND attempt_id = ?"
 
+#: Ids per statement in `IN (...)` lists (SQLite allows 999 parameters).
+_CHUNK = 500
+
+
+def _to_number(text):
+    """A config value as stored (text) -> int or float."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _chunks(items):
+    for start in range(0, len(items), _CHUNK):
+        yield items[start:start + _CHUNK]
+
+
+def _marks(items):
+    return ",".join("?" * len(items))
+
+
+class _SQLStore(object):
+    """Every queue operation as SQL, for any database with a DB-API driver.
+
+    Subclasses give: `_connect()`, `_begin_write()` (a context manager),
+    `_driver_errors`, `_translate(exc)`, and the statements that differ.
+    """
+
+    def __init__(self, address):
+        self.address = address
+        self.conn = None
+
+    def close(self):
+        if self.conn is not None:
+            with contextlib.suppress(*self._driver_errors):
+                self.conn.close()
+            self.conn = None
+
+    # -- transactions and errors --------------------------------------------
+
+    @contextlib.contextmanager
+    def write(self, durable=False):
+        """One write transaction; driver errors leave as StoreError.
+
+        durable=True: the commit survives power loss (enqueue); otherwise
+        a store may trade that for speed (worker state changes).
+        """
+        with self._translated():
+            with self._begin_write(durable):
+                yield self
+
+    @contextlib.contextmanager
+    def read(self):
+        """A consistent snapshot over several reads, released at once after."""
+        with self._translated():
+            self.conn.execute("BEGIN")
+            try:
+                yield self
+            finally:
+                if self.conn.in_transaction:
+                    self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _translated(self):
+        try:
+            yield
+        except self._driver_errors as exc:
+            raise self._translate(exc)
+
+    def _all(self, sql, params=()):
+        with self._translated():
+            return self.conn.execute(sql, params).fetchall()
+
+    def _one(self, sql, params=()):
+        with self._translated():
+            return self.conn.execute(sql, params).fetchone()
+
+    def _run(self, sql, params=()):
+        return self.conn.execute(sql, params)
+
+    def _run_many(self, sql, rows):
+        return self.conn.executemany(sql, rows)
+
+    # -- state changes ------------------------------------------------------
+
+    def _move(self, to_state, rows, sets="", held=False):
+        """Move jobs to a state; returns how many moved.
+
+        Every state change goes through here: it sets `ready` (_READY) and
+        `updated_at`, moves only from the states _MOVES lists, and with
+        held=True only while the worker's claim still holds.  A row of
+        parameters is (updated_at, the `sets` values..., seq[, attempt id]).
+        """
+        if not rows:
+            return 0
+        return self._run_many(_move_sql(to_state, sets, held), rows).rowcount
+
+    # -- config and control -------------------------------------------------
+
+    def config(self):
+        """Every config value (defaults filled in), plus internal '_' keys."""
+        values = dict(CONFIG_DEFAULTS)
+        for key, value in self._all("SELECT key, value FROM config"):
+            values[key] = _to_number(value)
+        return values
+
+    def set_config(self, key, value):
+        with self.write():
+            self._upsert_config(key, value)
+
+    def bump(self, key):
+        """Add one to an internal counter (the stop request)."""
+        with self.write():
+            value = self.config().get(key, 0) + 1
+            self._upsert_config(key, str(value))
+
+    def control(self):
+        """(stop request counter, paused) in one read."""
+        return tuple(self._one(_CONTROL_SQL))
+
+    # -- adding jobs --------------------------------------------------------
+
+    def insert_jobs(self, jobs, afters, now):
+        """New jobs (with their dependencies) in one transaction; their ids.
+
+        Generated ids have 48 random bits: a clash with an existing id is
+        rare, but must not fail an enqueue: draw again and retry.
+        """
+        with self.write(durable=True):
+            self._refuse_given_ids([j.id for j in jobs if j.id is not None])
+            for tries_left in range(5, 0, -1):
+                ids = _fill_ids([j.id for j in jobs])
+                self._run("SAVEPOINT insert_jobs")
+                try:
+                    self._insert_rows(ids, jobs, afters, now)
+                except self._integrity_error:
+                    self._run("ROLLBACK TO insert_jobs")
+                    if tries_left == 1:
+                        raise
+                    continue
+                self._run("RELEASE insert_jobs")
+                return ids
+
+    def _insert_rows(self, ids, jobs, afters, now):
+        params = [(job_id,) + tuple(job[1:]) + (now, now)
+                  for job_id, job in zip(ids, jobs)]
+        if not any(afters):
+            self._run_many(
+                "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
+                " timeout, cwd, env, created_at, updated_at, state, ready)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',1)", params)
+            return
+        seqs = {}
+        for job_id, param, after in zip(ids, params, afters):
+            seqs[job_id] = self._insert_with_deps(param, after, seqs)
+
+    def _refuse_given_ids(self, given):
+        if len(set(given)) != len(given):
+            seen = set()
+            dup = next(i for i in given if i in seen or seen.add(i))
+            raise Conflict("duplicate id '%s' in input" % dup)
+        for chunk in _chunks(given):
+            found = self._run("SELECT id FROM jobs WHERE id IN (%s)"
+                              % _marks(chunk), chunk).fetchone()
+            if found:
+                raise Conflict("a job with id '%s' already exists" % found[0])
+
+    def _insert_with_deps(self, param, after, seqs):
+        dep_seqs = []
+        for dep in after:
+            if dep in seqs:
+                dep_seqs.append((seqs[dep], "pending"))
+                continue
+            row = self._run("SELECT seq, state FROM jobs WHERE id = ?",
+                            (dep,)).fetchone()
+            if row is None:
+                raise NotFound("after: no job with id '%s'" % dep)
+            if row[1] == "dead":
+                raise Conflict("after: job '%s' is dead; retry it first" % dep)
+            dep_seqs.append(tuple(row))
+        waiting = sum(1 for _, state in set(dep_seqs) if state != "completed")
+        seq = self._insert_returning_seq(
+            "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
+            " timeout, cwd, env, created_at, updated_at, state, ready, waiting)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',?,?)",
+            param + (None if waiting else 1, waiting))
+        self._insert_deps([(seq, dep_seq) for dep_seq, _ in set(dep_seqs)])
+        return seq
+
+    # -- reading jobs -------------------------------------------------------
+
+    def resolve(self, prefix):
+        """An id or unambiguous id prefix -> (seq, id)."""
+        if not isinstance(prefix, str) or not _ID_RE.match(prefix):
+            raise InvalidInput("not a valid job id: %s" % _short_repr(prefix))
+        row = self._one("SELECT seq, id FROM jobs WHERE id = ?", (prefix,))
+        if row:
+            return tuple(row)
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self._all("SELECT seq, id FROM jobs WHERE id > ? AND id < ?"
+                         " ORDER BY id LIMIT 6", (prefix, upper))
+        if not rows:
+            raise NotFound("no job with id '%s'" % prefix)
+        if len(rows) > 1:
+            names = ", ".join(r[1] for r in rows[:5])
+            raise InvalidInput("id prefix '%s' is ambiguous: %s%s" % (
+                prefix, names, ", ..." if len(rows) > 5 else ""))
+        return tuple(rows[0])
+
+    def job(self, prefix, runs=False):
+        """(job row, dependency ids, attempt rows or None) in one snapshot."""
+        with self.read():
+            seq = self.resolve(prefix)[0]
+            row = self._one("SELECT %s FROM jobs WHERE seq = ?" % _JOB_COLUMNS,
+                            (seq,))
+            deps = [r[0] for r in self._all(
+                "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.dep_seq"
+                " WHERE d.job_seq = ? ORDER BY j.seq", (seq,))]
+            attempts = self._all("SELECT %s FROM attempts WHERE job_seq = ?"
+                                 " ORDER BY n" % _ATTEMPT_COLUMNS,
+                                 (seq,)) if runs else None
+        return row, deps, attempts
+
+    def output(self, prefix, attempt=None):
+        """(output, dropped bytes, attempt number) or None."""
+        with self.read():
+            seq = self.resolve(prefix)[0]
+            if attempt is None:
+                return self._one(
+                    "SELECT output, output_dropped, n FROM attempts"
+                    " WHERE job_seq = ? ORDER BY n DESC LIMIT 1", (seq,))
+            return self._one("SELECT output, output_dropped, n FROM attempts"
+                             " WHERE job_seq = ? AND n = ?", (seq, attempt))
+
+    def jobs(self, state, limit, offset):
+        """Job rows in enqueue order, optionally of one state, paged."""
+        if state is None:
+            return self._all("SELECT %s FROM jobs ORDER BY seq LIMIT ? OFFSET ?"
+                             % _JOB_COLUMNS, (limit, offset))
+        return self._all("SELECT %s FROM jobs WHERE state = ? ORDER BY seq"
+                         " LIMIT ? OFFSET ?" % _JOB_COLUMNS,
+                         (state, limit, offset))
+
+    def states(self, seqs):
+        """{seq: state} of the jobs that still exist."""
+        found = {}
+        for chunk in _chunks(list(seqs)):
+            found.update(self._all("SELECT seq, state FROM jobs WHERE seq IN"
+                                   " (%s)" % _marks(chunk), chunk))
+        return found
+
+    def worker_rows(self):
+        """Registered workers with the job each runs, oldest first."""
+        return self._all(
+            "SELECT w.id, w.pid, w.host, w.started_at, w.heartbeat, j.id"
+            " FROM workers w LEFT JOIN jobs j ON j.worker_id = w.id"
+            " AND j.state = 'processing' ORDER BY w.started_at, w.id")
+
+    # -- figures ------------------------------------------------------------
+
+    def stats(self, now, since):
+        """Every `stats` figure from indexed range queries, one snapshot."""
+        with self.read():
+            return self._stats(now, since)
+
+    def _stats(self, now, since):
+        def one(sql, *args):
+            return self._one(sql, args)[0]
+        cutoff = now - since
+        ended = "SELECT COUNT(*) FROM attempts WHERE ended_at >= ?"
+        runs = one(ended, cutoff)
+        ok = one(ended + " AND error IS NULL", cutoff)
+        oldest = one("SELECT MIN(run_at) FROM jobs WHERE ready = 1"
+                     " AND run_at <= ?", now)
+        failing = self._all(
+            "SELECT j.command, COUNT(*) AS n FROM attempts a JOIN jobs j"
+            " ON j.seq = a.job_seq WHERE a.ended_at >= ? AND a.error IS NOT"
+            " NULL GROUP BY j.command ORDER BY n DESC, j.command LIMIT 5",
+            (cutoff,))
+        return {
+            "since_seconds": since,
+            "counts": self.counts(),
+            "finished_per_minute": dict(
+                ("%dm" % m, one(ended, now - 60 * m) / float(m))
+                for m in (1, 5, 15)),
+            "runs": runs,
+            "success_ratio": ok / float(runs) if runs else None,
+            "run_seconds": self._percentiles("duration",
+                                             "duration IS NOT NULL", cutoff),
+            "wait_seconds": self._percentiles("started_at - due_at",
+                                              "due_at IS NOT NULL", cutoff),
+            "oldest_due_seconds": now - oldest if oldest is not None else None,
+            "failing_commands": [{"command": c, "failures": n}
+                                 for c, n in failing],
+            "per_minute": self._per_minute(now, 60),
+        }
+
+    def _percentiles(self, expression, condition, cutoff):
+        """p50, p95 and max of an expression over attempts ended since cutoff."""
+        where = " FROM attempts WHERE ended_at >= ? AND " + condition
+        count = self._one("SELECT COUNT(*)" + where, (cutoff,))[0]
+        figures = {"p50": None, "p95": None, "max": None}
+        if count:
+            for name, fraction in (("p50", 0.5), ("p95", 0.95), ("max", 1.0)):
+                figures[name] = self._one(
+                    "SELECT %s AS v%s ORDER BY v LIMIT 1 OFFSET ?" % (
+                        expression, where),
+                    (cutoff, min(count - 1, int(fraction * count))))[0]
+        return figures
+
+    def _per_minute(self, now, minutes):
+        """[{minute start, ok, failed}] for the last `minutes`, oldest first."""
+        start = (int(now) // 60 - minutes + 1) * 60
+        series = [{"t": iso(start + 60 * i), "ok": 0, "failed": 0}
+                  for i in range(minutes)]
+        for slot, ok, failed in self._all(self._PER_MINUTE_SQL,
+                                          (start, start)):
+            if 0 <= slot < minutes:
+                series[slot]["ok"], series[slot]["failed"] = ok, failed
+        return series
+
+    def metric_samples(self):
+        """What /metrics shows, read in one snapshot."""
+        with self.read():
+            totals = dict(self._all("SELECT name, value FROM totals"))
+            return {"counts": self.counts(), "totals": totals,
+                    "workers": self.worker_rows(), "config": self.config(),
+                    "paused": self.control()[1],
+                    "buckets": self._all("SELECT le, n FROM duration_buckets"
+                                         " ORDER BY le")}
+
+    # -- changing jobs ------------------------------------------------------
+
+    def retry_dead(self, prefixes, now):
+        """Named dead jobs back to pending, attempts reset; their ids."""
+        with self.write():
+            rows = [self.resolve(p) for p in prefixes]
+            states = self.states([seq for seq, _ in rows])
+            for seq, job_id in rows:
+                if states[seq] != "dead":
+                    raise Conflict("job '%s' is %s, not dead"
+                                   % (job_id, states[seq]))
+            return self._requeue([seq for seq, _ in rows], now)
+
+    def retry_all_dead(self, now):
+        with self.write():
+            seqs = [r[0] for r in self._run(
+                "SELECT seq FROM jobs WHERE state = 'dead' ORDER BY seq")]
+            return self._requeue(seqs, now)
+
+    def _requeue(self, seqs, now):
+        """Dead jobs back to pending, waiting again for unfinished deps."""
+        self._run_many(
+            "UPDATE jobs SET waiting = (SELECT COUNT(*) FROM deps d JOIN jobs j"
+            " ON j.seq = d.dep_seq WHERE d.job_seq = ? AND j.state <>"
+            " 'completed') WHERE seq = ?", [(seq, seq) for seq in seqs])
+        self._move("pending", [(now, now, seq) for seq in seqs],
+                   "attempts = 0, run_at = ?")
+        for seq in seqs:
+            dead = self._run(
+                "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.dep_seq"
+                " WHERE d.job_seq = ? AND j.state = 'dead' LIMIT 1",
+                (seq,)).fetchone()
+            if dead:
+                raise Conflict("job '%s' waits on dead job '%s'; retry that"
+                               " one too" % (self._id(seq), dead[0]))
+        return [self._id(seq) for seq in seqs]
+
+    def delete(self, prefixes):
+        """Delete jobs (and their attempts) that are not processing."""
+        with self.write():
+            rows = [self.resolve(p) for p in prefixes]
+            doomed = set(job_id for _, job_id in rows)
+            states = self.states([seq for seq, _ in rows])
+            for seq, job_id in rows:
+                if states[seq] == "processing":
+                    raise Conflict("job '%s' is processing; stop its worker"
+                                   " first" % job_id)
+                waiter = self._run(
+                    "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.job_seq"
+                    " WHERE d.dep_seq = ? AND j.state NOT IN"
+                    " ('completed', 'dead') LIMIT 1", (seq,)).fetchone()
+                if waiter and waiter[0] not in doomed:
+                    raise Conflict("job '%s' is waited on by '%s'"
+                                   % (job_id, waiter[0]))
+            self._delete_seqs([seq for seq, _ in rows])
+            return [job_id for _, job_id in rows]
+
+    def purge(self, state, cutoff):
+        """Delete jobs of a state last updated at or before cutoff; count."""
+        with self.write():
+            seqs = [r[0] for r in self._run(
+                "SELECT seq FROM jobs WHERE state = ? AND updated_at <= ?",
+                (state, cutoff))]
+            self._delete_seqs(seqs)
+        return len(seqs)
+
+    def _delete_seqs(self, seqs):
+        for chunk in _chunks(seqs):
+            for sql in ("DELETE FROM attempts WHERE job_seq IN (%s)",
+                        "DELETE FROM deps WHERE job_seq IN (%s)",
+                        "DELETE FROM deps WHERE dep_seq IN (%s)",
+                        "DELETE FROM jobs WHERE seq IN (%s)"):
+                self._run(sql % _marks(chunk), chunk)
+
+    def _id(self, seq):
+        return self._run("SELECT id FROM jobs WHERE seq = ?",
+                         (seq,)).fetchone()[0]
+
+    # -- workers: call these inside write() ---------------------------------
+
+    def register(self, worker_ids, pid, host, now):
+        self._run_many(self._REGISTER_SQL,
+                       [(w, pid, host, now, now) for w in worker_ids])
+
+    def unregister(self, worker_ids):
+        self._run_many("DELETE FROM workers WHERE id = ?",
+                       [(w,) for w in worker_ids])
+
+    def beat(self, pid, host, now):
+        self._run("UPDATE workers SET beat = beat + 1, heartbeat = ?"
+                  " WHERE pid = ? AND host = ?", (now, pid, host))
+
+    def anything_due(self, now):
+        """A plain read (no write lock): is any job claimable now?"""
+        return self._one("SELECT 1 FROM jobs WHERE ready = 1 AND run_at <= ?"
+                         " LIMIT 1", (now,)) is not None
+
+    def claim(self, worker_id, host, now, batch=1, deep_at=1):
+        """Claim due jobs in claim order: `batch` of them when at least
+        `deep_at` are due, else one.  Returns a list of _Claim.
+
+        Each claim counts an attempt at once (so a job that keeps killing
+        its worker still reaches the DLQ), and is guarded: the update's row
+        count must say it won, whatever the transaction promises.
+        """
+        rows = self._run(_CLAIM_SQL, (now, deep_at)).fetchall()
+        claims = []
+        for seq, job_id, command, timeout, cwd, env, attempts, runs, due in \
+                rows[:batch] if len(rows) >= deep_at else rows[:1]:
+            attempt_id = self._insert_returning_seq(
+                "INSERT INTO attempts (job_seq, n, worker_id, host,"
+                " started_at, due_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (seq, runs + 1, worker_id, host, now, due))
+            claims.append(_Claim(seq, job_id, command, timeout, cwd, env,
+                                 attempts + 1, attempt_id, now))
+        moved = self._move(
+            "processing", [(now, worker_id, c.attempt_id, c.seq)
+                           for c in claims],
+            "attempts = attempts + 1, runs = runs + 1, worker_id = ?,"
+            " attempt_id = ?")
+        if moved != len(claims):  # never under one writer; checked anyway
+            lost = [c for c in claims if not self.claim_holds(c)]
+            for claim in lost:
+                self._run("DELETE FROM attempts WHERE id = ?",
+                          (claim.attempt_id,))
+            claims = [c for c in claims if c not in lost]
+        return claims
+
+    def claim_holds(self, claim):
+        """Is this claim still the job's current one?"""
+        return self._one("SELECT 1 FROM jobs WHERE seq = ? AND state ="
+                         " 'processing'" + _CLAIM_HELD,
+                         (claim.seq, claim.attempt_id)) is not None
+
+    def record_group(self, claim, pgid, start):
+        """Where a running job's processes are, for recovery to kill."""
+        self._run("UPDATE attempts SET pgid = ?, proc_start = ? WHERE id = ?",
+                  (pgid, start, claim.attempt_id))
+
+    def record_results(self, runs, config):
+        """Store finished runs [(claim, _Result)] and move their jobs on.
+
+        Every update is guarded by the claim, so a worker that lost its job
+        to recovery cannot overwrite what came after.  Successes share a few
+        statements (the common case); failures go one by one.  Returns
+        [(new state or None if the claim was lost, next run_at)] in order.
+        """
+        self._run_many(
+            "UPDATE attempts SET started_at = ?, ended_at = ?, duration = ?,"
+            " exit_code = ?, signal = ?, error = ?, output = ?,"
+            " output_dropped = ?, pgid = COALESCE(pgid, ?)"
+            " WHERE id = ? AND ended_at IS NULL",
+            [(c.started, r.ended, r.ended - c.started, r.exit_code, r.signal,
+              r.error, r.output, r.dropped, r.pgid, c.attempt_id)
+             for c, r in runs])
+        done = self._complete([(c, r.ended) for c, r in runs
+                               if r.error is None])
+        outcome = []
+        for claim, result in runs:
+            if result.error is None:
+                outcome.append(("completed", None) if claim.seq in done
+                               else (None, None))
+            else:
+                outcome.append(self._fail(claim, result.error, config,
+                                          result.ended))
+        return outcome
+
+    def _complete(self, finished):
+        """Mark [(claim, end time)] completed, release their dependents;
+        returns the seqs whose claims held."""
+        if not finished:
+            return set()
+        moved = self._move("completed", [(ended, c.seq, c.attempt_id)
+                                         for c, ended in finished],
+                           "last_error = NULL, worker_id = NULL", held=True)
+        done = [c for c, _ in finished]
+        if moved != len(finished):  # rare: some claims were lost
+            done = [c for c in done if self._run(
+                "SELECT 1 FROM jobs WHERE seq = ? AND state = 'completed'"
+                + _CLAIM_HELD, (c.seq, c.attempt_id)).fetchone()]
+        # Dependents wait for one job fewer; the last one makes them ready.
+        self._run_many(
+            "UPDATE jobs SET waiting = waiting - 1, ready = CASE WHEN waiting"
+            " = 1 THEN 1 END WHERE seq IN (SELECT job_seq FROM deps WHERE"
+            " dep_seq = ?) AND state = 'pending' AND waiting > 0",
+            [(c.seq,) for c in done])
+        return set(c.seq for c in done)
+
+    def _fail(self, claim, error, config, now):
+        """A failed run: retry later, or bury.  Returns (new state, run_at)."""
+        row = self._run("SELECT attempts, max_retries FROM jobs WHERE seq = ?"
+                        " AND state = 'processing'" + _CLAIM_HELD,
+                        (claim.seq, claim.attempt_id)).fetchone()
+        if row is None:
+            return None, None
+        failures, max_retries = row
+        if failures <= max_retries:
+            run_at = now + backoff_delay(failures, config["backoff-base"],
+                                         config["backoff-max"])
+            self._move("failed", [(now, run_at, error, claim.seq,
+                                   claim.attempt_id)],
+                       "run_at = ?, last_error = ?, worker_id = NULL",
+                       held=True)
+            return "failed", run_at
+        self._move("dead", [(now, error, claim.seq, claim.attempt_id)],
+                   "last_error = ?, worker_id = NULL", held=True)
+        self._bury_dependents(claim.seq, now)
+        return "dead", None
+
+    def _bury_dependents(self, seq, now):
+        """A dead job takes everything that waits on it, transitively."""
+        frontier = [seq]
+        while frontier:
+            dep = frontier.pop()
+            dep_id = self._id(dep)
+            waiting = [r[0] for r in self._run(
+                "SELECT job_seq FROM deps d JOIN jobs j ON j.seq = d.job_seq"
+                " WHERE d.dep_seq = ? AND j.state = 'pending' AND j.waiting"
+                " > 0", (dep,))]
+            self._move("dead", [(now, "dependency %s failed" % dep_id, s)
+                                for s in waiting], "last_error = ?")
+            frontier.extend(waiting)
+
+    def hand_back(self, claim, now):
+        """A run that does not count (forced stop, or claimed but never
+        started): the job is pending again, in its old place."""
+        if self._move("pending", [(now, claim.seq, claim.attempt_id)],
+                      "attempts = attempts - 1, runs = runs - 1,"
+                      " worker_id = NULL, attempt_id = NULL", held=True):
+            self._run("DELETE FROM attempts WHERE id = ?", (claim.attempt_id,))
+
+    # -- recovery -----------------------------------------------------------
+
+    def reaper_snapshot(self):
+        """(worker rows, processing jobs) in one snapshot: a worker that
+        registers and claims between two reads would look like the owner of
+        an orphaned job."""
+        with self.read():
+            workers = self._all("SELECT id, pid, host, beat FROM workers")
+            lost = self._all(self._PROCESSING_SQL)
+        return workers, [(_Claim(seq, job_id, None, None, None, None, None,
+                                 attempt_id, None), wid, host, pgid, start)
+                         for seq, job_id, wid, attempt_id, host, pgid, start
+                         in lost]
+
+    def recover(self, claim, config, now):
+        """A dead worker's job: its run failed with 'worker lost'."""
+        with self.write():
+            self._run("UPDATE attempts SET ended_at = ?, duration = ? -"
+                      " started_at, error = 'worker lost' WHERE id = ? AND"
+                      " ended_at IS NULL", (now, now, claim.attempt_id))
+            return self._fail(claim, "worker lost", config, now)[0]
+
+
+def _move_sql(to_state, sets="", held=False):
+    """UPDATE for one state change (cached): see _READY and _MOVES."""
+    key = (to_state, sets, held)
+    sql = _MOVE_SQL.get(key)
+    if sql is None:
+        sources = ", ".join("'%s'" % s for s in _MOVES[to_state])
+        sql = _MOVE_SQL[key] = (
+            "UPDATE jobs SET state = '%s', ready = %s, updated_at = ?%s"
+            " WHERE seq = ? AND state IN (%s)%s%s" % (
+                to_state, _READY[to_state], ", " + sets if sets else "",
+                sources, " AND ready = 1" if to_state == "processing" else "",
+                _CLAIM_HELD if held else ""))
+    return sql
+
+
+_MOVE_SQL = {}
+
+
+# Serialises this process's SQLite write transactions: threads of one
+# process queue here instead of sleeping in SQLite's busy handler.  Held
+# only around one BEGIN IMMEDIATE ... COMMIT.
+_WRITE_LOCK = _thread.allocate_lock()
+
+
+class _SQLiteStore(_SQLStore):
+    """The queue in one SQLite file (WAL mode), for one host."""
+
+    _driver_errors = (sqlite3.Error,)
+    _integrity_error = sqlite3.IntegrityError
+    _REGISTER_SQL = ("INSERT OR IGNORE INTO workers (id, pid, host,"
+                     " started_at, heartbeat) VALUES (?, ?, ?, ?, ?)")
+    # INDEXED BY: the planner would otherwise scan the claim index.
+    _PROCESSING_SQL = (
+        "SELECT j.seq, j.id, j.worker_id, a.id, a.host, a.pgid, a.proc_start"
+        " FROM jobs j INDEXED BY jobs_state JOIN attempts a"
+        " ON a.id = j.attempt_id WHERE j.state = 'processing'")
+    _PER_MINUTE_SQL = (
+        "SELECT CAST((ended_at - ?) / 60 AS INTEGER) AS m,"
+        " SUM(error IS NULL), SUM(error IS NOT NULL) FROM attempts"
+        " WHERE ended_at >= ? GROUP BY m")
+
+    def __init__(self, path):
+        path = os.path.abspath(os.path.expanduser(path))
+        _SQLStore.__init__(self, path)
+        self.path = path
+        self.durable = None  # the connection's synchronous=FULL, once set
+        self.conn = self._connect()
+
+    # -- opening: files, identity, migrations -------------------------------
+
+    def _connect(self):
+        path = self.path
+        try:
+            if os.path.islink(path) and not os.path.exists(path):
+                raise OSError(0, "it is a symbolic link to %s, which does"
+                              " not exist" % os.readlink(path))
+            if not os.path.exists(path):
+                _create_database(path)
+            _check_writable(path)
+            conn = _sqlite_open(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError("cannot open database %s: %s"
+                             % (path, _reason(exc)))
+        try:
+            self.conn = conn
+            self._check_schema()
+            conn.execute("PRAGMA journal_size_limit=%d" % (8 << 20))
+            self._set_durable(False)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_schema(self):
+        """Refuse foreign, corrupt and newer databases; migrate older ones.
+
+        Read in one transaction, so a database being created at this
+        moment is not mistaken for a foreign one."""
+        path = self.path
+        try:
+            with self.read():
+                app = self._one("PRAGMA application_id")[0]
+                version = self._one("PRAGMA user_version")[0]
+        except StoreError as exc:
+            if exc.transient:
+                raise StoreError("cannot read %s: %s" % (path, exc.reason),
+                                 transient=True)
+            raise StoreError("%s is not a usable queuectl database: %s"
+                             % (path, exc.reason))
+        if app != APPLICATION_ID:
+            raise StoreError("%s is not a queuectl database (application_id"
+                             " %d); left untouched" % (path, app))
+        if version > SCHEMA_VERSION:
+            raise StoreError("%s was written by a newer queuectl (schema %d,"
+                             " this one knows up to %d); upgrade queuectl"
+                             % (path, version, SCHEMA_VERSION))
+        if version < SCHEMA_VERSION:
+            with self.write():
+                _migrate(self.conn, self._one("PRAGMA user_version")[0])
+
+    def _set_durable(self, durable):
+        """synchronous=FULL (an enqueue that printed its id survives power
+        loss) or NORMAL (worker state: a lost change reruns a job)."""
+        if durable != self.durable:
+            self.conn.execute("PRAGMA synchronous=%s"
+                              % ("FULL" if durable else "NORMAL"))
+            self.durable = durable
+
+    # -- transactions and errors --------------------------------------------
+
+    def _begin_write(self, durable):
+        self._set_durable(durable)
+        return _write_txn(self.conn)
+
+    def _translate(self, exc):
+        return StoreError("database: %s" % _store_reason(exc, self.path),
+                          transient=_transient(exc),
+                          reason=_store_reason(exc, self.path))
+
+    def _insert_returning_seq(self, sql, params):
+        return self._run(sql, params).lastrowid
+
+    def _upsert_config(self, key, value):
+        self._run("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
+                  (key, str(value)))
+
+    def _insert_deps(self, pairs):
+        self._run_many("INSERT INTO deps (job_seq, dep_seq) VALUES (?, ?)",
+                       pairs)
+
+    def counts(self):
+        """{state: jobs} from the trigger-kept table: one row per state."""
+        counts = dict.fromkeys(STATES, 0)
+        counts.update(self._all("SELECT state, n FROM counts"))
+        return counts
+
+    # -- upkeep -------------------------------------------------------------
+
+    def checkpoint(self):
+        """Copy the WAL back so it can restart small, even when busy
+        connections keep SQLite's own checkpoints from it."""
+        self._all("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def vacuum(self):
+        self._all("VACUUM")
+
+    # -- for the benchmark --------------------------------------------------
+
+    def fill_for_bench(self, total, pending, now):
+        """`total` jobs, the last `pending` due and the rest completed."""
+        rows = (("b%07d" % i, "pending" if i >= total - pending
+                 else "completed", 1 if i >= total - pending else None,
+                 now, now, now) for i in range(total))
+        with self.write():
+            self._run_many(
+                "INSERT INTO jobs (id, command, state, ready, run_at,"
+                " max_retries, cwd, created_at, updated_at) VALUES"
+                " (?, 'true', ?, ?, ?, 3, '/', ?, ?)", rows)
+
+    def claim_and_roll_back(self, host, now):
+        """One claim transaction whose effects are undone (bench)."""
+        with self._translated():
+            self._run("BEGIN IMMEDIATE")
+            try:
+                self.claim("bench", host, now, 1)
+            finally:
+                self._run("ROLLBACK")
+
+    def run_span(self):
+        """(first start, last end) of every attempt (bench)."""
+        return tuple(self._one("SELECT MIN(started_at), MAX(ended_at)"
+                               " FROM attempts"))
+
+
+def _sqlite_open(path):
+    # mode=rw: never let SQLite create a stray empty file at a mistyped path.
+    quoted = path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    return sqlite3.connect("file:%s?mode=rw" % quoted, uri=True,
+                           timeout=LOCK_WAIT, isolation_level=None)
+
+
+def _is_locked(exc):
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+@contextlib.contextmanager
+def _write_txn(conn):
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+    with _WRITE_LOCK:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_locked(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT (disk full) may leave the transaction open.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+
+def _check_writable(path):
+    # Workers and commands alike write (state, heartbeats, the WAL files
+    # beside the database): refuse up front rather than half-way.
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise OSError(0, "the file is not readable and writable by this user")
+    if not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+        raise OSError(0, "its folder is not writable by this user (SQLite"
+                      " keeps -wal and -shm files beside it)")
+
+
+def _reason(exc):
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc)
+
+
+def _transient(exc):
+    """Is this a database error that may go away (lock, full disk, I/O)?"""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in text for word in ("locked", "busy", "full", "disk i/o",
+                                  "unable to open"))
+
+
+def _store_reason(exc, path):
+    """The real cause of a database error, in the user's words."""
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return ("database locked by another process for %s s"
+                % _number_text(LOCK_WAIT))
+    if "full" in text or ("i/o" in text and _disk_full(path)):
+        return "disk full"
+    return str(exc)
+
+
+def _disk_full(path):
+    try:
+        return os.statvfs(os.path.dirname(path) or ".").f_bavail == 0
+    except OSError:
+        return False
+
+
+def _create_database(path):
+    """Build the database under a temporary name, then link it into place.
+
+    So no process ever sees a half-made queuectl database: a file at `path`
+    is either complete or not ours (an empty file is an error, not a queue).
+    """
+    _make_private_folders(os.path.dirname(path))
+    tmp = "%s.%d-%s.tmp" % (path, os.getpid(), _random_id())
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        conn = _sqlite_open(tmp)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            with _write_txn(conn):
+                _migrate(conn, 0)
+                conn.execute("PRAGMA application_id=%d" % APPLICATION_ID)
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first; theirs is as good
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp + suffix)
+
+
+def _make_private_folders(folder):
+    """Create the missing folders of a path, each 0700 whatever the umask:
+    whoever can write there can make workers run commands."""
+    parent = os.path.dirname(folder)
+    if parent != folder and not os.path.isdir(parent):
+        _make_private_folders(parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+        os.chmod(folder, 0o700)
+
+
+def _migrate(conn, version):
+    while version < SCHEMA_VERSION:
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+        version += 1
+        conn.execute("PRAGMA user_version=%d" % version)
+
+
+def open_store(address=None):
+    """The store for a database address (a path; default: $QUEUECTL_DB or
+    ~/.queuectl/queue.db)."""
+    return _SQLiteStore(address or default_db_path())
+
+
+def default_db_path():
+    return os.path.expanduser(os.environ.get("QUEUECTL_DB") or DEFAULT_DB)
+
+
+###############################################################################
+# Queue API ###################################################################
+###############################################################################
 
 def _job_dict(row, deps=None):
     (seq, job_id, command, state, priority, run_at, max_retries, timeout, cwd,
@@ -844,19 +1593,19 @@ def _attempt_dict(row):
 
 
 class Queue(object):
-    """The job queue in one SQLite file.  One Queue per thread.
+    """The job queue in a store.  One Queue per thread.
 
     Ids given to methods may be unambiguous prefixes.  Errors are raised as
-    InvalidInput, NotFound or Conflict (all QueueError).
+    InvalidInput, NotFound, Conflict or StoreError (all QueueError).
     """
 
-    def __init__(self, path=None, now=time.time, synchronous="FULL"):
-        self.path = os.path.abspath(os.path.expanduser(path or default_db_path()))
+    def __init__(self, path=None, now=time.time):
+        self.store = open_store(path)
+        self.path = self.store.address
         self.now = now
-        self.conn = connect(self.path, synchronous)
 
     def close(self):
-        self.conn.close()
+        self.store.close()
 
     # -- adding jobs --------------------------------------------------------
 
@@ -873,153 +1622,35 @@ class Queue(object):
         now, cwd = self.now(), os.getcwd()
         # Validated before the write lock is taken: a big file must not
         # hold up the workers while it is checked.
-        config = _read_config(self.conn)
-        rows, afters = [], []
+        config = self.store.config()
+        jobs, afters = [], []
         for index, spec in enumerate(specs):
             try:
-                rows.append(_validate_job(spec, config, now, cwd))
+                jobs.append(_validate_job(spec, config, now, cwd))
                 afters.append(_job_after(spec))
             except InvalidInput as exc:
                 if len(specs) == 1:
                     raise
                 raise InvalidInput("job %d: %s" % (index + 1, exc))
-        with write_txn(self.conn):
-            try:
-                return self._insert_jobs(rows, afters, now)
-            except UnicodeEncodeError:
-                raise InvalidInput("a job holds text that is not valid"
-                                   " Unicode (a lone surrogate)")
-
-    def _insert_jobs(self, rows, afters, now):
-        self._check_given_ids([row[0] for row in rows if row[0] is not None])
-        # Generated ids have 48 random bits: a clash with an existing id is
-        # rare, but must not fail an enqueue: draw again and retry.
-        for tries_left in range(5, 0, -1):
-            ids = _fill_ids([row[0] for row in rows])
-            self.conn.execute("SAVEPOINT insert_jobs")
-            try:
-                self._insert_rows(ids, rows, afters, now)
-            except sqlite3.IntegrityError:
-                self.conn.execute("ROLLBACK TO insert_jobs")
-                if tries_left == 1:
-                    raise
-                continue
-            self.conn.execute("RELEASE insert_jobs")
-            return ids
-
-    def _insert_rows(self, ids, rows, afters, now):
-        params = [(job_id,) + row[1:] + (now, now)
-                  for job_id, row in zip(ids, rows)]
-        if not any(afters):
-            self.conn.executemany(
-                "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
-                " timeout, cwd, env, created_at, updated_at, state, ready)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',1)", params)
-            return
-        seqs = {}
-        for job_id, param, after in zip(ids, params, afters):
-            seqs[job_id] = self._insert_with_deps(param, after, seqs)
-
-    def _check_given_ids(self, given):
-        if len(set(given)) != len(given):
-            seen = set()
-            dup = next(i for i in given if i in seen or seen.add(i))
-            raise Conflict("duplicate id '%s' in input" % dup)
-        self._refuse_existing(given)
-
-    def _existing(self, ids):
-        found = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            found += [r[0] for r in self.conn.execute(
-                "SELECT id FROM jobs WHERE id IN (%s)"
-                % ",".join("?" * len(chunk)), chunk)]
-        return found
-
-    def _refuse_existing(self, ids):
-        found = self._existing(ids)
-        if found:
-            raise Conflict("a job with id '%s' already exists" % found[0])
-
-    def _insert_with_deps(self, param, after, seqs):
-        dep_seqs = []
-        for dep in after:
-            if dep in seqs:
-                dep_seqs.append((seqs[dep], "pending"))
-                continue
-            row = self.conn.execute("SELECT seq, state FROM jobs WHERE id = ?",
-                                    (dep,)).fetchone()
-            if row is None:
-                raise NotFound("after: no job with id '%s'" % dep)
-            if row[1] == "dead":
-                raise Conflict("after: job '%s' is dead; retry it first" % dep)
-            dep_seqs.append(row)
-        waiting = sum(1 for _, state in set(dep_seqs) if state != "completed")
-        cur = self.conn.execute(
-            "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
-            " timeout, cwd, env, created_at, updated_at, state, ready, waiting)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',?,?)",
-            param + (None if waiting else 1, waiting))
-        seq = cur.lastrowid
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO deps (job_seq, dep_seq) VALUES (?, ?)",
-            [(seq, dep_seq) for dep_seq, _ in dep_seqs])
-        return seq
+        return self.store.insert_jobs(jobs, afters, now)
 
     # -- reading ------------------------------------------------------------
 
     def resolve(self, prefix):
         """An id or unambiguous id prefix -> the full id."""
-        return self._resolve_row(prefix)[1]
-
-    def _resolve_row(self, prefix):
-        if not isinstance(prefix, str) or not _ID_RE.match(prefix):
-            raise InvalidInput("not a valid job id: %s" % _short_repr(prefix))
-        sql = "SELECT seq, id FROM jobs WHERE id = ?"
-        row = self.conn.execute(sql, (prefix,)).fetchone()
-        if row:
-            return row
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        rows = self.conn.execute(
-            "SELECT seq, id FROM jobs WHERE id > ? AND id < ? ORDER BY id"
-            " LIMIT 6", (prefix, upper)).fetchall()
-        if not rows:
-            raise NotFound("no job with id '%s'" % prefix)
-        if len(rows) > 1:
-            names = ", ".join(r[1] for r in rows[:5])
-            raise InvalidInput("id prefix '%s' is ambiguous: %s%s" % (
-                prefix, names, ", ..." if len(rows) > 5 else ""))
-        return rows[0]
+        return self.store.resolve(prefix)[1]
 
     def get(self, job_id, runs=False):
         """The job as a dict; with runs=True, its attempt records too."""
-        with read_txn(self.conn):
-            seq = self._resolve_row(job_id)[0]
-            row = self.conn.execute("SELECT %s FROM jobs WHERE seq = ?"
-                                    % _JOB_COLUMNS, (seq,)).fetchone()
-            deps = [r[0] for r in self.conn.execute(
-                "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.dep_seq"
-                " WHERE d.job_seq = ? ORDER BY j.seq", (seq,))]
-            job = _job_dict(row, deps)
-            if runs:
-                job["runs"] = [_attempt_dict(r) for r in self.conn.execute(
-                    "SELECT %s FROM attempts WHERE job_seq = ? ORDER BY n"
-                    % _ATTEMPT_COLUMNS, (seq,))]
+        row, deps, attempts = self.store.job(job_id, runs)
+        job = _job_dict(row, deps)
+        if runs:
+            job["runs"] = [_attempt_dict(r) for r in attempts]
         return job
 
     def output(self, job_id, attempt=None):
         """(text, dropped bytes, attempt number) of a job's last or n-th run."""
-        with read_txn(self.conn):
-            seq = self._resolve_row(job_id)[0]
-            if attempt is None:
-                row = self.conn.execute(
-                    "SELECT output, output_dropped, n FROM attempts"
-                    " WHERE job_seq = ? ORDER BY n DESC LIMIT 1",
-                    (seq,)).fetchone()
-            else:
-                row = self.conn.execute(
-                    "SELECT output, output_dropped, n FROM attempts"
-                    " WHERE job_seq = ? AND n = ?", (seq, attempt)).fetchone()
+        row = self.store.output(job_id, attempt)
         if row is None:
             raise NotFound("job '%s' has no attempt %s" % (
                 job_id, attempt if attempt is not None else "yet"))
@@ -1030,143 +1661,65 @@ class Queue(object):
         if state is not None and state not in STATES:
             raise InvalidInput("unknown state '%s' (states: %s)"
                                % (state, ", ".join(STATES)))
-        if state is None:
-            sql = "SELECT %s FROM jobs ORDER BY seq LIMIT ? OFFSET ?"
-            args = (limit, offset)
-        else:
-            sql = ("SELECT %s FROM jobs WHERE state = ?"
-                   " ORDER BY seq LIMIT ? OFFSET ?")
-            args = (state, limit, offset)
-        rows = self.conn.execute(sql % _JOB_COLUMNS, args).fetchall()
-        return [_job_dict(row) for row in rows]
+        return [_job_dict(row) for row in self.store.jobs(state, limit, offset)]
 
     def counts(self):
         """{state: number of jobs} for all five states."""
-        return _counts(self.conn)
+        return self.store.counts()
 
     def workers(self):
         """Registered workers that look alive, oldest first."""
-        return _live_workers(self.conn, _read_config(self.conn), self.now())
+        return _live_workers(self.store.worker_rows(),
+                             self.store.config()["lease-timeout"], self.now())
 
     def stats(self, since=3600.0):
         """Throughput, success, run and wait times (see `queuectl stats`)."""
         if not since > 0:
             raise InvalidInput("--since must be > 0")
-        with read_txn(self.conn):
-            return _stats(self.conn, self.now(), since)
+        return self.store.stats(self.now(), since)
 
     def metrics(self):
         """The Prometheus text exposition of the queue's gauges/counters."""
-        with read_txn(self.conn):
-            return _metrics_text(self.conn, self.now())
+        return _metrics_text(self.store.metric_samples(), self.now())
 
     def status(self):
         """Counts, live workers, the pause flag and the path (`status`)."""
-        with read_txn(self.conn):
+        with self.store.read():
             return {"counts": self.counts(), "workers": self.workers(),
                     "paused": self.is_paused(), "db": self.path}
 
     def is_paused(self):
-        return bool(_read_config(self.conn).get("_paused", 0))
+        return bool(self.store.control()[1])
 
     # -- changing jobs ------------------------------------------------------
 
     def retry(self, job_ids):
         """Dead jobs back to pending with attempts reset; returns the ids."""
-        with write_txn(self.conn):
-            rows = [self._resolve_row(i) for i in job_ids]
-            for seq, job_id in rows:
-                state = self._state(seq)
-                if state != "dead":
-                    raise Conflict("job '%s' is %s, not dead" % (job_id, state))
-            return self._requeue([seq for seq, _ in rows])
+        return self.store.retry_dead(job_ids, self.now())
 
     def retry_all(self):
         """Every dead job back to pending; returns their ids."""
-        with write_txn(self.conn):
-            seqs = [r[0] for r in self.conn.execute(
-                "SELECT seq FROM jobs WHERE state = 'dead' ORDER BY seq")]
-            return self._requeue(seqs)
-
-    def _requeue(self, seqs):
-        """Dead jobs back to pending, waiting again for unfinished deps."""
-        now = self.now()
-        for seq in seqs:
-            self.conn.execute(
-                "UPDATE jobs SET state = 'pending', attempts = 0, run_at = ?,"
-                " updated_at = ?, waiting = (SELECT COUNT(*) FROM deps d"
-                " JOIN jobs j ON j.seq = d.dep_seq WHERE d.job_seq = ?"
-                " AND j.state <> 'completed') WHERE seq = ?",
-                (now, now, seq, seq))
-            self.conn.execute("UPDATE jobs SET ready = CASE WHEN waiting = 0"
-                              " THEN 1 END WHERE seq = ?", (seq,))
-        for seq in seqs:
-            dead = self.conn.execute(
-                "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.dep_seq"
-                " WHERE d.job_seq = ? AND j.state = 'dead' LIMIT 1",
-                (seq,)).fetchone()
-            if dead:
-                raise Conflict("job '%s' waits on dead job '%s'; retry that"
-                               " one too" % (self._id(seq), dead[0]))
-        return [self._id(seq) for seq in seqs]
+        return self.store.retry_all_dead(self.now())
 
     def delete(self, job_ids):
         """Delete jobs (and their attempts) that are not processing."""
-        with write_txn(self.conn):
-            rows = [self._resolve_row(i) for i in job_ids]
-            doomed = set(job_id for _, job_id in rows)
-            for seq, job_id in rows:
-                if self._state(seq) == "processing":
-                    raise Conflict("job '%s' is processing; stop its worker"
-                                   " first" % job_id)
-                waiter = self.conn.execute(
-                    "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.job_seq"
-                    " WHERE d.dep_seq = ? AND j.state NOT IN"
-                    " ('completed', 'dead') LIMIT 1", (seq,)).fetchone()
-                if waiter and waiter[0] not in doomed:
-                    raise Conflict("job '%s' is waited on by '%s'"
-                                   % (job_id, waiter[0]))
-            self._delete_seqs([seq for seq, _ in rows])
-            return [job_id for _, job_id in rows]
+        return self.store.delete(job_ids)
 
     def purge(self, state, older_than=0.0, vacuum=False):
         """Delete completed or dead jobs last updated `older_than` s ago."""
         if state not in ("completed", "dead"):
             raise InvalidInput("purge takes --state completed or dead, got '%s'"
                                % state)
-        cutoff = self.now() - older_than
-        with write_txn(self.conn):
-            seqs = [r[0] for r in self.conn.execute(
-                "SELECT seq FROM jobs WHERE state = ? AND updated_at <= ?",
-                (state, cutoff))]
-            self._delete_seqs(seqs)
+        count = self.store.purge(state, self.now() - older_than)
         if vacuum:
-            self.conn.execute("VACUUM")
-        return len(seqs)
-
-    def _delete_seqs(self, seqs):
-        for start in range(0, len(seqs), 500):
-            chunk = seqs[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for sql in ("DELETE FROM attempts WHERE job_seq IN (%s)",
-                        "DELETE FROM deps WHERE job_seq IN (%s)",
-                        "DELETE FROM deps WHERE dep_seq IN (%s)",
-                        "DELETE FROM jobs WHERE seq IN (%s)"):
-                self.conn.execute(sql % marks, chunk)
-
-    def _state(self, seq):
-        return self.conn.execute("SELECT state FROM jobs WHERE seq = ?",
-                                 (seq,)).fetchone()[0]
-
-    def _id(self, seq):
-        return self.conn.execute("SELECT id FROM jobs WHERE seq = ?",
-                                 (seq,)).fetchone()[0]
+            self.store.vacuum()
+        return count
 
     # -- config and control -------------------------------------------------
 
     def config(self):
         """{key: value} of every setting, defaults included."""
-        values = _read_config(self.conn)
+        values = self.store.config()
         return dict((k, v) for k, v in values.items() if k in CONFIG_DEFAULTS)
 
     def config_get(self, key):
@@ -1176,20 +1729,15 @@ class Queue(object):
     def config_set(self, key, value):
         key = config_key(key)
         number = config_value(key, value)
-        with write_txn(self.conn):
-            self.conn.execute("INSERT OR REPLACE INTO config (key, value)"
-                              " VALUES (?, ?)", (key, str(number)))
+        self.store.set_config(key, number)
         return number
 
     def request_stop(self):
         """Ask every worker running now to finish its jobs and exit."""
-        with write_txn(self.conn):
-            self._bump("_stop_seq")
+        self.store.bump("_stop_seq")
 
     def set_paused(self, paused):
-        with write_txn(self.conn):
-            self.conn.execute("INSERT OR REPLACE INTO config (key, value)"
-                              " VALUES ('_paused', ?)", (str(int(paused)),))
+        self.store.set_config("_paused", int(paused))
 
     def wait(self, job_ids, timeout=None, interval=0.1):
         """Block until every job is completed or dead.
@@ -1197,14 +1745,10 @@ class Queue(object):
         Returns {id: state}; raises TimeoutError after `timeout` seconds and
         NotFound if a job is deleted while waited for.
         """
-        rows = [self._resolve_row(i) for i in job_ids]
-        seqs = dict(rows)
+        seqs = dict(self.store.resolve(i) for i in job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
-        marks = ",".join("?" * len(seqs))
         while True:
-            states = dict(self.conn.execute(
-                "SELECT seq, state FROM jobs WHERE seq IN (%s)" % marks,
-                list(seqs)).fetchall())
+            states = self.store.states(seqs)
             gone = [seqs[s] for s in seqs if s not in states]
             if gone:
                 raise NotFound("job '%s' was deleted" % gone[0])
@@ -1215,13 +1759,9 @@ class Queue(object):
                                    % (_seconds_text(timeout), len(seqs)))
             time.sleep(interval)
 
-    def _bump(self, key):
-        value = _read_config(self.conn).get(key, 0) + 1
-        self.conn.execute("INSERT OR REPLACE INTO config (key, value)"
-                          " VALUES (?, ?)", (key, str(value)))
-
 
 def config_key(key):
+
     """Accept 'max_retries' or 'max-retries'; refuse unknown keys."""
     canonical = str(key).replace("_", "-")
     if canonical not in CONFIG_DEFAULTS:
@@ -1245,13 +1785,11 @@ def config_value(key, text):
     return int(value) if float(value).is_integer() else value
 
 
-def _live_workers(conn, config, now):
-    rows = conn.execute(
-        "SELECT w.id, w.pid, w.host, w.started_at, w.heartbeat, j.id"
-        " FROM workers w LEFT JOIN jobs j ON j.worker_id = w.id"
-        " AND j.state = 'processing' ORDER BY w.started_at, w.id").fetchall()
+def _live_workers(rows, lease_timeout, now):
+    """The registered workers that look alive: on this host, their process
+    exists; on others, they beat within the last two leases."""
     host = _host()
-    stale = now - 2 * config["lease-timeout"]
+    stale = now - 2 * lease_timeout
     live = []
     for wid, pid, whost, started, heartbeat, job in rows:
         alive = _pid_alive(pid) if whost == host else heartbeat >= stale
@@ -1262,76 +1800,8 @@ def _live_workers(conn, config, now):
     return live
 
 
-def _counts(conn):
-    """{state: jobs} from the trigger-kept table: one row per state."""
-    counts = dict.fromkeys(STATES, 0)
-    counts.update(conn.execute("SELECT state, n FROM counts"))
-    return counts
-
-
-def _stats(conn, now, since):
-    """Every figure from indexed range queries over the last `since` s."""
-    def one(sql, *args):
-        return conn.execute(sql, args).fetchone()[0]
-    cutoff = now - since
-    ended = "SELECT COUNT(*) FROM attempts WHERE ended_at >= ?"
-    runs = one(ended, cutoff)
-    ok = one(ended + " AND error IS NULL", cutoff)
-    oldest = one("SELECT MIN(run_at) FROM jobs WHERE ready = 1 AND run_at <= ?",
-                 now)
-    failing = conn.execute(
-        "SELECT j.command, COUNT(*) AS n FROM attempts a JOIN jobs j"
-        " ON j.seq = a.job_seq WHERE a.ended_at >= ? AND a.error IS NOT NULL"
-        " GROUP BY j.command ORDER BY n DESC, j.command LIMIT 5",
-        (cutoff,)).fetchall()
-    counts = _counts(conn)
-    return {
-        "since_seconds": since,
-        "counts": counts,
-        "finished_per_minute": dict(
-            ("%dm" % m, one(ended, now - 60 * m) / float(m)) for m in (1, 5, 15)),
-        "runs": runs,
-        "success_ratio": ok / float(runs) if runs else None,
-        "run_seconds": _percentiles(conn, "duration",
-                                    "duration IS NOT NULL", cutoff),
-        "wait_seconds": _percentiles(conn, "started_at - due_at",
-                                     "due_at IS NOT NULL", cutoff),
-        "oldest_due_seconds": now - oldest if oldest is not None else None,
-        "failing_commands": [{"command": c, "failures": n} for c, n in failing],
-        "per_minute": _per_minute(conn, now, 60),
-    }
-
-
-def _percentiles(conn, expression, condition, cutoff):
-    """p50, p95 and max of an expression over attempts ended since cutoff."""
-    where = " FROM attempts WHERE ended_at >= ? AND " + condition
-    count = conn.execute("SELECT COUNT(*)" + where, (cutoff,)).fetchone()[0]
-    figures = {"p50": None, "p95": None, "max": None}
-    if count:
-        for name, fraction in (("p50", 0.5), ("p95", 0.95), ("max", 1.0)):
-            figures[name] = conn.execute(
-                "SELECT %s AS v%s ORDER BY v LIMIT 1 OFFSET ?" % (
-                    expression, where),
-                (cutoff, min(count - 1, int(fraction * count)))).fetchone()[0]
-    return figures
-
-
-def _per_minute(conn, now, minutes):
-    """[{minute start, ok, failed}] for the last `minutes`, oldest first."""
-    start = (int(now) // 60 - minutes + 1) * 60
-    series = [{"t": iso(start + 60 * i), "ok": 0, "failed": 0}
-              for i in range(minutes)]
-    for slot, ok, failed in conn.execute(
-            "SELECT CAST((ended_at - ?) / 60 AS INTEGER) AS m,"
-            " SUM(error IS NULL), SUM(error IS NOT NULL) FROM attempts"
-            " WHERE ended_at >= ? GROUP BY m", (start, start)):
-        if 0 <= slot < minutes:
-            series[slot]["ok"], series[slot]["failed"] = ok, failed
-    return series
-
-
-def _metrics_text(conn, now):
-    """Prometheus text format, version 0.0.4."""
+def _metrics_text(samples, now):
+    """Prometheus text format, version 0.0.4, from Store.metric_samples()."""
     lines = []
 
     def metric(name, kind, text, samples):
@@ -1339,22 +1809,20 @@ def _metrics_text(conn, now):
         lines.append("# TYPE %s %s" % (name, kind))
         for labels, value in samples:
             lines.append("%s%s %s" % (name, labels, _number_text(value)))
-    counts = _counts(conn)
+    counts, totals = samples["counts"], samples["totals"]
     metric("queuectl_jobs", "gauge", "Jobs in the queue by state.",
            [('{state="%s"}' % s, counts[s]) for s in STATES])
-    totals = dict(conn.execute("SELECT name, value FROM totals"))
     metric("queuectl_attempts_total", "counter",
            "Finished attempts by result.",
            [('{result="%s"}' % r, totals.get(r, 0))
             for r in ("success", "failure", "timeout", "lost")])
-    workers = _live_workers(conn, _read_config(conn), now)
+    workers = _live_workers(samples["workers"],
+                            samples["config"]["lease-timeout"], now)
     metric("queuectl_workers", "gauge", "Live worker threads.",
            [("", len(workers))])
-    paused = conn.execute(_CONTROL_SQL).fetchone()[1]
     metric("queuectl_paused", "gauge", "1 while workers claim nothing new.",
-           [("", paused)])
-    buckets = conn.execute("SELECT le, n FROM duration_buckets ORDER BY le"
-                           ).fetchall()
+           [("", samples["paused"])])
+    buckets = samples["buckets"]
     samples = [('_bucket{le="%s"}' % ("+Inf" if le == float("inf") else
                                       _number_text(le)), n)
                for le, n in buckets]
@@ -1485,13 +1953,13 @@ class _Execution(object):
         import subprocess
         job, script = self.job, None
         try:
-            argv = ["/bin/sh", "-c", job["command"]]
+            argv = ["/bin/sh", "-c", job.command]
             env = self._environment()
-            if len(job["command"]) > LONG_COMMAND:
-                script = _write_script(job["command"])
+            if len(job.command) > LONG_COMMAND:
+                script = _write_script(job.command)
                 argv = ["/bin/sh", "-c", '. "$0"', script]
             self.proc = subprocess.Popen(
-                argv, cwd=job["cwd"], env=env, stdin=_devnull(),
+                argv, cwd=job.cwd, env=env, stdin=_devnull(),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True)
         except Exception as exc:  # whatever it is, it ends this attempt only
@@ -1507,7 +1975,7 @@ class _Execution(object):
         output, more = _decode_output(tail, self.output_limit)
         dropped += more
         if timed_out:
-            error = "timed out after %s" % _seconds_text(job["timeout"])
+            error = "timed out after %s" % _seconds_text(job.timeout)
         elif code < 0:
             error = "killed by %s" % signal_name(-code)
         elif code > 0:
@@ -1520,11 +1988,11 @@ class _Execution(object):
     def _environment(self):
         job = self.job
         env = dict(self.base_env)
-        if job["env"] != "{}":
-            for key, value in json.loads(job["env"]).items():
+        if job.env != "{}":
+            for key, value in json.loads(job.env).items():
                 env[os.fsencode(key)] = os.fsencode(value)
-        env[b"QUEUECTL_JOB_ID"] = job["id"].encode()
-        env[b"QUEUECTL_ATTEMPT"] = b"%d" % job["attempts"]
+        env[b"QUEUECTL_JOB_ID"] = job.id.encode()
+        env[b"QUEUECTL_ATTEMPT"] = b"%d" % job.attempts
         return env
 
     def _read_output(self):
@@ -1541,7 +2009,7 @@ class _Execution(object):
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         started = time.monotonic()
-        deadline = started + self.job["timeout"] if self.job["timeout"] else None
+        deadline = started + self.job.timeout if self.job.timeout else None
         tail, dropped, reported, pipe_open = bytearray(), 0, False, True
         while True:
             now = time.monotonic()
@@ -1600,161 +2068,14 @@ def _remove(path):
 
 
 def _start_error(exc, job):
-    if isinstance(exc, OSError) and not os.path.isdir(job["cwd"]):
-        return "cwd %s: %s" % (job["cwd"], _reason(exc))
+    if isinstance(exc, OSError) and not os.path.isdir(job.cwd):
+        return "cwd %s: %s" % (job.cwd, _reason(exc))
     return _reason(exc)
 
 
 ###############################################################################
 # Worker: claim, record, recover ##############################################
 ###############################################################################
-
-
-def _claim(conn, worker_id, host, now, deep_at=None):
-    """Claim due jobs; call inside write_txn.  Returns a list of jobs.
-
-    One job, or CLAIM_BATCH of them when at least `deep_at` are due: a
-    deep queue pays one transaction per batch, while a shallow one leaves
-    jobs for idle workers elsewhere.
-    """
-    limit = deep_at or 1
-    rows = conn.execute(_CLAIM_SQL, (now, limit)).fetchall()
-    rows = rows[:CLAIM_BATCH] if deep_at and len(rows) == limit else rows[:1]
-    if not rows:
-        return []
-    conn.executemany(
-        "INSERT INTO attempts (job_seq, n, worker_id, host, started_at,"
-        " due_at) VALUES (?, ?, ?, ?, ?, ?)",
-        [(row[0], row[7] + 1, worker_id, host, now, row[8]) for row in rows])
-    # AUTOINCREMENT under our write lock: the new ids are consecutive.
-    first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] \
-        - len(rows) + 1
-    jobs = [{"seq": seq, "id": job_id, "command": command, "timeout": timeout,
-             "cwd": cwd, "env": env, "attempts": attempts + 1,
-             "attempt_id": first + n, "started": now}
-            for n, (seq, job_id, command, timeout, cwd, env, attempts, _, _)
-            in enumerate(rows)]
-    conn.executemany(
-        "UPDATE jobs SET state = 'processing', ready = NULL,"
-        " attempts = attempts + 1, runs = runs + 1, worker_id = ?,"
-        " attempt_id = ?, updated_at = ? WHERE seq = ? AND ready = 1",
-        [(worker_id, job["attempt_id"], now, job["seq"]) for job in jobs])
-    return jobs
-
-
-_GUARD = " WHERE seq = ? AND state = 'processing' AND attempt_id = ?"
-
-
-def _record_results(conn, runs):
-    """Store finished runs [(job, result)] and move their jobs on.
-
-    Call inside write_txn.  Every update is guarded by the claim (the
-    attempt id), so a worker that lost its job to recovery cannot overwrite
-    what came after.  Successes share a few statements (the common case);
-    failures go one by one.  Returns [(job, new state or None if the claim
-    was lost, next run_at)] in the order given.
-    """
-    conn.executemany(
-        "UPDATE attempts SET started_at = ?, ended_at = ?, duration = ?,"
-        " exit_code = ?, signal = ?, error = ?, output = ?,"
-        " output_dropped = ?, pgid = COALESCE(pgid, ?)"
-        " WHERE id = ? AND ended_at IS NULL",
-        [(job["started"], ended, ended - job["started"], code, sig, error,
-          output, dropped, pgid, job["attempt_id"])
-         for job, (code, sig, error, output, dropped, pgid, ended) in runs])
-    outcome = {}
-    _complete(conn, [(job, r[6]) for job, r in runs if r[2] is None], outcome)
-    config = None
-    for job, result in runs:
-        if result[2] is not None:
-            config = config or _read_config(conn)
-            outcome[id(job)] = _fail(conn, job["seq"], job["attempt_id"],
-                                     result[2], config, result[6])
-    return [(job,) + outcome[id(job)] for job, _ in runs]
-
-
-def _complete(conn, finished, outcome):
-    """Mark [(job, end time)] completed and release their dependents."""
-    if not finished:
-        return
-    cur = conn.executemany(
-        "UPDATE jobs SET state = 'completed', last_error = NULL,"
-        " worker_id = NULL, updated_at = ?" + _GUARD,
-        [(ended, job["seq"], job["attempt_id"]) for job, ended in finished])
-    done = [job for job, _ in finished]
-    if cur.rowcount != len(finished):  # rare: some claims were lost
-        done = [job for job in done if conn.execute(
-            "SELECT 1 FROM jobs WHERE seq = ? AND state = 'completed'"
-            " AND attempt_id = ?", (job["seq"], job["attempt_id"])).fetchone()]
-    # Dependents wait for one job fewer; the last one makes them ready.
-    conn.executemany(
-        "UPDATE jobs SET waiting = waiting - 1, ready = CASE WHEN waiting = 1"
-        " THEN 1 END WHERE seq IN (SELECT job_seq FROM deps WHERE dep_seq = ?)"
-        " AND state = 'pending' AND waiting > 0", [(j["seq"],) for j in done])
-    for job, _ in finished:
-        outcome[id(job)] = (None, None)
-    for job in done:
-        outcome[id(job)] = ("completed", None)
-
-
-def _fail(conn, seq, attempt_id, error, config, now):
-    """A failed run: retry later, or bury.  Returns (new state, run_at)."""
-    row = conn.execute("SELECT attempts, max_retries FROM jobs" + _GUARD,
-                       (seq, attempt_id)).fetchone()
-    if row is None:
-        return None, None
-    failures, max_retries = row
-    if failures <= max_retries:
-        run_at = now + backoff_delay(failures, config["backoff-base"],
-                                     config["backoff-max"])
-        conn.execute(
-            "UPDATE jobs SET state = 'failed', ready = 1, run_at = ?,"
-            " last_error = ?, worker_id = NULL, updated_at = ? WHERE seq = ?",
-            (run_at, error, now, seq))
-        return "failed", run_at
-    conn.execute(
-        "UPDATE jobs SET state = 'dead', ready = NULL, last_error = ?,"
-        " worker_id = NULL, updated_at = ? WHERE seq = ?", (error, now, seq))
-    _bury_dependents(conn, seq, now)
-    return "dead", None
-
-
-def _bury_dependents(conn, seq, now):
-    """A dead job takes everything that waits on it, transitively, along."""
-    frontier = [seq]
-    while frontier:
-        dep = frontier.pop()
-        dep_id = conn.execute("SELECT id FROM jobs WHERE seq = ?",
-                              (dep,)).fetchone()[0]
-        waiting = [r[0] for r in conn.execute(
-            "SELECT job_seq FROM deps d JOIN jobs j ON j.seq = d.job_seq"
-            " WHERE d.dep_seq = ? AND j.state = 'pending' AND j.waiting > 0",
-            (dep,))]
-        for job_seq in waiting:
-            conn.execute(
-                "UPDATE jobs SET state = 'dead', ready = NULL, last_error = ?,"
-                " updated_at = ? WHERE seq = ?",
-                ("dependency %s failed" % dep_id, now, job_seq))
-        frontier.extend(waiting)
-
-
-def _requeue_unfinished(conn, job, now):
-    """A run that does not count (forced stop, or claimed but never started):
-    the job is pending again, in its old place in the queue."""
-    cur = conn.execute(
-        "UPDATE jobs SET state = 'pending', ready = 1, attempts = attempts - 1,"
-        " runs = runs - 1, worker_id = NULL, attempt_id = NULL,"
-        " updated_at = ?" + _GUARD, (now, job["seq"], job["attempt_id"]))
-    if cur.rowcount == 1:
-        conn.execute("DELETE FROM attempts WHERE id = ?", (job["attempt_id"],))
-
-
-def _recover_job(conn, seq, attempt_id, config, now):
-    """A dead worker's job: its run failed with 'worker lost'."""
-    conn.execute("UPDATE attempts SET ended_at = ?, duration = ? - started_at,"
-                 " error = 'worker lost' WHERE id = ? AND ended_at IS NULL",
-                 (now, now, attempt_id))
-    return _fail(conn, seq, attempt_id, "worker lost", config, now)
 
 
 class _Reaper(object):
@@ -1773,11 +2094,11 @@ class _Reaper(object):
         """Start every lease afresh (after this process could not write)."""
         self.seen.clear()
 
-    def dead_workers(self, conn, lease_timeout):
+    def dead_workers(self, workers, lease_timeout):
+        """(ids of dead workers, ids of all registered) from worker rows."""
         host, mono = _host(), time.monotonic()
         dead, known = [], set()
-        for wid, pid, whost, beat in conn.execute(
-                "SELECT id, pid, host, beat FROM workers").fetchall():
+        for wid, pid, whost, beat in workers:
             known.add(wid)
             if wid in self.own_ids:
                 continue
@@ -1791,29 +2112,21 @@ class _Reaper(object):
                 dead.append(wid)
         return dead, known
 
-    def reap(self, conn, now_fn, log):
-        config = _read_config(conn)
-        # One snapshot: a worker that registers and claims between two
-        # separate reads would look like the owner of an orphaned job.
-        with read_txn(conn):
-            dead, known = self.dead_workers(conn, config["lease-timeout"])
-            lost = conn.execute(
-                "SELECT j.seq, j.id, j.worker_id, a.id, a.host, a.pgid,"
-                " a.proc_start FROM jobs j INDEXED BY jobs_state"
-                " JOIN attempts a ON a.id = j.attempt_id"
-                " WHERE j.state = 'processing'").fetchall()
-        lost = [r for r in lost if r[2] in dead or r[2] not in known]
-        for seq, job_id, wid, attempt_id, host, pgid, start in lost:
-            _kill_orphans(host, pgid, start)
-            with write_txn(conn):
-                state, _ = _recover_job(conn, seq, attempt_id, config,
-                                        now_fn())
-            if state:
-                log(wid, job_id, "lost", "worker lost; now %s" % state)
+    def reap(self, store, now_fn, log):
+        """Recover the jobs of dead workers (killing their leftover
+        processes on this host first), then forget those workers."""
+        config = store.config()
+        workers, processing = store.reaper_snapshot()
+        dead, known = self.dead_workers(workers, config["lease-timeout"])
+        for claim, wid, host, pgid, start in processing:
+            if wid in dead or wid not in known:
+                _kill_orphans(host, pgid, start)
+                state = store.recover(claim, config, now_fn())
+                if state:
+                    log(wid, claim.id, "lost", "worker lost; now %s" % state)
         if dead:
-            with write_txn(conn):
-                conn.executemany("DELETE FROM workers WHERE id = ?",
-                                 [(w,) for w in dead])
+            with store.write():
+                store.unregister(dead)
             for wid in dead:
                 self.seen.pop(wid, None)
 
@@ -1879,7 +2192,7 @@ class WorkerPool(object):
         if max_jobs is not None and not (_is_int(max_jobs) and max_jobs >= 1):
             raise InvalidInput("--max-jobs must be an integer >= 1, got %r"
                                % max_jobs)
-        self.path = os.path.abspath(os.path.expanduser(path or default_db_path()))
+        self.path = path or default_db_path()
         self.count = count
         self.poll_interval = poll_interval
         self.exit_when_idle = exit_when_idle
@@ -1923,39 +2236,35 @@ class WorkerPool(object):
     def run(self):
         import threading
         self._idle_since = time.monotonic()
-        conn = connect(self.path)
+        store = open_store(self.path)
+        self.path = store.address
         try:
             # Settings the threads use, refreshed with every beat.
-            self.settings = config = _read_config(conn)
+            self.settings = config = store.config()
             self.stop_seq = config.get("_stop_seq", 0)
             # Neither may fail the pool: on a full disk or a locked database
             # the threads register with their first claim instead.
-            self._guard(self._register, conn)
+            self._guard(self._register, store)
             reaper = _Reaper(self.ids)
-            self._guard(reaper.reap, conn, self.now, self.log)
+            self._guard(reaper.reap, store, self.now, self.log)
             threads = [threading.Thread(target=self._work, args=(wid,),
                                         name=wid) for wid in self.ids]
             for thread in threads:
                 thread.daemon = True
                 thread.start()
-            self._watch(conn, reaper, threads)
+            self._watch(store, reaper, threads)
         finally:
-            with contextlib.suppress(sqlite3.Error):
-                with write_txn(conn):
-                    conn.executemany("DELETE FROM workers WHERE id = ?",
-                                     [(w,) for w in self.ids])
-            conn.close()
+            with contextlib.suppress(StoreError):
+                with store.write():
+                    store.unregister(self.ids)
+            store.close()
         return 1 if self.forced.is_set() or self.failed else 0
 
-    def _register(self, conn):
-        now = self.now()
-        with write_txn(conn):
-            conn.executemany(
-                "INSERT INTO workers (id, pid, host, started_at, heartbeat)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(w, self.pid, self.host, now, now) for w in self.ids])
+    def _register(self, store):
+        with store.write():
+            store.register(self.ids, self.pid, self.host, self.now())
 
-    def _watch(self, conn, reaper, threads):
+    def _watch(self, store, reaper, threads):
         """Beat, reap dead workers, and carry out a forced stop.
 
         Beats come every lease-timeout / 4 and reaps every lease-timeout / 2,
@@ -1974,20 +2283,17 @@ class WorkerPool(object):
                          " none start (a second signal forces)")
             mono = time.monotonic()
             if mono >= next_beat:
-                if not self._guard(self._beat, conn):
+                if not self._guard(self._beat, store):
                     # A lease runs only while its observer can write: after
                     # an outage every worker gets a whole lease to beat again.
                     reaper.forget()
                 lease = self.settings["lease-timeout"]
                 next_beat = mono + min(max(lease / 4.0, 0.05), 1.0)
             if mono >= next_reap:
-                self._guard(reaper.reap, conn, self.now, self.log)
+                self._guard(reaper.reap, store, self.now, self.log)
                 next_reap = mono + min(max(lease / 2.0, 0.05), 1.0)
             if mono >= next_checkpoint:
-                # Copies the WAL back so it can restart small, even when
-                # busy connections keep SQLite's own checkpoints from it.
-                self._guard(lambda: conn.execute(
-                    "PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+                self._guard(store.checkpoint)
                 next_checkpoint = mono + CHECKPOINT_EVERY
             # Short waits: a forced stop from a signal handler acts soon.
             self._finished.wait(min(0.2, max(0.0, min(next_beat, next_reap)
@@ -1995,30 +2301,27 @@ class WorkerPool(object):
         for thread in threads:
             thread.join()
 
-    def _beat(self, conn):
-        with write_txn(conn):
-            conn.execute("UPDATE workers SET beat = beat + 1, heartbeat = ?"
-                         " WHERE pid = ? AND host = ?",
-                         (self.now(), self.pid, self.host))
-        self.settings = _read_config(conn)
+    def _beat(self, store):
+        with store.write():
+            store.beat(self.pid, self.host, self.now())
+        self.settings = store.config()
 
     def _guard(self, fn, *args):
         """Run fn; a database error is logged, not raised.  True if it ran."""
         try:
             fn(*args)
-        except sqlite3.Error as exc:
-            if _transient(exc):
+        except StoreError as exc:
+            if exc.transient:
                 self._store_failed(exc)
             else:
-                self.log("-", "-", "error", "database: %s" % exc)
+                self.log("-", "-", "error", str(exc))
             return False
         return True
 
     def _store_failed(self, exc):
         """One log line per outage (disk full, locked by another process)."""
         with self._lock:
-            first, self._trouble = self._trouble is None, _store_reason(
-                exc, self.path)
+            first, self._trouble = self._trouble is None, exc.reason
         if first:
             self.log("-", "-", "error", "database unavailable: %s; running"
                      " jobs go on, results are kept until it is back"
@@ -2034,39 +2337,39 @@ class WorkerPool(object):
     def _kill_running(self):
         with self._lock:
             running = list(self._running.values())
-            for _, job in running:
-                job["forced"] = True
+            for _, claim in running:
+                claim.forced = True
         for proc, _ in running:
             kill_group(proc.pid, proc=proc)
 
     # -- one worker thread --------------------------------------------------
 
     def _work(self, wid):
-        conn = None
+        store = None
         try:
-            conn = connect(self.path)
-            self._loop(conn, wid)
+            store = open_store(self.path)
+            self._loop(store, wid)
         except Exception as exc:  # report, and stop the other threads too
             self.log(wid, "-", "error", "%s: %s" % (type(exc).__name__, exc))
             self.failed = True
             self.stopping.set()
         finally:
-            if conn is not None:
-                conn.close()
+            if store is not None:
+                store.close()
             with self._lock:
                 self._alive -= 1
                 if not self._alive:
                     self._finished.set()
 
-    def _loop(self, conn, wid):
+    def _loop(self, store, wid):
         local = _Local()
         while True:
             try:
-                if not self._step(conn, wid, local):
+                if not self._step(store, wid, local):
                     return
                 local.retry_delay = STORE_RETRY_FIRST
-            except sqlite3.OperationalError as exc:
-                if not _transient(exc):
+            except StoreError as exc:
+                if not exc.transient:
                     raise
                 # Keep results and claims, start nothing, try again later.
                 self._store_failed(exc)
@@ -2074,19 +2377,19 @@ class WorkerPool(object):
                     return  # forced out: unsaved runs are recovered later
                 local.retry_delay = min(local.retry_delay * 2, STORE_RETRY_MAX)
 
-    def _step(self, conn, wid, local):
+    def _step(self, store, wid, local):
         """Save, claim, run one job, or idle.  False when the thread is done."""
         if ((not local.queued or local.results_due() or self.stopping.is_set())
-                and self._worth_a_transaction(conn, local)):
-            self._sync(conn, wid, local)
+                and self._worth_a_transaction(store, local)):
+            self._sync(store, wid, local)
             self._store_ok()
         if local.queued:
             self._set_busy(local, True)
-            job = local.queued[0]
-            ours = self._claim_still_ours(conn, wid, job, local)
+            claim = local.queued[0]
+            ours = self._claim_still_ours(store, wid, claim, local)
             local.queued.pop(0)  # only now: the check may raise
             if ours:
-                local.add(*self._execute(conn, wid, job, local))
+                local.add(*self._execute(store, wid, claim, local))
             else:
                 self._give_back(1)  # not run here: --max-jobs spent nothing
             return True
@@ -2096,7 +2399,7 @@ class WorkerPool(object):
         self.stopping.wait(self._poll_interval())
         return True
 
-    def _claim_still_ours(self, conn, wid, job, local):
+    def _claim_still_ours(self, store, wid, claim, local):
         """Before starting a job claimed a while ago, check the claim.
 
         A worker stopped (SIGSTOP, Ctrl-Z) for longer than the lease has had
@@ -2107,10 +2410,9 @@ class WorkerPool(object):
         fresh = min(self.settings["lease-timeout"] / 4.0, 1.0)
         if time.monotonic() - local.claimed_at < fresh:
             return True
-        if conn.execute("SELECT 1 FROM jobs" + _GUARD,
-                        (job["seq"], job["attempt_id"])).fetchone():
+        if store.claim_holds(claim):
             return True
-        self.log(wid, job["id"], "stale", "claim recovered while this worker"
+        self.log(wid, claim.id, "stale", "claim recovered while this worker"
                  " was stopped; not started")
         return False
 
@@ -2139,23 +2441,6 @@ class WorkerPool(object):
         self.stopping.set()
         return True
 
-    def _claim_within_budget(self, conn, wid, now):
-        """_claim, taking no more jobs than --max-jobs has left."""
-        deep_at = CLAIM_BATCH * self.count
-        if self.max_jobs is None:
-            return _claim(conn, wid, self.host, now, deep_at=deep_at)
-        with self._lock:  # reserved first: threads claim at the same time
-            wanted = min(self._slots, CLAIM_BATCH)
-            self._slots -= wanted
-        jobs = []
-        try:
-            if wanted:
-                jobs = _claim(conn, wid, self.host, now, deep_at=deep_at
-                              if wanted == CLAIM_BATCH else None)
-        finally:
-            self._give_back(wanted - len(jobs))
-        return jobs
-
     def _give_back(self, count):
         """Claims that were not made, or jobs handed back unstarted."""
         if self.max_jobs is not None and count:
@@ -2167,42 +2452,36 @@ class WorkerPool(object):
             return self.poll_interval
         return self.settings["poll-interval"]
 
-    def _worth_a_transaction(self, conn, local):
+    def _worth_a_transaction(self, store, local):
         """Idle polls read first and take the write lock only for work."""
         if local.results or local.queued or self.stopping.is_set():
             return True
-        stop_seq, paused = conn.execute(_CONTROL_SQL).fetchone()
+        stop_seq, paused = store.control()
         if stop_seq != self.stop_seq:
             return True
-        return not paused and conn.execute(
-            "SELECT 1 FROM jobs WHERE ready = 1 AND run_at <= ? LIMIT 1",
-            (self.now(),)).fetchone() is not None
+        return not paused and store.anything_due(self.now())
 
-    def _sync(self, conn, wid, local):
+    def _sync(self, store, wid, local):
         """One transaction: save finished runs, then claim or release jobs.
 
         The thread's memory (local) changes only once the transaction has
         committed: a COMMIT that fails (disk full) loses no result."""
         queued = claimed = local.queued
         try:
-            with write_txn(conn):
+            with store.write():
                 now = self.now()
-                events = self._save_results(conn, local.results, now)
-                stop_seq, paused = conn.execute(_CONTROL_SQL).fetchone()
+                events = self._save_results(store, local.results, now)
+                stop_seq, paused = store.control()
                 if stop_seq != self.stop_seq:
                     self.stopping.set()
                 if self.stopping.is_set() or paused:
-                    queued = self._release(conn, queued, now)
+                    queued = self._release(store, queued, now)
                 elif not queued:
                     # Registered before claiming: a worker that others
                     # declared dead (stopped too long) must not hold jobs
                     # nobody owns.
-                    conn.execute("INSERT OR IGNORE INTO workers (id, pid,"
-                                 " host, started_at, heartbeat) VALUES"
-                                 " (?, ?, ?, ?, ?)",
-                                 (wid, self.pid, self.host, now, now))
-                    queued = claimed = self._claim_within_budget(conn, wid,
-                                                                 now)
+                    store.register([wid], self.pid, self.host, now)
+                    queued = claimed = self._claim(store, wid, now)
         except Exception:
             if claimed is not local.queued:  # rolled back: not claimed
                 self._give_back(len(claimed))
@@ -2214,18 +2493,38 @@ class WorkerPool(object):
         local.results, local.queued = [], queued
         self._log_events(wid, events)
 
-    def _save_results(self, conn, results, now):
+    def _claim(self, store, wid, now):
+        """One job, or CLAIM_BATCH of them when at least that many per
+        thread are due: a deep queue pays one transaction per batch, while
+        a shallow one leaves jobs for idle workers elsewhere.  Never more
+        than --max-jobs has left: threads reserve their share first."""
+        batch = CLAIM_BATCH
+        if self.max_jobs is not None:
+            with self._lock:
+                batch = min(self._slots, CLAIM_BATCH)
+                self._slots -= batch
+        claims = []
+        try:
+            if batch:
+                claims = store.claim(wid, self.host, now, batch,
+                                     CLAIM_BATCH * self.count)
+        finally:
+            self._give_back(batch - len(claims))
+        return claims
+
+    def _save_results(self, store, results, now):
         events = []
         runs = []
-        for job, result in results:
-            if job.get("forced"):
-                _requeue_unfinished(conn, job, now)
-                events.append((job, "requeued", "forced stop; not counted"))
+        for claim, result in results:
+            if claim.forced:
+                store.hand_back(claim, now)
+                events.append((claim, "requeued", "forced stop; not counted"))
             else:
-                runs.append((job, result))
-        for (job, state, run_at), (_, result) in zip(
-                _record_results(conn, runs), runs):
-            error = result[2]
+                runs.append((claim, result))
+        config = self.settings
+        for (state, run_at), (claim, result) in zip(
+                store.record_results(runs, config), runs):
+            error = result.error
             if state is None:
                 detail = "result dropped: the claim was lost"
             elif state == "failed":
@@ -2234,56 +2533,59 @@ class WorkerPool(object):
                 detail = "%s; moved to DLQ" % error
             else:
                 detail = ""
-            events.append((job, state or "stale", detail))
+            events.append((claim, state or "stale", detail))
         return events
 
-    def _release(self, conn, queued, now):
+    def _release(self, store, queued, now):
         """Claimed jobs that never started go back, uncounted.  Returns []."""
-        for job in queued:
-            _requeue_unfinished(conn, job, now)
+        for claim in queued:
+            store.hand_back(claim, now)
         return []
 
     def _log_events(self, wid, events):
-        self.log_lines([(wid, job["id"], event, detail)
-                        for job, event, detail in events])
+        self.log_lines([(wid, claim.id, event, detail)
+                        for claim, event, detail in events])
 
-    def _execute(self, conn, wid, job, local):
-        """Run one job; returns (job, result) for the next transaction."""
-        def on_long_run(proc):
-            # Worth a write now: record the group (for recovery), save
-            # earlier results, and hand back jobs this thread cannot start.
-            self._remember(wid, proc, job)
-            try:
-                with write_txn(conn):
-                    conn.execute("UPDATE attempts SET pgid = ?, proc_start = ?"
-                                 " WHERE id = ?", (proc.pid, _process_start(
-                                     proc.pid), job["attempt_id"]))
-                    now = self.now()
-                    events = self._save_results(conn, local.results, now)
-                    self._release(conn, local.queued, now)
-            except sqlite3.OperationalError as exc:
-                if not _transient(exc):
-                    raise
-                self._store_failed(exc)  # the job runs on; saved at its end
-                return
-            self._give_back(len(local.queued))
-            local.results, local.queued = [], []
-            self._log_events(wid, events)
-        job["started"] = self.now()
-        self.log(wid, job["id"], "started", "attempt %d" % job["attempts"])
+    def _execute(self, store, wid, claim, local):
+        """Run one job; returns (claim, _Result) for the next transaction."""
+        claim.started = self.now()
+        self.log(wid, claim.id, "started", "attempt %d" % claim.attempts)
         try:
-            result = _Execution(job, int(self.settings["output-limit"]),
-                                on_long_run, self.base_env).run()
+            run = _Execution(claim, int(self.settings["output-limit"]),
+                             lambda proc: self._on_long_run(
+                                 store, wid, claim, local, proc),
+                             self.base_env).run()
         finally:
             with self._lock:
                 self._running.pop(wid, None)
-        return job, result + (self.now(),)
+        return claim, _Result(*(run + (self.now(),)))
 
-    def _remember(self, wid, proc, job):
+    def _on_long_run(self, store, wid, claim, local, proc):
+        """A job ran past RECORD_GROUP_AFTER: now a write is worth it.
+
+        Record its process group (for recovery), save earlier results, and
+        hand back the batch-mates this thread cannot start soon."""
+        self._remember(wid, proc, claim)
+        try:
+            with store.write():
+                store.record_group(claim, proc.pid, _process_start(proc.pid))
+                now = self.now()
+                events = self._save_results(store, local.results, now)
+                self._release(store, local.queued, now)
+        except StoreError as exc:
+            if not exc.transient:
+                raise
+            self._store_failed(exc)  # the job runs on; saved at its end
+            return
+        self._give_back(len(local.queued))
+        local.results, local.queued = [], []
+        self._log_events(wid, events)
+
+    def _remember(self, wid, proc, claim):
         with self._lock:
-            self._running[wid] = (proc, job)
-            job["forced"] = self.forced.is_set()
-        if job["forced"]:
+            self._running[wid] = (proc, claim)
+            claim.forced = self.forced.is_set()
+        if claim.forced:
             kill_group(proc.pid, proc=proc)
 
     def log(self, wid, job_id, event, detail):
@@ -2405,7 +2707,7 @@ class _DashboardRoutes(object):
         queue = None
         try:
             self._check_host()
-            queue = Queue(self.server.db_path, synchronous="NORMAL")
+            queue = Queue(self.server.db_path)
             status, kind, body = route(url.path, query, queue)
         except _HTTPError as exc:
             status, kind, body = exc.status, "json", {"error": str(exc)}
@@ -2416,8 +2718,6 @@ class _DashboardRoutes(object):
         except QueueError as exc:
             status, kind, body = 409 if isinstance(exc, Conflict) else 500, \
                 "json", {"error": str(exc)}
-        except sqlite3.Error as exc:
-            status, kind, body = 500, "json", {"error": "database: %s" % exc}
         finally:
             if queue is not None:
                 queue.close()
@@ -2864,9 +3164,7 @@ class _Bench(object):
             queue.enqueue_many([{"command": "true"}] * n)
             walls.append(n / self.cli(db, "worker", "start", "--count", "2",
                                       "--exit-when-idle"))
-            first, last = queue.conn.execute(
-                "SELECT MIN(started_at), MAX(ended_at) FROM attempts"
-            ).fetchone()
+            first, last = queue.store.run_span()
             done = queue.counts()["completed"]
             queue.close()
             if done != n:
@@ -3006,19 +3304,11 @@ class _Bench(object):
     def _scaled_db(self, name, total):
         """`total` jobs, 1% pending and the rest completed, written raw."""
         db = self.db(name)
-        conn = connect(db)
-        pending = max(total // 100, 600)
-        now = time.time()
-        rows = (("b%07d" % i, "true", "pending" if i >= total - pending
-                 else "completed", 1 if i >= total - pending else None,
-                 now, now) for i in range(total))
-        with write_txn(conn):
-            conn.executemany(
-                "INSERT INTO jobs (id, command, state, ready, run_at,"
-                " max_retries, cwd, created_at, updated_at) VALUES"
-                " (?, ?, ?, ?, ?, 3, '/', ?, ?)",
-                (r[:5] + r[4:] for r in rows))
-        conn.close()
+        store = open_store(db)
+        try:
+            store.fill_for_bench(total, max(total // 100, 600), time.time())
+        finally:
+            store.close()
         return db
 
 
@@ -3042,19 +3332,17 @@ def _spawn_rate(n, threads):
 def _claim_costs(*dbs):
     """Seconds per claim transaction in each database, as the median of
     alternating rounds (claim, then roll back: the queue stays put)."""
-    conns = [connect(db) for db in dbs]
+    stores = [open_store(db) for db in dbs]
     host, now = _host(), time.time()
     samples = [[] for _ in dbs]
     for _ in range(15):
-        for conn, times in zip(conns, samples):
+        for store, times in zip(stores, samples):
             started = time.perf_counter()
             for _ in range(50):
-                conn.execute("BEGIN IMMEDIATE")
-                _claim(conn, "bench", host, now)
-                conn.execute("ROLLBACK")
+                store.claim_and_roll_back(host, now)
             times.append((time.perf_counter() - started) / 50)
-    for conn in conns:
-        conn.close()
+    for store in stores:
+        store.close()
     return [_median(times) for times in samples]
 
 
@@ -4286,7 +4574,6 @@ def main(argv=None):
     """Run the CLI; return the exit status."""
     global _PROG
     _safe_streams()
-    path = None  # the database, once open: to tell a full disk from damage
     try:
         _PROG = "queuectl" if argv is not None else _prog_name(sys.argv[0])
         if argv is None:
@@ -4295,14 +4582,11 @@ def main(argv=None):
         args = build_parser(argv).parse_args(argv)
         if getattr(args, "no_database", False):
             return args.func(args, None)
-        synchronous = "FULL" if args.func is cmd_enqueue else "NORMAL"
-        queue = Queue(args.db or None, synchronous=synchronous)
-        path = queue.path
+        queue = Queue(args.db or None)
         try:
             return args.func(args, queue)
         finally:
-            with contextlib.suppress(sqlite3.Error):
-                queue.close()
+            queue.close()
     except QueueError as exc:
         return _fail_with(str(exc), exc.exit_code)
     except BrokenPipeError:
@@ -4312,8 +4596,6 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         return _fail_with("interrupted", 130)
-    except sqlite3.Error as exc:
-        return _fail_with("database: %s" % _store_reason(exc, path), 1)
     except OSError as exc:
         return _fail_with("%s" % exc, 1)
     except Exception as exc:  # never a traceback; QUEUECTL_DEBUG=1 shows one
