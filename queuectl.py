@@ -659,9 +659,9 @@ _ATTEMPT_COLUMNS = ("n, worker_id, host, pgid, started_at, ended_at, duration,"
 
 # The stop request counter and the pause flag, read with every claim.
 _CONTROL_SQL = (
-    "SELECT CAST(COALESCE(MAX(CASE key WHEN '_stop_seq' THEN value END), 0)"
-    " AS INTEGER), CAST(COALESCE(MAX(CASE key WHEN '_paused' THEN value END),"
-    " 0) AS INTEGER) FROM config WHERE key IN ('_stop_seq', '_paused')")
+    "SELECT COALESCE(MAX(CASE key WHEN '_stop_seq' THEN CAST(value AS INTEGER)"
+    " END), 0), COALESCE(MAX(CASE key WHEN '_paused' THEN CAST(value AS"
+    " INTEGER) END), 0) FROM config WHERE key IN ('_stop_seq', '_paused')")
 
 # A worker's update of its own job: only while its claim still holds.
 _CLAIM_HELD = " AND attempt_id = ?"
@@ -694,9 +694,38 @@ class _SQLStore(object):
     `_driver_errors`, `_translate(exc)`, and the statements that differ.
     """
 
-    def __init__(self, address):
+    #: While the database fails, a worker retries after this many seconds,
+    #: doubling up to retry_max.
+    retry_first, retry_max = STORE_RETRY_FIRST, STORE_RETRY_MAX
+    #: Do workers on other hosts share this database?
+    shared_by_hosts = False
+    _TOTALS_SQL = "SELECT name, value FROM totals"
+    _BUCKETS_SQL = "SELECT le, n FROM duration_buckets ORDER BY le"
+
+    def __init__(self, address, clock=time.time):
         self.address = address
+        self.display = address  # what output may show (no password)
+        self.clock = clock
         self.conn = None
+
+    def now(self):
+        """Unix time by the clock that judges due times and leases."""
+        return self.clock()
+
+    def wake(self):
+        """Wake idle workers (after a resume)."""
+        with self.write():
+            self._wake_workers()
+
+    def _wake_workers(self):
+        pass  # SQLite workers poll; PostgreSQL sends NOTIFY
+
+    def listen(self):
+        pass
+
+    def wait_for_work(self, timeout, stopping, wake_fd):
+        """Sleep up to `timeout` s, or until the pool stops."""
+        stopping.wait(timeout)
 
     def close(self):
         if self.conn is not None:
@@ -807,6 +836,7 @@ class _SQLStore(object):
                         raise
                     continue
                 self._run("RELEASE insert_jobs")
+                self._wake_workers()
                 return ids
 
     def _insert_rows(self, ids, jobs, afters, now):
@@ -990,12 +1020,11 @@ class _SQLStore(object):
     def metric_samples(self):
         """What /metrics shows, read in one snapshot."""
         with self.read():
-            totals = dict(self._all("SELECT name, value FROM totals"))
+            totals = dict(self._all(self._TOTALS_SQL))
             return {"counts": self.counts(), "totals": totals,
                     "workers": self.worker_rows(), "config": self.config(),
                     "paused": self.control()[1],
-                    "buckets": self._all("SELECT le, n FROM duration_buckets"
-                                         " ORDER BY le")}
+                    "buckets": self._all(self._BUCKETS_SQL)}
 
     # -- changing jobs ------------------------------------------------------
 
@@ -1032,6 +1061,7 @@ class _SQLStore(object):
             if dead:
                 raise Conflict("job '%s' waits on dead job '%s'; retry that"
                                " one too" % (self._id(seq), dead[0]))
+        self._wake_workers()
         return [self._id(seq) for seq in seqs]
 
     def delete(self, prefixes):
@@ -1292,9 +1322,9 @@ class _SQLiteStore(_SQLStore):
         " SUM(error IS NULL), SUM(error IS NOT NULL) FROM attempts"
         " WHERE ended_at >= ? GROUP BY m")
 
-    def __init__(self, path):
+    def __init__(self, path, clock=time.time):
         path = os.path.abspath(os.path.expanduser(path))
-        _SQLStore.__init__(self, path)
+        _SQLStore.__init__(self, path, clock)
         self.path = path
         self.durable = None  # the connection's synchronous=FULL, once set
         self.conn = self._connect()
@@ -1550,10 +1580,457 @@ def _migrate(conn, version):
         conn.execute("PRAGMA user_version=%d" % version)
 
 
-def open_store(address=None):
-    """The store for a database address (a path; default: $QUEUECTL_DB or
-    ~/.queuectl/queue.db)."""
-    return _SQLiteStore(address or default_db_path())
+class _PostgresStore(_SQLStore):
+    """The queue in a PostgreSQL database (schema `queuectl`), for any
+    number of hosts.  Differs from SQLite in: DDL (identity columns, a
+    partial claim index, plpgsql triggers on striped counters), the claim
+    (one statement, FOR UPDATE SKIP LOCKED), upserts (ON CONFLICT), the
+    clock (the server's), wake-ups (LISTEN/NOTIFY) and reconnection."""
+
+    _REGISTER_SQL = ("INSERT INTO workers (id, pid, host, started_at,"
+                     " heartbeat) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id)"
+                     " DO NOTHING")
+    _PROCESSING_SQL = (
+        "SELECT j.seq, j.id, j.worker_id, a.id, a.host, a.pgid, a.proc_start"
+        " FROM jobs j JOIN attempts a ON a.id = j.attempt_id"
+        " WHERE j.state = 'processing'")
+    _PER_MINUTE_SQL = (
+        "SELECT CAST(FLOOR((ended_at - ?) / 60) AS INTEGER) AS m,"
+        " SUM(CASE WHEN error IS NULL THEN 1 ELSE 0 END),"
+        " SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END) FROM attempts"
+        " WHERE ended_at >= ? GROUP BY m")
+    _TOTALS_SQL = "SELECT name, SUM(value) FROM totals GROUP BY name"
+    _BUCKETS_SQL = ("SELECT le, CAST(SUM(n) AS BIGINT) FROM duration_buckets"
+                    " GROUP BY le ORDER BY le")
+    # Retry a lost server from 1 s, doubling, up to 30 s.
+    retry_first, retry_max = 1.0, 30.0
+    #: Workers on other hosts share this database: a worker that cannot
+    #: renew its lease must kill its own jobs before others recover them.
+    shared_by_hosts = True
+
+    def __init__(self, url, clock=time.time):
+        _SQLStore.__init__(self, url, clock)
+        self.display = _redact(url)
+        self.driver = _pg_driver()
+        self._driver_errors = (self.driver.Error,)
+        self._integrity_error = self.driver.IntegrityError
+        self._sql_cache = {}
+        self.offset = None  # server clock minus ours, measured on connect
+        self.listening = False  # LISTEN again after a reconnect
+        self.conn = self._connect()
+        self._check_schema()
+
+    # -- connecting ---------------------------------------------------------
+
+    def _connect(self):
+        """An autocommit session in schema queuectl, with keepalives and an
+        idle-in-transaction limit well inside any lease: a host cut off
+        mid-transaction cannot hold row locks for long."""
+        options = ("-c search_path=queuectl -c idle_in_transaction_session"
+                   "_timeout=10000 -c application_name=queuectl")
+        try:
+            conn = _PGConnection(self.driver, self.address, dict(
+                connect_timeout=10, options=options, keepalives=1,
+                keepalives_idle=5, keepalives_interval=2, keepalives_count=3))
+        except self.driver.Error as exc:
+            raise StoreError("cannot connect to %s: %s" % (
+                self.display, _pg_reason(exc)), transient=True,
+                reason=_pg_reason(exc))
+        self.conn = conn
+        self._measure_clock()
+        if self.listening:
+            conn.execute("LISTEN queuectl")
+        return conn
+
+    def _measure_clock(self):
+        before = self.clock()
+        server = self.conn.execute(
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0]
+        self.offset = float(server) - (before + self.clock()) / 2.0
+        self.offset_at = time.monotonic()
+
+    def now(self):
+        """The server's clock, estimated locally (re-measured each minute):
+        hosts whose clocks disagree still agree on every timestamp."""
+        if time.monotonic() - self.offset_at > 60 and self.conn is not None:
+            with contextlib.suppress(*self._driver_errors):
+                self._measure_clock()
+        return self.clock() + self.offset
+
+    def _check_schema(self):
+        """Create schema queuectl, or check it is ours and not newer."""
+        with self.write():
+            self._run("SELECT pg_advisory_xact_lock(?)", (APPLICATION_ID,))
+            has_schema = self._run("SELECT 1 FROM pg_namespace WHERE nspname"
+                                   " = 'queuectl'").fetchone()
+            has_meta = self._run("SELECT to_regclass('queuectl.meta')"
+                                 ).fetchone()[0]
+            if not has_schema:
+                for statement in _PG_SCHEMA:
+                    self._run(statement)
+                return
+            meta = dict(self._run("SELECT key, value FROM meta")) \
+                if has_meta else {}
+        if meta.get("application") != "queuectl":
+            raise StoreError("%s has a schema 'queuectl' that is not"
+                             " queuectl's; left untouched" % self.display)
+        version = int(meta.get("schema_version", 0))
+        if version > PG_SCHEMA_VERSION:
+            raise StoreError("%s was written by a newer queuectl (schema %d,"
+                             " this one knows up to %d); upgrade queuectl"
+                             % (self.display, version, PG_SCHEMA_VERSION))
+
+    # -- transactions and errors --------------------------------------------
+
+    @contextlib.contextmanager
+    def _translated(self):
+        if self.conn is None:  # lost earlier: reconnect first
+            self.conn = self._connect()
+        try:
+            yield
+        except self.driver.Error as exc:
+            raise self._translate(exc)
+
+    @contextlib.contextmanager
+    def _begin_write(self, durable):
+        self.conn.execute("BEGIN")
+        try:
+            yield
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn is not None and not self.conn.closed:
+                with contextlib.suppress(self.driver.Error):
+                    self.conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def read(self):
+        with self._translated():
+            self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            try:
+                yield self
+            finally:
+                if not self.conn.closed:
+                    self.conn.execute("COMMIT")
+
+    def _translate(self, exc):
+        reason = _pg_reason(exc)
+        lost = self.conn is None or self.conn.closed or isinstance(
+            exc, (self.driver.OperationalError, self.driver.InterfaceError))
+        if lost:
+            self.close()  # reconnect on the next use
+        return StoreError("database %s: %s" % (self.display, reason),
+                          transient=lost, reason=reason)
+
+    def _sql(self, sql):
+        """`?` placeholders -> `%s` (and a literal % doubled), cached."""
+        text = self._sql_cache.get(sql)
+        if text is None:
+            text = self._sql_cache[sql] = sql.replace("%", "%%").replace(
+                "?", "%s")
+        return text
+
+    def _run(self, sql, params=()):
+        return self.conn.execute(self._sql(sql) if params else sql,
+                                 params or None)
+
+    def _all(self, sql, params=()):
+        with self._translated():
+            return self._run(sql, params).fetchall()
+
+    def _one(self, sql, params=()):
+        with self._translated():
+            return self._run(sql, params).fetchone()
+
+    def _run_many(self, sql, rows):
+        count = 0
+        for row in rows:
+            count += self._run(sql, row).rowcount
+        return _Count(count)
+
+    def _insert_returning_seq(self, sql, params):
+        column = "seq" if sql.startswith("INSERT INTO jobs") else "id"
+        return self._run(sql + " RETURNING " + column, params).fetchone()[0]
+
+    def _upsert_config(self, key, value):
+        self._run("INSERT INTO config (key, value) VALUES (?, ?) ON CONFLICT"
+                  " (key) DO UPDATE SET value = EXCLUDED.value",
+                  (key, str(value)))
+
+    def _insert_deps(self, pairs):
+        self._run_many("INSERT INTO deps (job_seq, dep_seq) VALUES (?, ?)",
+                       pairs)
+
+    def _wake_workers(self):
+        # Delivered at COMMIT to every LISTENing worker, on every host.
+        self._run("SELECT pg_notify('queuectl', '')")
+
+    def counts(self):
+        """{state: jobs}: summed over a few striped rows per state, so no
+        single counter row serialises every worker on every host."""
+        counts = dict.fromkeys(STATES, 0)
+        counts.update(self._all("SELECT state, CAST(SUM(n) AS BIGINT) FROM"
+                                " counts GROUP BY state"))
+        return counts
+
+    # -- the claim ----------------------------------------------------------
+
+    def claim(self, worker_id, host, now, batch=1, deep_at=1):
+        """One statement: lock due rows that no one else holds (SKIP
+        LOCKED), open their attempts, mark them processing.  Due means due
+        by the server's clock, whatever this host's says."""
+        rows = self._run(_PG_CLAIM_SQL, (deep_at, deep_at, batch, worker_id,
+                                         host, worker_id)).fetchall()
+        return [_Claim(*row[1:]) for row in sorted(rows)]
+
+    # -- listening ----------------------------------------------------------
+
+    def listen(self):
+        self.listening = True
+        with self._translated():
+            self.conn.execute("LISTEN queuectl")
+
+    def wait_for_work(self, timeout, wake_fd):
+        """Sleep until NOTIFY, the pool's wake-up pipe, or the timeout."""
+        import select
+        if self.conn is None:
+            time.sleep(min(timeout, 0.2))
+            return
+        try:
+            ready = select.select([self.conn.fileno(), wake_fd], [], [],
+                                  timeout)[0]
+            if self.conn.fileno() in ready:
+                self.conn.consume_notifies()
+        except (OSError, ValueError, self.driver.Error):
+            self.close()
+
+
+class _Count(object):
+    """A rowcount for statements run one by one."""
+    __slots__ = ("rowcount",)
+
+    def __init__(self, rowcount):
+        self.rowcount = rowcount
+
+
+class _PGConnection(object):
+    """psycopg (3) or psycopg2 behind the calls the store makes:
+    execute() returning a cursor, autocommit (the store says BEGIN)."""
+
+    def __init__(self, driver, url, kwargs):
+        self.driver = driver
+        self.v3 = driver.__name__ == "psycopg"
+        if self.v3:
+            self.raw = driver.connect(url, autocommit=True, **kwargs)
+        else:
+            self.raw = driver.connect(url, **kwargs)
+            self.raw.autocommit = True
+
+    @property
+    def closed(self):
+        return bool(self.raw.closed)
+
+    def execute(self, sql, params=None):
+        if self.v3:
+            return self.raw.execute(sql, params, prepare=False)
+        cursor = self.raw.cursor()
+        cursor.execute(sql, params)
+        return cursor
+
+    def fileno(self):
+        return self.raw.fileno()
+
+    def consume_notifies(self):
+        if self.v3:
+            self.raw.execute("SELECT 1")  # reads and drops the notices
+        else:
+            self.raw.poll()
+            del self.raw.notifies[:]
+
+    def close(self):
+        self.raw.close()
+
+
+def _pg_driver():
+    """psycopg (3) if importable, else psycopg2: the one optional import."""
+    try:
+        import psycopg
+        return psycopg
+    except ImportError:
+        pass
+    try:
+        import psycopg2
+        return psycopg2
+    except ImportError:
+        raise StoreError('a postgresql:// database needs a driver: pip install'
+                         ' "psycopg[binary]" (or the distribution package'
+                         ' python3-psycopg2)')
+
+
+def _pg_reason(exc):
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def _redact(url):
+    """The URL without its password: what status, logs and errors show."""
+    return re.sub(r"^([a-z]+://[^/@:]*):[^/@]*@", r"\1@", url)
+
+
+#: The schema version this code writes in PostgreSQL (meta row).
+PG_SCHEMA_VERSION = 1
+
+_PG_CLAIM_SQL = """
+WITH due AS MATERIALIZED (
+    SELECT seq, priority, run_at FROM jobs
+    WHERE ready = 1 AND run_at <= EXTRACT(EPOCH FROM clock_timestamp())
+    ORDER BY priority DESC, run_at, seq LIMIT ? FOR UPDATE SKIP LOCKED),
+picked AS (
+    SELECT seq, ROW_NUMBER() OVER (ORDER BY priority DESC, run_at, seq) AS k
+    FROM due ORDER BY priority DESC, run_at, seq
+    LIMIT CASE WHEN (SELECT COUNT(*) FROM due) >= ? THEN ? ELSE 1 END),
+opened AS (
+    INSERT INTO attempts (job_seq, n, worker_id, host, started_at, due_at)
+    SELECT j.seq, j.runs + 1, ?, ?, EXTRACT(EPOCH FROM clock_timestamp()),
+           j.run_at FROM jobs j JOIN picked p ON p.seq = j.seq
+    RETURNING id, job_seq, started_at)
+UPDATE jobs j SET state = 'processing', ready = NULL,
+    attempts = j.attempts + 1, runs = j.runs + 1, worker_id = ?,
+    attempt_id = o.id, updated_at = o.started_at
+FROM opened o JOIN picked p ON p.seq = o.job_seq
+WHERE j.seq = o.job_seq AND j.ready = 1
+RETURNING p.k, j.seq, j.id, j.command, j.timeout, j.cwd, j.env, j.attempts,
+    o.id, o.started_at"""
+
+# Striped counters: each session adds to the row of its own stripe
+# (backend pid modulo 16), and readers sum the stripes.
+_PG_STRIPE = "pg_backend_pid() % 16"
+
+_PG_SCHEMA = (
+    "CREATE SCHEMA queuectl",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "INSERT INTO meta (key, value) VALUES ('application', 'queuectl'),"
+    " ('schema_version', '%d')" % PG_SCHEMA_VERSION,
+    # COLLATE "C": id prefixes are byte ranges, as in SQLite.
+    """CREATE TABLE jobs (
+        seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        id TEXT COLLATE "C" NOT NULL UNIQUE,
+        command TEXT NOT NULL,
+        state TEXT NOT NULL,
+        ready INTEGER,
+        priority BIGINT NOT NULL DEFAULT 0,
+        run_at DOUBLE PRECISION NOT NULL,
+        max_retries BIGINT NOT NULL,
+        timeout DOUBLE PRECISION,
+        cwd TEXT NOT NULL,
+        env TEXT NOT NULL DEFAULT '{}',
+        attempts BIGINT NOT NULL DEFAULT 0,
+        runs BIGINT NOT NULL DEFAULT 0,
+        waiting BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT,
+        worker_id TEXT,
+        attempt_id BIGINT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL)""",
+    # Only claimable rows are in the claim index.
+    "CREATE INDEX jobs_claim ON jobs (priority DESC, run_at, seq)"
+    " WHERE ready = 1",
+    "CREATE INDEX jobs_state ON jobs (state, seq)",
+    """CREATE TABLE attempts (
+        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        job_seq BIGINT NOT NULL,
+        n BIGINT NOT NULL,
+        worker_id TEXT,
+        host TEXT,
+        pgid BIGINT,
+        proc_start TEXT,
+        started_at DOUBLE PRECISION NOT NULL,
+        ended_at DOUBLE PRECISION,
+        duration DOUBLE PRECISION,
+        exit_code INTEGER,
+        signal INTEGER,
+        error TEXT,
+        output TEXT,
+        output_dropped BIGINT NOT NULL DEFAULT 0,
+        due_at DOUBLE PRECISION)""",
+    "CREATE INDEX attempts_job ON attempts (job_seq, n)",
+    "CREATE INDEX attempts_ended ON attempts (ended_at)",
+    """CREATE TABLE deps (
+        job_seq BIGINT NOT NULL,
+        dep_seq BIGINT NOT NULL,
+        PRIMARY KEY (job_seq, dep_seq))""",
+    "CREATE INDEX deps_dep ON deps (dep_seq)",
+    """CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        pid BIGINT NOT NULL,
+        host TEXT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat DOUBLE PRECISION NOT NULL,
+        beat BIGINT NOT NULL DEFAULT 0)""",
+    "CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE counts (state TEXT, stripe INTEGER, n BIGINT NOT NULL,
+        PRIMARY KEY (state, stripe))""",
+    """CREATE TABLE totals (name TEXT, stripe INTEGER,
+        value DOUBLE PRECISION NOT NULL, PRIMARY KEY (name, stripe))""",
+    """CREATE TABLE duration_buckets (le DOUBLE PRECISION, stripe INTEGER,
+        n BIGINT NOT NULL, PRIMARY KEY (le, stripe))""",
+    "INSERT INTO totals SELECT name, 0, 0 FROM (VALUES ('success'),"
+    " ('failure'), ('timeout'), ('lost'), ('duration_sum')) AS t (name)",
+    "INSERT INTO duration_buckets SELECT le, 0, 0 FROM (VALUES %s) AS b (le)"
+    % ", ".join("(CAST('%r' AS DOUBLE PRECISION))" % le
+                for le in DURATION_BUCKETS + (float("inf"),)),
+    """CREATE FUNCTION count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF TG_OP = 'UPDATE' AND OLD.state = NEW.state THEN RETURN NULL; END IF;
+      IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        INSERT INTO queuectl.counts AS c VALUES (OLD.state, %(stripe)s, -1)
+          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n - 1;
+      END IF;
+      IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        INSERT INTO queuectl.counts AS c VALUES (NEW.state, %(stripe)s, 1)
+          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + 1;
+      END IF;
+      RETURN NULL;
+    END $$""" % {"stripe": _PG_STRIPE},
+    "CREATE TRIGGER jobs_count AFTER INSERT OR DELETE OR UPDATE OF state"
+    " ON jobs FOR EACH ROW EXECUTE FUNCTION count_jobs()",
+    """CREATE FUNCTION count_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+      result TEXT := CASE
+        WHEN NEW.error IS NULL THEN 'success'
+        WHEN NEW.error = 'worker lost' THEN 'lost'
+        WHEN NEW.error LIKE 'timed out%%' THEN 'timeout'
+        ELSE 'failure' END;
+    BEGIN
+      INSERT INTO queuectl.totals AS t VALUES (result, %(stripe)s, 1),
+          ('duration_sum', %(stripe)s, COALESCE(NEW.duration, 0))
+        ON CONFLICT (name, stripe) DO UPDATE
+        SET value = t.value + EXCLUDED.value;
+      INSERT INTO queuectl.duration_buckets AS b
+        SELECT le, %(stripe)s, 1 FROM queuectl.duration_buckets
+        WHERE stripe = 0 AND le >= COALESCE(NEW.duration, 0)
+        ON CONFLICT (le, stripe) DO UPDATE SET n = b.n + 1;
+      RETURN NULL;
+    END $$""" % {"stripe": _PG_STRIPE},
+    "CREATE TRIGGER attempts_finish AFTER UPDATE OF ended_at ON attempts"
+    " FOR EACH ROW WHEN (OLD.ended_at IS NULL AND NEW.ended_at IS NOT NULL)"
+    " EXECUTE FUNCTION count_attempt()",
+)
+
+
+def open_store(address=None, clock=time.time):
+    """The store for a database address: a postgresql:// (or postgres://)
+    URL, or a file path (default: $QUEUECTL_DB or ~/.queuectl/queue.db).
+    `clock` gives unix time (tests fake it); PostgreSQL corrects it by the
+    server's clock."""
+    address = address or default_db_path()
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", address)
+    if scheme is None:
+        return _SQLiteStore(address, clock)
+    if scheme.group(1).lower() in ("postgresql", "postgres"):
+        return _PostgresStore(address, clock)
+    raise InvalidInput("unsupported database URL scheme '%s://': give a file"
+                       " path or a postgresql:// URL" % scheme.group(1))
 
 
 def default_db_path():
@@ -1600,9 +2077,10 @@ class Queue(object):
     """
 
     def __init__(self, path=None, now=time.time):
-        self.store = open_store(path)
-        self.path = self.store.address
-        self.now = now
+        self.store = open_store(path, now)
+        self.address = self.store.address  # to open more stores with
+        self.path = self.store.display      # to show
+        self.now = self.store.now
 
     def close(self):
         self.store.close()
@@ -1738,6 +2216,8 @@ class Queue(object):
 
     def set_paused(self, paused):
         self.store.set_config("_paused", int(paused))
+        if not paused:
+            self.store.wake()
 
     def wait(self, job_ids, timeout=None, interval=0.1):
         """Block until every job is completed or dead.
@@ -2112,7 +2592,7 @@ class _Reaper(object):
                 dead.append(wid)
         return dead, known
 
-    def reap(self, store, now_fn, log):
+    def reap(self, store, log):
         """Recover the jobs of dead workers (killing their leftover
         processes on this host first), then forget those workers."""
         config = store.config()
@@ -2121,7 +2601,7 @@ class _Reaper(object):
         for claim, wid, host, pgid, start in processing:
             if wid in dead or wid not in known:
                 _kill_orphans(host, pgid, start)
-                state = store.recover(claim, config, now_fn())
+                state = store.recover(claim, config, store.now())
                 if state:
                     log(wid, claim.id, "lost", "worker lost; now %s" % state)
         if dead:
@@ -2145,12 +2625,12 @@ def _kill_orphans(host, pgid, start):
 class _Local(object):
     """A worker thread's claimed-but-unstarted jobs and unsaved results."""
 
-    def __init__(self):
+    def __init__(self, retry_delay):
         self.queued = []
         self.claimed_at = None    # monotonic time of the last claim
         self.results = []
         self.first_result = None  # monotonic time the oldest result came
-        self.retry_delay = STORE_RETRY_FIRST  # while the database fails
+        self.retry_delay = retry_delay  # while the database fails
         self.busy = False         # counted in the pool's _busy
 
     def add(self, job, result):
@@ -2192,7 +2672,7 @@ class WorkerPool(object):
         if max_jobs is not None and not (_is_int(max_jobs) and max_jobs >= 1):
             raise InvalidInput("--max-jobs must be an integer >= 1, got %r"
                                % max_jobs)
-        self.path = path or default_db_path()
+        self.address = self.path = path or default_db_path()
         self.count = count
         self.poll_interval = poll_interval
         self.exit_when_idle = exit_when_idle
@@ -2213,6 +2693,9 @@ class WorkerPool(object):
         self._busy = 0                      # threads holding claimed jobs
         self._idle_since = time.monotonic()  # when _busy last became 0
         self.failed = False
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
         self.host, self.pid = _host(), os.getpid()
         # Encoded once: converting os.environ for every job is costly.
         self.base_env = dict(os.environb)
@@ -2225,19 +2708,30 @@ class WorkerPool(object):
     def stop(self):
         """Graceful: finish running jobs, claim nothing new."""
         self.stopping.set()
+        self._wake_idle()
 
     def force(self):
         """Kill running jobs' process groups and requeue them uncounted."""
         self.stopping.set()
         self.forced.set()
+        self._wake_idle()
+
+    def _wake_idle(self):
+        # Threads idle in select() (PostgreSQL) wake on this pipe; safe in a
+        # signal handler.
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _open_store(self):
+        return open_store(self.address, self.now)
 
     # -- main loop ----------------------------------------------------------
 
     def run(self):
         import threading
         self._idle_since = time.monotonic()
-        store = open_store(self.path)
-        self.path = store.address
+        store = self._open_store()
+        self.path = store.display
         try:
             # Settings the threads use, refreshed with every beat.
             self.settings = config = store.config()
@@ -2246,7 +2740,7 @@ class WorkerPool(object):
             # the threads register with their first claim instead.
             self._guard(self._register, store)
             reaper = _Reaper(self.ids)
-            self._guard(reaper.reap, store, self.now, self.log)
+            self._guard(reaper.reap, store, self.log)
             threads = [threading.Thread(target=self._work, args=(wid,),
                                         name=wid) for wid in self.ids]
             for thread in threads:
@@ -2258,11 +2752,13 @@ class WorkerPool(object):
                 with store.write():
                     store.unregister(self.ids)
             store.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         return 1 if self.forced.is_set() or self.failed else 0
 
     def _register(self, store):
         with store.write():
-            store.register(self.ids, self.pid, self.host, self.now())
+            store.register(self.ids, self.pid, self.host, store.now())
 
     def _watch(self, store, reaper, threads):
         """Beat, reap dead workers, and carry out a forced stop.
@@ -2290,7 +2786,7 @@ class WorkerPool(object):
                 lease = self.settings["lease-timeout"]
                 next_beat = mono + min(max(lease / 4.0, 0.05), 1.0)
             if mono >= next_reap:
-                self._guard(reaper.reap, store, self.now, self.log)
+                self._guard(reaper.reap, store, self.log)
                 next_reap = mono + min(max(lease / 2.0, 0.05), 1.0)
             if mono >= next_checkpoint:
                 self._guard(store.checkpoint)
@@ -2303,7 +2799,7 @@ class WorkerPool(object):
 
     def _beat(self, store):
         with store.write():
-            store.beat(self.pid, self.host, self.now())
+            store.beat(self.pid, self.host, store.now())
         self.settings = store.config()
 
     def _guard(self, fn, *args):
@@ -2347,7 +2843,7 @@ class WorkerPool(object):
     def _work(self, wid):
         store = None
         try:
-            store = open_store(self.path)
+            store = self._open_store()
             self._loop(store, wid)
         except Exception as exc:  # report, and stop the other threads too
             self.log(wid, "-", "error", "%s: %s" % (type(exc).__name__, exc))
@@ -2362,12 +2858,13 @@ class WorkerPool(object):
                     self._finished.set()
 
     def _loop(self, store, wid):
-        local = _Local()
+        local = _Local(store.retry_first)
+        store.listen()
         while True:
             try:
                 if not self._step(store, wid, local):
                     return
-                local.retry_delay = STORE_RETRY_FIRST
+                local.retry_delay = store.retry_first
             except StoreError as exc:
                 if not exc.transient:
                     raise
@@ -2375,7 +2872,7 @@ class WorkerPool(object):
                 self._store_failed(exc)
                 if self.forced.wait(local.retry_delay):
                     return  # forced out: unsaved runs are recovered later
-                local.retry_delay = min(local.retry_delay * 2, STORE_RETRY_MAX)
+                local.retry_delay = min(local.retry_delay * 2, store.retry_max)
 
     def _step(self, store, wid, local):
         """Save, claim, run one job, or idle.  False when the thread is done."""
@@ -2396,7 +2893,7 @@ class WorkerPool(object):
         self._set_busy(local, False)
         if self.stopping.is_set() or self.exit_when_idle or self._done():
             return False
-        self.stopping.wait(self._poll_interval())
+        store.wait_for_work(self._poll_interval(), self.stopping, self._wake_r)
         return True
 
     def _claim_still_ours(self, store, wid, claim, local):
@@ -2459,7 +2956,7 @@ class WorkerPool(object):
         stop_seq, paused = store.control()
         if stop_seq != self.stop_seq:
             return True
-        return not paused and store.anything_due(self.now())
+        return not paused and store.anything_due(store.now())
 
     def _sync(self, store, wid, local):
         """One transaction: save finished runs, then claim or release jobs.
@@ -2469,7 +2966,7 @@ class WorkerPool(object):
         queued = claimed = local.queued
         try:
             with store.write():
-                now = self.now()
+                now = store.now()
                 events = self._save_results(store, local.results, now)
                 stop_seq, paused = store.control()
                 if stop_seq != self.stop_seq:
@@ -2548,7 +3045,7 @@ class WorkerPool(object):
 
     def _execute(self, store, wid, claim, local):
         """Run one job; returns (claim, _Result) for the next transaction."""
-        claim.started = self.now()
+        claim.started = store.now()
         self.log(wid, claim.id, "started", "attempt %d" % claim.attempts)
         try:
             run = _Execution(claim, int(self.settings["output-limit"]),
@@ -2558,7 +3055,7 @@ class WorkerPool(object):
         finally:
             with self._lock:
                 self._running.pop(wid, None)
-        return claim, _Result(*(run + (self.now(),)))
+        return claim, _Result(*(run + (store.now(),)))
 
     def _on_long_run(self, store, wid, claim, local, proc):
         """A job ran past RECORD_GROUP_AFTER: now a write is worth it.
@@ -2569,7 +3066,7 @@ class WorkerPool(object):
         try:
             with store.write():
                 store.record_group(claim, proc.pid, _process_start(proc.pid))
-                now = self.now()
+                now = store.now()
                 events = self._save_results(store, local.results, now)
                 self._release(store, local.queued, now)
         except StoreError as exc:
@@ -3750,7 +4247,7 @@ def _number_flag(kind, name):
 def cmd_worker_start(args, queue):
     import signal
     queue.close()
-    pool = WorkerPool(queue.path, count=args.count,
+    pool = WorkerPool(queue.address, count=args.count,
                       poll_interval=args.poll_interval,
                       exit_when_idle=args.exit_when_idle,
                       idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
@@ -4184,7 +4681,7 @@ def cmd_dashboard(args, queue):
         _print("queuectl dashboard%s: %s  (Ctrl-C stops it)" % (mode, url))
         sys.stdout.flush()
     try:
-        serve_dashboard(queue.path, args.host, args.port, args.read_only,
+        serve_dashboard(queue.address, args.host, args.port, args.read_only,
                         ready)
     except KeyboardInterrupt:
         pass
