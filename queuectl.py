@@ -2631,6 +2631,7 @@ class _Local(object):
         self.results = []
         self.first_result = None  # monotonic time the oldest result came
         self.retry_delay = retry_delay  # while the database fails
+        self.busy = False         # counted in the pool's _busy
 
     def add(self, job, result):
         if not self.results:
@@ -2646,21 +2647,38 @@ class WorkerPool(object):
     """N worker threads in this process, sharing one stop flag.
 
     run() blocks until the pool stops and returns the exit status: 0 after
-    a graceful stop (or idle exit), 1 after a forced stop or an error.
+    a graceful stop (or idle exit, idle timeout, max_jobs), 1 after a forced
+    stop or an error.
+
+    idle_timeout: stop once S seconds passed with no job held by this pool
+    and none it could claim (a job that falls due meanwhile is run, and the
+    S seconds start again when it ends).  max_jobs: claim at most N jobs
+    (runs) in all, finish them, and stop.
     """
 
     def __init__(self, path=None, count=1, poll_interval=None,
-                 exit_when_idle=False, log=None, now=time.time):
+                 exit_when_idle=False, log=None, now=time.time,
+                 idle_timeout=None, max_jobs=None):
         import threading
         if not _is_int(count) or count < 1:
             raise InvalidInput("--count must be an integer >= 1, got %r" % count)
         if poll_interval is not None and not 0 < poll_interval <= 3600:
             raise InvalidInput("--poll-interval must be > 0 and <= 3600, got %r"
                                % poll_interval)
+        if idle_timeout is not None and not (
+                _is_number(idle_timeout) and idle_timeout > 0):
+            raise InvalidInput("--idle-timeout must be a number of seconds"
+                               " > 0, got %r" % idle_timeout)
+        if max_jobs is not None and not (_is_int(max_jobs) and max_jobs >= 1):
+            raise InvalidInput("--max-jobs must be an integer >= 1, got %r"
+                               % max_jobs)
         self.address = self.path = path or default_db_path()
         self.count = count
         self.poll_interval = poll_interval
         self.exit_when_idle = exit_when_idle
+        self.idle_timeout = idle_timeout
+        self.max_jobs = max_jobs
+        self.exit_reason = None             # why the pool stopped by itself
         self.now = now
         self._log_lock = threading.Lock()
         self._log_stream = log
@@ -2671,6 +2689,9 @@ class WorkerPool(object):
         self._running = {}                  # worker id -> (Popen, job)
         self._alive = count                 # worker threads not yet ended
         self._trouble = None                # why the database fails, if it does
+        self._slots = max_jobs              # claims --max-jobs has left
+        self._busy = 0                      # threads holding claimed jobs
+        self._idle_since = time.monotonic()  # when _busy last became 0
         self.failed = False
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -2708,6 +2729,7 @@ class WorkerPool(object):
 
     def run(self):
         import threading
+        self._idle_since = time.monotonic()
         store = self._open_store()
         self.path = store.display
         try:
@@ -2859,13 +2881,17 @@ class WorkerPool(object):
             self._sync(store, wid, local)
             self._store_ok()
         if local.queued:
+            self._set_busy(local, True)
             claim = local.queued[0]
             ours = self._claim_still_ours(store, wid, claim, local)
             local.queued.pop(0)  # only now: the check may raise
             if ours:
                 local.add(*self._execute(store, wid, claim, local))
+            else:
+                self._give_back(1)  # not run here: --max-jobs spent nothing
             return True
-        if self.stopping.is_set() or self.exit_when_idle:
+        self._set_busy(local, False)
+        if self.stopping.is_set() or self.exit_when_idle or self._done():
             return False
         store.wait_for_work(self._poll_interval(), self.stopping, self._wake_r)
         return True
@@ -2887,6 +2913,37 @@ class WorkerPool(object):
                  " was stopped; not started")
         return False
 
+    def _set_busy(self, local, busy):
+        """A thread took claimed jobs (True) or has none left (False)."""
+        if local.busy == busy:
+            return
+        local.busy = busy
+        with self._lock:
+            self._busy += 1 if busy else -1
+            if not self._busy:
+                self._idle_since = time.monotonic()
+
+    def _done(self):
+        """--max-jobs used up, or --idle-timeout passed (stops the pool)."""
+        with self._lock:
+            if self._slots == 0:
+                self.exit_reason = self.exit_reason or (
+                    "ran --max-jobs %d" % self.max_jobs)
+                return True
+            if (self.idle_timeout is None or self._busy or time.monotonic()
+                    - self._idle_since < self.idle_timeout):
+                return False
+            self.exit_reason = self.exit_reason or (
+                "idle for --idle-timeout %s" % _seconds_text(self.idle_timeout))
+        self.stopping.set()
+        return True
+
+    def _give_back(self, count):
+        """Claims that were not made, or jobs handed back unstarted."""
+        if self.max_jobs is not None and count:
+            with self._lock:
+                self._slots += count
+
     def _poll_interval(self):
         if self.poll_interval is not None:
             return self.poll_interval
@@ -2906,20 +2963,28 @@ class WorkerPool(object):
 
         The thread's memory (local) changes only once the transaction has
         committed: a COMMIT that fails (disk full) loses no result."""
-        queued = local.queued
-        with store.write():
-            now = store.now()
-            events = self._save_results(store, local.results, now)
-            stop_seq, paused = store.control()
-            if stop_seq != self.stop_seq:
-                self.stopping.set()
-            if self.stopping.is_set() or paused:
-                queued = self._release(store, queued, now)
-            elif not queued:
-                # Registered before claiming: a worker that others declared
-                # dead (stopped too long) must not hold jobs nobody owns.
-                store.register([wid], self.pid, self.host, now)
-                queued = self._claim(store, wid, now)
+        queued = claimed = local.queued
+        try:
+            with store.write():
+                now = store.now()
+                events = self._save_results(store, local.results, now)
+                stop_seq, paused = store.control()
+                if stop_seq != self.stop_seq:
+                    self.stopping.set()
+                if self.stopping.is_set() or paused:
+                    queued = self._release(store, queued, now)
+                elif not queued:
+                    # Registered before claiming: a worker that others
+                    # declared dead (stopped too long) must not hold jobs
+                    # nobody owns.
+                    store.register([wid], self.pid, self.host, now)
+                    queued = claimed = self._claim(store, wid, now)
+        except Exception:
+            if claimed is not local.queued:  # rolled back: not claimed
+                self._give_back(len(claimed))
+            raise
+        if queued is not local.queued:  # claimed, or handed back unstarted
+            self._give_back(len(local.queued))
         if queued and queued is not local.queued:
             local.claimed_at = time.monotonic()
         local.results, local.queued = [], queued
@@ -2928,9 +2993,21 @@ class WorkerPool(object):
     def _claim(self, store, wid, now):
         """One job, or CLAIM_BATCH of them when at least that many per
         thread are due: a deep queue pays one transaction per batch, while
-        a shallow one leaves jobs for idle workers elsewhere."""
-        return store.claim(wid, self.host, now, CLAIM_BATCH,
-                           CLAIM_BATCH * self.count)
+        a shallow one leaves jobs for idle workers elsewhere.  Never more
+        than --max-jobs has left: threads reserve their share first."""
+        batch = CLAIM_BATCH
+        if self.max_jobs is not None:
+            with self._lock:
+                batch = min(self._slots, CLAIM_BATCH)
+                self._slots -= batch
+        claims = []
+        try:
+            if batch:
+                claims = store.claim(wid, self.host, now, batch,
+                                     CLAIM_BATCH * self.count)
+        finally:
+            self._give_back(batch - len(claims))
+        return claims
 
     def _save_results(self, store, results, now):
         events = []
@@ -2997,6 +3074,7 @@ class WorkerPool(object):
                 raise
             self._store_failed(exc)  # the job runs on; saved at its end
             return
+        self._give_back(len(local.queued))
         local.results, local.queued = [], []
         self._log_events(wid, events)
 
@@ -3845,6 +3923,24 @@ def _job_rows(jobs):
              j["command"]) for j in jobs]
 
 
+def _dlq_table(jobs):
+    """Dead jobs with their last error; command and error share what is
+    left of 80 columns."""
+    if not jobs:
+        return "(no dead jobs)"
+    headers = ("ID", "TRIES", "DIED (UTC)", "COMMAND", "LAST ERROR")
+    rows = [(j["id"], "%d/%d" % (j["attempts"], j["max_retries"] + 1),
+             _short_time(j["updated_at"])[5:16], _printable(j["command"]),
+             j["last_error"] or "-") for j in jobs]
+    used = sum(max(len(r[i]) for r in rows + [headers]) + 2 for i in range(3))
+    room = max(79 - used - 2, 2 * 20)  # for both texts
+    longest = max(len(r[3]) for r in rows + [headers])
+    width = min(longest, max(room // 2, room - max(
+        len(_printable(r[4])) for r in rows + [headers])))
+    rows = [r[:3] + (_clip(r[3], width).ljust(width),) + r[4:] for r in rows]
+    return _table(rows, headers)
+
+
 def _short_time(stamp):
     return stamp[:19].replace("T", " ") if stamp else "-"
 
@@ -3924,11 +4020,12 @@ def _duration_text(seconds):
 def _status_text(status, colour):
     lines = ["database: %s" % status["db"]]
     if status["paused"]:
-        lines.append("paused: workers claim no new jobs (queuectl resume)")
+        lines.append("paused: workers claim no new jobs (%s resume)" % _PROG)
     lines.append("")
     for state in STATES:
         lines.append("  %s %8d" % (_paint(state, 11, colour),
                                    status["counts"][state]))
+    lines.append("  %-11s %8d" % ("total", sum(status["counts"].values())))
     workers = status["workers"]
     lines.append("")
     lines.append("workers: %d live" % len(workers))
@@ -3942,6 +4039,34 @@ def _status_text(status, colour):
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
+
+#: The command as the user typed it, for usage lines, examples and hints:
+#: `queuectl`, `./queuectl.py`, `python3 queuectl.py`, `python3 -m queuectl`.
+#: main() sets it; error lines still start `queuectl: error:`.
+_PROG = "queuectl"
+
+
+def _prog_name(argv0):
+    """sys.argv[0] -> how to run this queuectl again from the same shell."""
+    if __name__ == "__main__" and __spec__ is not None:
+        return "python3 -m " + __spec__.name
+    if not argv0 or argv0.startswith("-"):
+        return "queuectl"
+    folder, base = os.path.split(argv0)
+    if not folder:  # a script the shell found on PATH comes with its folder
+        return ("python3 " + argv0) if argv0.endswith(".py") else argv0
+    here = os.path.realpath(folder)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if any(p and os.path.realpath(p) == here for p in path):
+        return base
+    return argv0
+
+
+def _named(text):
+    """Example lines that start `queuectl ` use the name the user typed."""
+    return re.sub(r"(?m)^(\s*(?:\$ )?)queuectl ",
+                  lambda m: m.group(1) + _PROG + " ", text)
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one `queuectl: error:` line."""
@@ -3968,25 +4093,92 @@ def _emit(args, value, as_text):
 
 
 def cmd_enqueue(args, queue):
-    if args.file is not None:
-        if args.command_or_json is not None or _field_flags(args):
-            raise InvalidInput("give -f FILE or a command, not both")
-        specs = parse_jobs_text(_read_input(args.file))
-        if isinstance(specs, dict):
-            specs = [specs]
-        ids = queue.enqueue_many(specs)
+    specs = _enqueue_specs(args)
+    if specs is None:  # one job from a command or a JSON object
+        job_id = queue.enqueue(_enqueue_spec(args))
         if args.json:
-            _print_json(ids)
+            _print_json(queue.get(job_id))
         else:
-            _print("\n".join(ids))
+            _print(job_id)
         return 0
-    spec = _enqueue_spec(args)
-    job_id = queue.enqueue(spec)
+    ids = queue.enqueue_many(specs)
     if args.json:
-        _print_json(queue.get(job_id))
+        _print_json(ids)
     else:
-        _print(job_id)
+        _print("\n".join(ids))
     return 0
+
+
+def _enqueue_specs(args):
+    """The jobs of `-f FILE`, a job file named as the argument, or a JSON
+    array argument; None when the argument is one command or one object."""
+    text = args.command_or_json
+    if args.file is not None:
+        if text is not None or _field_flags(args):
+            raise InvalidInput("give -f FILE or a command, not both")
+        return _as_list(parse_jobs_text(_read_input(args.file)))
+    if text is None:
+        return None
+    if _is_job_file(text):
+        if _field_flags(args):
+            raise InvalidInput("give job fields in %s or as flags, not both"
+                               % text)
+        return _as_list(parse_jobs_text(_read_input(text)))
+    if not text.lstrip().startswith("["):
+        return None
+    if _field_flags(args):
+        raise InvalidInput("give job fields in the JSON array or as flags,"
+                           " not both")
+    jobs = _json_argument(text)
+    for number, job in enumerate(jobs, 1):
+        if isinstance(job, str):  # '["echo a", "echo b"]'
+            raise InvalidInput("job %d: a JSON array holds job objects, not"
+                               " strings: [{\"command\": %s}, ...]"
+                               % (number, _short_repr(job)))
+    return jobs
+
+
+def _as_list(specs):
+    return [specs] if isinstance(specs, dict) else specs
+
+
+#: A positional enqueue argument ending so names a job file (SPEC 4).
+_JOB_FILE_SUFFIXES = (".json", ".jsonl")
+
+
+def _is_job_file(text):
+    """Is `text` an existing .json/.jsonl file?  A word that looks like one
+    but names nothing is refused: running it as a command never works."""
+    if not text.lower().endswith(_JOB_FILE_SUFFIXES) or text != text.strip():
+        return False
+    if os.path.isfile(text):
+        return True
+    if re.search(r"\s", text):
+        return False  # a command line, e.g. 'jq . in.json > out.json'
+    raise InvalidInput("%s: %s (an argument ending in .json or .jsonl is"
+                       " read as a job file); to run a command named so, %s"
+                       % (text, "not a file" if os.path.exists(text)
+                          else "no such file", _command_hint(text)))
+
+
+def _json_argument(text):
+    """Parse an argument that starts with { or [ (it must be JSON)."""
+    try:
+        return parse_json(text)
+    except json.JSONDecodeError as exc:  # not JSON: maybe a shell command
+        raise InvalidInput("invalid JSON: %s; to enqueue a shell command"
+                           " that starts with %s, %s" % (
+                               exc, text.lstrip()[0], _command_hint(text)))
+    except ValueError as exc:  # JSON, but a duplicate key or too deep
+        raise InvalidInput("invalid JSON: %s" % exc)
+
+
+def _command_hint(command):
+    """How to enqueue a command that looks like JSON: as a JSON object."""
+    wrapped = json.dumps({"command": command})
+    if "'" in wrapped or len(wrapped) > 72:
+        return "give it as a JSON object: {\"command\": \"...\"}"
+    return "give it as a JSON object: %s enqueue '%s'" % (_PROG, wrapped)
 
 
 def _read_input(name):
@@ -4031,10 +4223,7 @@ def _enqueue_spec(args):
         if flags:
             raise InvalidInput("give job fields in the JSON object or as flags,"
                                " not both")
-        try:
-            spec = parse_json(text)
-        except ValueError as exc:
-            raise InvalidInput("invalid JSON: %s" % exc)
+        spec = _json_argument(text)
         if not isinstance(spec, dict):
             raise InvalidInput("a job must be a JSON object")
         return spec
@@ -4060,7 +4249,8 @@ def cmd_worker_start(args, queue):
     queue.close()
     pool = WorkerPool(queue.address, count=args.count,
                       poll_interval=args.poll_interval,
-                      exit_when_idle=args.exit_when_idle)
+                      exit_when_idle=args.exit_when_idle,
+                      idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
     signals = []
 
     def on_signal(signum, frame):
@@ -4075,7 +4265,8 @@ def cmd_worker_start(args, queue):
     pool.log("-", "-", "pool", "started %d worker(s) on %s"
              % (args.count, queue.path))
     code = pool.run()
-    pool.log("-", "-", "pool", "stopped" + (" (forced)" if pool.forced.is_set()
+    reason = "forced" if pool.forced.is_set() else pool.exit_reason
+    pool.log("-", "-", "pool", "stopped" + (" (%s)" % reason if reason
                                            else ""))
     return code
 
@@ -4103,7 +4294,8 @@ def cmd_list(args, queue):
 
 
 def cmd_dlq_list(args, queue):
-    return _print_jobs(args, queue.list("dead", args.limit, args.offset))
+    return _emit(args, queue.list("dead", args.limit, args.offset),
+                 _dlq_table)
 
 
 def _print_jobs(args, jobs):
@@ -4225,7 +4417,7 @@ def _demo_step(title, command=None):
     _print()
     _print(title)
     if command:
-        _print("    $ queuectl " + command)
+        _print("    $ %s %s" % (_PROG, command))
     sys.stdout.flush()
 
 
@@ -4260,12 +4452,194 @@ def _demo_script(demo, pool, worker, folder):
     demo.wait(["needs-flag"])
     _demo_step("7. Final status: both jobs completed.", "status")
     _print(_indent(_status_text(demo.status(), False)))
-    _demo_step("Try it on your own queue: queuectl enqueue 'echo hi', then"
-               " queuectl worker start.")
+    _demo_step("Try it on your own queue: %s enqueue 'echo hi', then"
+               " %s worker start." % (_PROG, _PROG))
 
 
 def _indent(text):
     return "\n".join("    " + line if line else "" for line in text.splitlines())
+
+
+#: Seconds `smoke-test` gives any one step before it calls it failed.
+SMOKE_STEP_TIMEOUT = 60.0
+
+
+def cmd_smoke_test(args, queue):
+    """A self-check on a temporary database; exit 0 and `ok`, or exit 1
+    naming the step that failed."""
+    import platform
+    import tempfile
+    _print("queuectl %s smoke test: Python %s, SQLite %s" % (
+        __version__, platform.python_version(), sqlite3.sqlite_version))
+    with tempfile.TemporaryDirectory(prefix="queuectl-smoke-") as folder:
+        check = _SmokeTest(folder)
+        try:
+            for number, (title, step) in enumerate(check.steps(), 1):
+                check.run_step(number, title, step)
+        finally:
+            check.close()
+    _print("ok")
+    return 0
+
+
+class _SmokeTest(object):
+    """The steps of `smoke-test`; each raises an exception when it fails."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, "smoke.db")
+        self.queue = self.pool = self.thread = None
+        self.ended = []  # the pool's exit status, or what ended it
+        self.log = _LogLines()
+        self.ok_id = self.failing_id = None
+
+    def steps(self):
+        return [
+            ("create a queue in a temporary database", self.create),
+            ("enqueue a job", self.enqueue),
+            ("start a worker pool with 2 threads", self.start),
+            ("a worker runs the job", self.run),
+            ("a failing job is retried after a short backoff", self.retry),
+            ("after its last retry it is in the DLQ", self.dlq),
+            ("dlq retry runs it again, and now it succeeds", self.dlq_retry),
+            ("status counts 2 completed jobs", self.status),
+            ("the workers stop when asked", self.stop),
+        ]
+
+    def run_step(self, number, title, step):
+        sys.stdout.write("%d. %s ... " % (number, title))
+        sys.stdout.flush()
+        try:
+            step()
+        except Exception as exc:
+            _print("FAILED")
+            for line in self.log.lines[-5:]:
+                _print("   worker log: " + line)
+            detail = str(exc) if isinstance(exc, QueueError) else \
+                "%s: %s" % (type(exc).__name__, exc)
+            raise QueueError("smoke test failed at step %d (%s): %s"
+                             % (number, title, detail))
+        _print("ok")
+
+    def create(self):
+        self.queue = Queue(self.path)
+        self.queue.config_set("backoff-max", "0.05")  # retries come fast
+        if any(self.queue.counts().values()):
+            raise QueueError("a new queue is not empty")
+
+    def enqueue(self):
+        self.ok_id = self.queue.enqueue({"command": "echo smoke-test",
+                                         "cwd": self.folder})
+        if self.queue.get(self.ok_id)["state"] != "pending":
+            raise QueueError("the new job is not pending")
+
+    def start(self):
+        import threading
+        self.pool = WorkerPool(self.path, count=2, poll_interval=0.02,
+                               log=self.log)
+        self.thread = threading.Thread(target=self._run_pool)
+        self.thread.daemon = True
+        self.thread.start()
+        self._until("registered worker", self.queue.workers)
+
+    def _run_pool(self):
+        try:
+            self.ended.append(self.pool.run())
+        except Exception as exc:
+            self.ended.append("%s: %s" % (type(exc).__name__, exc))
+
+    def run(self):
+        job = self._finished(self.ok_id)
+        if job["state"] != "completed":
+            raise QueueError("the job ended %s: %s" % (job["state"],
+                                                       job["last_error"]))
+        output = self.queue.output(self.ok_id)[0]
+        if output != "smoke-test\n":
+            raise QueueError("the job printed %r, not 'smoke-test'" % output)
+
+    def retry(self):
+        self.failing_id = self.queue.enqueue({
+            "command": "test -f ready", "max_retries": 1, "cwd": self.folder})
+
+        def retried():
+            runs = self.queue.get(self.failing_id, runs=True)["runs"]
+            return runs if len(runs) >= 2 else None
+        runs = self._until("second attempt", retried)
+        if runs[0]["error"] != "exit code 1":
+            raise QueueError("attempt 1 ended %r, not 'exit code 1'"
+                             % runs[0]["error"])
+
+    def dlq(self):
+        job = self._finished(self.failing_id)
+        dead = [j["id"] for j in self.queue.list("dead")]
+        if job["state"] != "dead" or dead != [self.failing_id]:
+            raise QueueError("the job is %s; the DLQ holds %s"
+                             % (job["state"], dead or "nothing"))
+        if (job["attempts"], job["last_error"]) != (2, "exit code 1"):
+            raise QueueError("%d attempts, last error %r" % (
+                job["attempts"], job["last_error"]))
+
+    def dlq_retry(self):
+        open(os.path.join(self.folder, "ready"), "w").close()
+        self.queue.retry([self.failing_id])
+        job = self._finished(self.failing_id)
+        if job["state"] != "completed":
+            raise QueueError("the job ended %s: %s" % (job["state"],
+                                                       job["last_error"]))
+
+    def status(self):
+        counts = self.queue.status()["counts"]
+        if counts != dict(dict.fromkeys(STATES, 0), completed=2):
+            raise QueueError("counts are %s" % json.dumps(counts,
+                                                         sort_keys=True))
+
+    def stop(self):
+        self.pool.stop()
+        self.thread.join(SMOKE_STEP_TIMEOUT)
+        if self.ended != [0]:
+            raise QueueError("the pool ended with %s" % (
+                self.ended[0] if self.ended else "nothing: still running"))
+
+    def _finished(self, job_id):
+        self._until("finished job", lambda: self.queue.get(job_id)["state"]
+                    in ("completed", "dead"))
+        return self.queue.get(job_id)
+
+    def _until(self, what, predicate):
+        deadline = time.monotonic() + SMOKE_STEP_TIMEOUT
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if self.ended:
+                raise QueueError("the worker pool ended: %s" % self.ended[0])
+            if time.monotonic() > deadline:
+                raise QueueError("no %s after %s" % (
+                    what, _seconds_text(SMOKE_STEP_TIMEOUT)))
+            time.sleep(0.02)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.stop()
+            self.thread.join(SMOKE_STEP_TIMEOUT)
+            if self.thread.is_alive():
+                self.pool.force()
+                self.thread.join(SMOKE_STEP_TIMEOUT)
+        if self.queue is not None:
+            self.queue.close()
+
+
+class _LogLines(object):
+    """A worker log kept in memory (the smoke test shows it on failure)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        self.lines.extend(line for line in text.splitlines() if line)
+
+    def flush(self):
+        pass
 
 
 def cmd_bench(args, queue):
@@ -4315,6 +4689,7 @@ def cmd_dashboard(args, queue):
 
 
 def cmd_config(args, queue):
+    _config_options(args)
     if args.action == "list":
         if args.key is not None or args.value is not None:
             raise InvalidInput("config list takes no arguments")
@@ -4338,6 +4713,22 @@ def cmd_config(args, queue):
     return 0
 
 
+def _config_options(args):
+    """A bare `config` lists; `config --key K [--value V]` (hidden, a form
+    other queues use) is `config get K` or `config set K V`."""
+    if args.option_key is None and args.option_value is None:
+        args.action = args.action or "list"
+        return
+    if args.key is not None or args.value is not None:
+        raise InvalidInput("give KEY and VALUE as arguments or as --key and"
+                           " --value, not both")
+    if args.option_key is None:
+        raise InvalidInput("--value needs --key (or: %s config set KEY VALUE)"
+                           % _PROG)
+    args.key, args.value = args.option_key, args.option_value
+    args.action = args.action or ("get" if args.value is None else "set")
+
+
 class _Skipped(object):
     """Stands in for the parser of a command this run does not use."""
 
@@ -4352,7 +4743,7 @@ def _add_command(sub, name, func, summary, example, **kwargs):
         # Building every command's parser costs each call a few ms.
         return _Skipped()
     parser = sub.add_parser(name, help=summary, description=summary,
-                            epilog="example:\n  " + example,
+                            epilog=_named("example:\n  " + example),
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             **kwargs)
     if func is not None:
@@ -4374,6 +4765,18 @@ def _add_paging(parser):
 
 def _positive_int(name):
     return _bounded_int(name, 1)
+
+
+def _positive_number(name):
+    parse = _number_flag(float, name)
+
+    def check(text):
+        value = parse(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError("%s must be > 0, got %s"
+                                             % (name, text))
+        return value
+    return check
 
 
 def _non_negative_int(name):
@@ -4399,7 +4802,7 @@ commands by what you need them for:
   see what happens   status, list, show, logs, wait, stats, dashboard
   when jobs fail     dlq list, dlq retry, delete, purge
   control            pause, resume, config
-  learn and measure  demo, bench
+  learn and check    demo, smoke-test, bench
 
 start here:
   queuectl enqueue 'echo hello'
@@ -4409,16 +4812,52 @@ start here:
 
 def _command_in(argv):
     """The command argv names, or None when it names none (or asks help)."""
-    args = list(argv or ())
-    while args:
-        arg = args.pop(0)
+    index = _command_index(argv)
+    return None if index is None else argv[index]
+
+
+def _command_index(argv):
+    """Where the command is in argv (after --db PATH), or None."""
+    index = 0
+    while argv and index < len(argv):
+        arg = argv[index]
         if arg == "--db":
-            args = args[1:]
+            index += 2
         elif not arg.startswith("-"):
-            return arg
-        elif not arg.startswith("--db="):
+            return index
+        elif arg.startswith("--db="):
+            index += 1
+        else:
             return None
     return None
+
+
+#: Spellings users bring from other job queues, and the queuectl argv for
+#: them; hidden from --help (SPEC 11).
+_ALIASES = {("enqueue-file",): ["enqueue", "-f"],
+            ("config", "show"): ["config", "list"]}
+
+#: Commands that exist under another name: an error names the right form.
+_MISPLACED = {"start": "worker start", "stop": "worker stop"}
+
+
+def _other_spellings(argv):
+    """Rewrite an alias into its queuectl form; refuse a misplaced command
+    with a hint that names the right one."""
+    index = _command_index(argv)
+    if index is None:
+        return argv
+    head, rest = argv[:index], argv[index:]
+    for alias, replacement in _ALIASES.items():
+        if tuple(rest[:len(alias)]) == alias:
+            return head + replacement + rest[len(alias):]
+    if rest[0] in _MISPLACED:
+        import shlex
+        hint = " ".join(shlex.quote(arg) for arg in head + _MISPLACED[
+            rest[0]].split() + rest[1:])
+        raise InvalidInput("there is no '%s' command; did you mean: %s %s"
+                           % (rest[0], _PROG, hint))
+    return argv
 
 
 def build_parser(argv=None):
@@ -4432,9 +4871,9 @@ def build_parser(argv=None):
 
 def _build_parser(only):
     parser = _Parser(
-        prog="queuectl", description="A background job queue for shell"
+        prog=_PROG, description="A background job queue for shell"
         " commands, stored in one SQLite file.",
-        epilog=_COMMAND_GROUPS,
+        epilog=_named(_COMMAND_GROUPS),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", metavar="PATH", help="database file (default:"
                         " $QUEUECTL_DB, else ~/.queuectl/queue.db)")
@@ -4498,7 +4937,11 @@ def _build_parser(only):
     _add_json(p)
     p.set_defaults(no_database=True)
     p = _add_command(sub, "demo", cmd_demo, "A narrated walkthrough on a"
-                     " temporary database (about 10 seconds).", "queuectl demo")
+                     " temporary database (about 7 seconds).", "queuectl demo")
+    p.set_defaults(no_database=True)
+    p = _add_command(sub, "smoke-test", cmd_smoke_test, "A quick self-check"
+                     " on a temporary database: enqueue, run, retry, DLQ.",
+                     "queuectl smoke-test")
     p.set_defaults(no_database=True)
     p = _add_command(sub, "delete", cmd_delete, "Delete jobs that are not"
                      " processing.", "queuectl delete 3f9a 77c0")
@@ -4514,10 +4957,13 @@ def _build_parser(only):
                    help="then give the freed space back to the disk")
     p = _add_command(sub, "config", cmd_config, "List, get or set settings.",
                      "queuectl config set max-retries 5")
-    p.add_argument("action", choices=("list", "get", "set"), metavar="ACTION",
-                   help="list, get KEY, or set KEY VALUE")
+    p.add_argument("action", nargs="?", choices=("list", "get", "set"),
+                   metavar="ACTION", help="list (the default), get KEY, or"
+                   " set KEY VALUE")
     p.add_argument("key", nargs="?", metavar="KEY")
     p.add_argument("value", nargs="?", metavar="VALUE")
+    p.add_argument("--key", dest="option_key", help=argparse.SUPPRESS)
+    p.add_argument("--value", dest="option_value", help=argparse.SUPPRESS)
     _add_json(p)
     return parser, sub
 
@@ -4528,7 +4974,10 @@ def _add_enqueue(sub):
                      "queuectl enqueue 'make test' --max-retries 2\n"
                      "  queuectl enqueue '{\"command\": \"sleep 1\","
                      " \"priority\": 5}'\n  queuectl enqueue -f jobs.jsonl")
-    p.add_argument("command_or_json", nargs="?", metavar="COMMAND|JSON")
+    p.add_argument("command_or_json", nargs="?", metavar="COMMAND|JSON",
+                   help="a shell command; a JSON object ({...}) or array of"
+                   " them ([...]); or an existing .json/.jsonl file, read"
+                   " like -f")
     p.add_argument("-f", "--file", metavar="FILE",
                    help="JSON object, array or JSON Lines ('-' for stdin);"
                    " all or nothing")
@@ -4570,6 +5019,14 @@ def _add_worker(sub):
     start.add_argument("--exit-when-idle", action="store_true",
                        help="exit once no job is due that this process could"
                        " run")
+    start.add_argument("--idle-timeout", metavar="S",
+                       type=_positive_number("--idle-timeout"),
+                       help="exit after S seconds with nothing to run (a job"
+                       " that falls due meanwhile is run, and the S seconds"
+                       " start again)")
+    start.add_argument("--max-jobs", metavar="N",
+                       type=_positive_int("--max-jobs"),
+                       help="run at most N jobs (each run counts), then exit")
     stop = _add_command(wsub, "stop", cmd_worker_stop, "Ask running workers"
                         " to finish their jobs and exit.",
                         "queuectl worker stop --wait")
@@ -4612,10 +5069,13 @@ def _safe_streams():
 
 def main(argv=None):
     """Run the CLI; return the exit status."""
+    global _PROG
     _safe_streams()
     try:
+        _PROG = "queuectl" if argv is not None else _prog_name(sys.argv[0])
         if argv is None:
             argv = _decoded_argv(sys.argv[1:])
+        argv = _other_spellings(argv)
         args = build_parser(argv).parse_args(argv)
         if getattr(args, "no_database", False):
             return args.func(args, None)

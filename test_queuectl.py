@@ -946,6 +946,374 @@ class TestScripting(CLITestCase):
         self.assertIn("commands by what you need them for", self.ok("--help"))
 
 
+class TestNewcomer(CLITestCase):
+    """SPEC 11 and issue 10: what people coming from other queues type."""
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def commands(self):
+        return [j["command"] for j in self.ok_json("list")]
+
+    def log_of(self, worker):
+        with open(worker.log.name) as handle:
+            return handle.read()
+
+    def test_enqueue_reads_a_json_or_jsonl_file_named_as_the_argument(self):
+        # `enqueue job.json` / `enqueue-file` read the file like -f FILE.
+        self.write("job.json", '{"command": "echo one", "priority": 3}')
+        self.write("jobs.JSONL", '{"command": "echo two"}\n'
+                   '{"command": "echo three"}\n')
+        self.assertEqual(len(self.ok("enqueue", "job.json").split()), 1)
+        self.assertEqual(len(self.ok("enqueue", "jobs.JSONL").split()), 2)
+        ids = self.ok("enqueue-file", "job.json", "--json")
+        self.assertEqual(len(json.loads(ids)), 1)
+        self.ok("enqueue-file", "-", input='{"command": "echo four"}')
+        self.assertEqual(self.commands(), ["echo one", "echo two", "echo three",
+                                           "echo one", "echo four"])
+        self.assertEqual(self.ok_json("list")[0]["priority"], 3)
+        # A command line that merely mentions a .json file stays a command.
+        self.enqueue("jq . job.json > copy.json")
+        self.assertEqual(self.commands()[-1], "jq . job.json > copy.json")
+
+    def test_a_json_file_argument_that_is_missing_or_mixed_is_refused(self):
+        # Nothing is enqueued for a missing job file or file plus flags.
+        self.write("job.json", '{"command": "true"}')
+        os.mkdir(os.path.join(self.dir, "folder.json"))
+        self.ok("status")  # the database exists: a failure must not change it
+        err = self.expect_failure(2, "missing.json: no such file", "enqueue",
+                                  os.path.join(self.dir, "missing.json"))
+        self.assertIn('enqueue \'{"command": ', err)
+        self.expect_failure(2, "not a file", "enqueue",
+                            os.path.join(self.dir, "folder.json"))
+        self.expect_failure(2, "or as flags, not both", "enqueue",
+                            os.path.join(self.dir, "job.json"),
+                            "--priority", "1")
+        self.expect_failure(2, "invalid JSON", "enqueue", self.write(
+            "bad.json", '{"command": "true"'))
+
+    def test_enqueue_json_array_argument_is_a_batch_all_or_nothing(self):
+        # `enqueue '[{...}, {...}]'`: one id per line, in order, or nothing.
+        out = self.ok("enqueue", '[{"command": "echo a"},'
+                      ' {"command": "echo b", "id": "b"}]')
+        self.assertEqual(out.split()[1], "b")
+        self.assertEqual(self.commands(), ["echo a", "echo b"])
+        self.expect_failure(2, "job 2: unknown field 'comand'", "enqueue",
+                            '[{"command": "true"}, {"comand": "x"}]')
+        self.expect_failure(2, "a JSON array holds job objects", "enqueue",
+                            '["echo x"]')
+        self.expect_failure(2, "no jobs in input", "enqueue", "[]")
+        self.expect_failure(2, 'duplicate key "command"', "enqueue",
+                            '[{"command": "a", "command": "b"}]')
+        self.expect_failure(2, "nested too deeply", "enqueue", "[" * 100000)
+        self.expect_failure(2, "not both", "enqueue", '[{"command": "x"}]',
+                            "--priority", "2")
+        # A shell test `[ ... ]` is not JSON: the error says how to queue it.
+        err = self.expect_failure(2, "invalid JSON", "enqueue", "[ -f x ]")
+        self.assertIn('enqueue \'{"command": "[ -f x ]"}\'', err)
+
+    def test_brace_group_error_says_how_to_enqueue_it(self):
+        # Issue 9 item 6: `{ ...; }` is refused, naming the JSON form, which
+        # then works as printed.
+        group = "{ echo a; echo b; } > out"
+        self.ok("status")
+        err = self.expect_failure(2, "invalid JSON", "enqueue", group)
+        hint = '{"command": "{ echo a; echo b; } > out"}'
+        self.assertIn("queuectl enqueue '%s'" % hint, err)
+        self.enqueue(hint)
+        self.assertEqual(self.commands(), [group])
+        self.drain()
+        with open(os.path.join(self.dir, "out")) as handle:
+            self.assertEqual(handle.read(), "a\nb\n")
+        # Too long or quoted to print ready to paste: the general form.
+        self.expect_failure(2, '{"command": "..."}', "enqueue",
+                            "{ echo 'it''s'; }")
+
+    def test_config_spellings(self):
+        # config show and a bare config list; --key/--value get and set.
+        listing = self.ok("config", "list")
+        self.assertIn("max-retries", listing)
+        self.assertEqual(self.ok("config"), listing)
+        self.assertEqual(self.ok("config", "show"), listing)
+        self.assertEqual(self.ok_json("config", "show"),
+                         self.ok_json("config"))
+        self.assertEqual(self.ok("config", "--key", "max_retries",
+                                 "--value", "5"), "5\n")
+        self.assertEqual(self.ok("config", "--key", "max-retries"), "5\n")
+        self.assertEqual(self.ok("config", "get", "max-retries"), "5\n")
+        self.expect_failure(2, "--value needs --key", "config", "--value", "3")
+        self.expect_failure(2, "not both", "config", "set", "max-retries",
+                            "4", "--key", "max-retries")
+        self.expect_failure(2, "backoff-base must be a number >= 1", "config",
+                            "--key", "backoff-base", "--value", "0")
+
+    def test_start_and_stop_name_the_worker_commands(self):
+        # `start --count 2` is refused with the queuectl form, exit 2.
+        err = self.expect_failure(2, "there is no 'start' command", "start",
+                                  "--count", "2")
+        self.assertIn("did you mean: queuectl --db %s worker start --count 2"
+                      % self.db, err)
+        self.expect_failure(2, "did you mean: queuectl worker stop --wait",
+                            "stop", "--wait", db=None)
+
+    def test_hidden_spellings_stay_out_of_help(self):
+        # The aliases work but --help and usage errors do not list them.
+        top = self.ok("--help")
+        self.assertIn("smoke-test", top)  # a command, not an alias
+        config = self.ok("config", "--help").split("-h, --help")[0]
+        unknown = self.expect_failure(2, "invalid choice", "frobnicate")
+        for text in (top, config, unknown):
+            for alias in ("enqueue-file", "--key", "--value"):
+                self.assertNotIn(alias, text)
+        self.assertNotIn("show", config)  # `show ID` is a command of its own
+
+    def test_smoke_test_passes_on_a_temporary_database(self):
+        # smoke-test prints each step and ok, exit 0, touching no queue.
+        out = self.ok("smoke-test", db=None)
+        lines = out.splitlines()
+        self.assertTrue(lines[0].startswith("queuectl %s smoke test"
+                                            % queuectl.__version__), out)
+        steps = lines[1:-1]
+        self.assertGreaterEqual(len(steps), 7)
+        for number, line in enumerate(steps, 1):
+            self.assertTrue(line.startswith("%d. " % number), line)
+            self.assertTrue(line.endswith(" ... ok"), line)
+        for word in ("enqueue", "retried", "DLQ", "dlq retry"):
+            self.assertIn(word, out)
+        self.assertEqual(lines[-1], "ok")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, ".queuectl")))
+
+    def test_smoke_test_names_the_step_that_failed(self):
+        # A broken step: exit 1, FAILED on that step, one error line.
+        def broken(queue, job_ids):
+            raise queuectl.Conflict("retry is broken")
+        saved = queuectl.Queue.retry
+        queuectl.Queue.retry = broken
+        try:
+            code, out, err = self.main("smoke-test", db=None)
+        finally:
+            queuectl.Queue.retry = saved
+        self.assertEqual(code, 1, err)
+        failed = [line for line in out.splitlines() if "FAILED" in line]
+        self.assertEqual(len(failed), 1, out)
+        self.assertIn("dlq retry", failed[0])
+        self.assertNotIn("\nok\n", out)
+        self.assertRegex(err, r"^queuectl: error: smoke test failed at step"
+                         r" \d+ \(dlq retry[^)]*\): retry is broken\n$")
+
+    def test_dlq_list_shows_the_last_error_within_80_columns(self):
+        # dlq list: ID, tries, when, command and the error that killed it.
+        self.assertEqual(self.ok("dlq", "list"), "(no dead jobs)\n")
+        self.config(max_retries=0)
+        self.enqueue("exit 3", "--id", "three")
+        self.enqueue("echo %s; exit 4" % ("long " * 30), "--id", "long")
+        self.enqueue(json.dumps({"command": "true", "id": "nocwd", "cwd": (
+            os.path.join(self.dir, "missing", "x" * 60))}))
+        self.enqueue("true", "--id", "fine")
+        self.drain()
+        out = self.ok("dlq", "list")
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split()[-2:], ["LAST", "ERROR"])
+        self.assertEqual(len(lines), 4, out)
+        for line in lines:
+            self.assertLessEqual(len(line), 80, line)
+        rows = dict((line.split()[0], line) for line in lines[1:])
+        self.assertTrue(rows["three"].endswith("exit code 3"), out)
+        self.assertTrue(rows["long"].endswith("exit code 4"), out)
+        self.assertIn("cannot start", rows["nocwd"])
+        self.assertNotIn("fine", rows)
+
+    def test_status_shows_a_total(self):
+        # status: the five counts and their total.
+        for command in ("true", "true", "false"):
+            self.enqueue(command, "--delay", "3600")
+        self.assertRegex(self.ok("status"), r"\n  total +3\n")
+
+    def test_max_jobs_runs_exactly_that_many(self):
+        # --max-jobs N: N runs, never a claim beyond them, then exit 0.
+        for n in range(5):
+            self.enqueue("true", "--id", "shallow%d" % n)
+        err = self.drain_with("--max-jobs", "2", "--count", "2")
+        self.assertIn("stopped (ran --max-jobs 2)", err)
+        self.assertEqual(self.ok_json("status")["counts"]["completed"], 2)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(2,)])
+        # A deep queue is claimed 8 at a time; the budget caps the batch.
+        self.ok("enqueue", "-f", "-", input="\n".join(
+            ['{"command": "true"}'] * 40))
+        self.drain_with("--max-jobs", "11")
+        self.assertEqual(self.ok_json("status")["counts"]["completed"], 13)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(13,)])
+        self.assertEqual(self.sql(
+            "SELECT COUNT(*) FROM jobs WHERE attempts = 0"), [(32,)])
+
+    def test_idle_timeout_exits_and_leaves_later_jobs(self):
+        # --idle-timeout S: exit 0 after S idle seconds; a job due after that
+        # is not run.
+        later = self.enqueue("true", "--delay", "3600")
+        err = self.drain_with("--idle-timeout", "0.3")
+        self.assertIn("stopped (idle for --idle-timeout 0.3s)", err)
+        self.assertEqual(self.job(later)["attempts"], 0)
+
+    def test_idle_timeout_runs_a_job_that_falls_due_meanwhile(self):
+        # A job due within the idle time keeps the worker: it runs, then the
+        # worker exits by itself (S = 6 s leaves seconds of slack).
+        worker = self.start_worker("--idle-timeout", "6",
+                                   "--poll-interval", "0.05")
+        wait_for(lambda: "pool started" in self.log_of(worker),
+                 what="the worker to start")
+        soon = self.enqueue("true", "--delay", "0.5")
+        self.assertEqual(worker.wait(timeout=120), 0)
+        self.assertEqual(self.state(soon), "completed")
+        self.assertIn("stopped (idle for", self.log_of(worker))
+
+    def drain_with(self, *flags):
+        code, out, err = self.cli("worker", "start", *flags)
+        self.assertEqual(code, 0, err)
+        return err
+
+    def test_worker_limits_are_validated(self):
+        # Bad --idle-timeout / --max-jobs: exit 2 from the CLI and the API.
+        self.enqueue("true")
+        for flag, value, message in (
+                ("--idle-timeout", "0", "--idle-timeout must be > 0"),
+                ("--idle-timeout", "-1", "--idle-timeout must be > 0"),
+                ("--idle-timeout", "nan", "--idle-timeout must be finite"),
+                ("--idle-timeout", "soon", "must be a number"),
+                ("--max-jobs", "0", "--max-jobs must be >= 1"),
+                ("--max-jobs", "1.5", "--max-jobs must be an integer")):
+            with self.subTest(flag=flag, value=value):
+                self.expect_failure(2, message, "worker", "start", flag, value)
+        for kwargs in ({"idle_timeout": 0}, {"idle_timeout": float("inf")},
+                       {"max_jobs": 0}, {"max_jobs": True}):
+            with self.assertRaises(queuectl.InvalidInput):
+                queuectl.WorkerPool(self.db, **kwargs)
+
+    def test_help_and_hints_use_the_name_that_was_run(self):
+        # ./queuectl.py, python3 queuectl.py, python3 -m queuectl, and a copy
+        # named queuectl on PATH: usage and hints name what was typed; errors
+        # still start `queuectl: error:`.
+        env = dict(self.env, QUEUECTL_DB=self.db)
+        env.pop("LD_LIBRARY_PATH", None)  # for /usr/bin/env python3 below
+        bin_dir = os.path.join(self.dir, "bin")
+        os.mkdir(bin_dir)
+        shutil.copy(SCRIPT, os.path.join(bin_dir, "queuectl"))
+        on_path = dict(self.env, QUEUECTL_DB=self.db,
+                       PATH=bin_dir + os.pathsep + os.environ["PATH"])
+        cases = [
+            (["./queuectl.py"], env, "./queuectl.py"),
+            ([sys.executable, "queuectl.py"], self.env, "python3 queuectl.py"),
+            ([sys.executable, "-m", "queuectl"], self.env,
+             "python3 -m queuectl"),
+            ([sys.executable, os.path.join(bin_dir, "queuectl")], on_path,
+             "queuectl"),
+            ([sys.executable, SCRIPT], self.env, SCRIPT),
+        ]
+        for argv, run_env, name in cases:
+            with self.subTest(name=name):
+                def run(*args):
+                    proc = subprocess.run(
+                        argv + ["--db", self.db] + list(args), cwd=HERE,
+                        env=run_env, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, timeout=60)
+                    return (proc.returncode, proc.stdout.decode(),
+                            proc.stderr.decode())
+                code, out, err = run("--help")
+                self.assertEqual(code, 0, err)
+                self.assertTrue(out.startswith("usage: %s [-h]" % name), out)
+                self.assertIn("\n  %s worker start --exit-when-idle" % name,
+                              out)
+                code, out, err = run("start")
+                self.assertEqual(code, 2)
+                self.assertEqual(err, "queuectl: error: there is no 'start'"
+                                 " command; did you mean: %s --db %s worker"
+                                 " start\n" % (name, self.db))
+                code, out, err = run("frob")
+                self.assertTrue(err.startswith("queuectl: error: "), err)
+                self.assertIn("(see '%s --help')" % name, err)
+
+    def test_executable_script_runs_through_its_shebang(self):
+        # `./queuectl.py --version` works: the file is executable. The
+        # shebang's python3 may refuse an old SQLite on LD_LIBRARY_PATH,
+        # which CI sets for other interpreters: not ours to pass on.
+        self.assertTrue(os.access(SCRIPT, os.X_OK))
+        env = dict(self.env)
+        env.pop("LD_LIBRARY_PATH", None)
+        proc = subprocess.run(["./queuectl.py", "--version"], cwd=HERE,
+                              env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual((proc.returncode, proc.stdout.decode(),
+                          proc.stderr), (0, "queuectl %s\n"
+                                         % queuectl.__version__, b""))
+
+    def test_console_script_exit_status_is_mains_return_value(self):
+        # pyproject's console script runs sys.exit(main()): main returns the
+        # status. The metadata names one module, no dependencies, the
+        # postgres extra and the queuectl command.
+        code = ("import sys, queuectl; sys.argv = ['queuectl'] + sys.argv[1:];"
+                " sys.exit(queuectl.main())")
+        for args, status in ((["--version"], 0), (["frob"], 2),
+                             (["--db", self.db, "show", "nope"], 1)):
+            proc = subprocess.run([sys.executable, "-c", code] + args,
+                                  cwd=HERE, env=self.env,
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
+            self.assertEqual(proc.returncode, status, proc.stderr)
+        with open(os.path.join(HERE, "pyproject.toml")) as handle:
+            meta = handle.read()
+        for line in ('name = "queuectl"', 'dependencies = []',
+                     'queuectl = "queuectl:main"',
+                     'postgres = ["psycopg[binary]"]',
+                     'requires-python = ">=3.6"'):
+            self.assertIn(line, meta)
+
+    def test_every_json_field_is_documented(self):
+        # Each key of each --json shape appears in README's JSON section.
+        with open(os.path.join(HERE, "README.md")) as handle:
+            readme = handle.read()
+        section = readme.split("### JSON output", 1)[1].split("\n#", 1)[0]
+        documented = set(re.findall(r"`([a-z_0-9]+)`", section))
+        self.config(max_retries=0)
+        done = self.enqueue("true")
+        job_id = self.enqueue("false")
+        worker = self.start_worker("--idle-timeout", "30")
+        self.wait_state(job_id, "dead")
+        shapes = {
+            "enqueue": self.ok_json("enqueue", "true", "--after", done,
+                                    "--delay", "3600"),
+            "show": self.ok_json("show", job_id),
+            "list": self.ok_json("list")[0],
+            "dlq list": self.ok_json("dlq", "list")[0],
+            "status": self.ok_json("status"),
+            "stats": self.ok_json("stats"),
+        }
+        shapes["runs"] = shapes["show"]["runs"][0]
+        shapes["workers"] = shapes["status"]["workers"][0]
+        shapes["failing_commands"] = shapes["stats"]["failing_commands"][0]
+        shapes["per_minute"] = shapes["stats"]["per_minute"][0]
+        for nested in ("counts", "finished_per_minute", "run_seconds",
+                       "wait_seconds"):
+            shapes[nested] = shapes["stats"][nested]
+        worker.terminate()
+        self.assertEqual(worker.wait(timeout=60), 0)
+        for shape, value in shapes.items():
+            missing = sorted(set(value) - documented)
+            self.assertEqual(missing, [], "README does not document %s of %s"
+                             % (missing, shape))
+
+    def test_demo_help_and_readme_promise_the_same_time(self):
+        # The demo takes about 7 s (2 s + 4 s of backoff); help and README
+        # say the same (test_demo_runs_on_a_temporary_database: under 30 s).
+        help_text = self.ok("demo", "--help", db=None)
+        with open(os.path.join(HERE, "README.md")) as handle:
+            readme = handle.read()
+        claims = [re.findall(r"about (\d+) seconds", text)
+                  for text in (help_text, readme)]
+        self.assertEqual(claims, [["7"], ["7"]])
+
+
 def _processes_with(marker):
     """Pids of live (non-zombie) processes whose command line has `marker`."""
     found = []
