@@ -1252,11 +1252,14 @@ class _SQLStore(object):
 
     def hand_back(self, claim, now):
         """A run that does not count (forced stop, or claimed but never
-        started): the job is pending again, in its old place."""
+        started): the job is pending again, in its old place.  False if the
+        claim was lost meanwhile (recovered elsewhere)."""
         if self._move("pending", [(now, claim.seq, claim.attempt_id)],
                       "attempts = attempts - 1, runs = runs - 1,"
                       " worker_id = NULL, attempt_id = NULL", held=True):
             self._run("DELETE FROM attempts WHERE id = ?", (claim.attempt_id,))
+            return True
+        return False
 
     # -- recovery -----------------------------------------------------------
 
@@ -1618,7 +1621,11 @@ class _PostgresStore(_SQLStore):
         self.offset = None  # server clock minus ours, measured on connect
         self.listening = False  # LISTEN again after a reconnect
         self.conn = self._connect()
-        self._check_schema()
+        try:
+            self._check_schema()
+        except BaseException:
+            self.close()
+            raise
 
     # -- connecting ---------------------------------------------------------
 
@@ -1631,7 +1638,8 @@ class _PostgresStore(_SQLStore):
         try:
             conn = _PGConnection(self.driver, self.address, dict(
                 connect_timeout=10, options=options, keepalives=1,
-                keepalives_idle=5, keepalives_interval=2, keepalives_count=3))
+                keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+                tcp_user_timeout=5000))
         except self.driver.Error as exc:
             raise StoreError("cannot connect to %s: %s" % (
                 self.display, _pg_reason(exc)), transient=True,
@@ -1773,6 +1781,15 @@ class _PostgresStore(_SQLStore):
                                 " counts GROUP BY state"))
         return counts
 
+    def checkpoint(self):
+        pass  # the server keeps its own write-ahead log
+
+    def vacuum(self):
+        """VACUUM cannot run in a transaction: each table on its own."""
+        with self._translated():
+            for table in ("jobs", "attempts", "deps"):
+                self.conn.execute("VACUUM queuectl.%s" % table)
+
     # -- the claim ----------------------------------------------------------
 
     def claim(self, worker_id, host, now, batch=1, deep_at=1):
@@ -1790,11 +1807,11 @@ class _PostgresStore(_SQLStore):
         with self._translated():
             self.conn.execute("LISTEN queuectl")
 
-    def wait_for_work(self, timeout, wake_fd):
+    def wait_for_work(self, timeout, stopping, wake_fd):
         """Sleep until NOTIFY, the pool's wake-up pipe, or the timeout."""
         import select
-        if self.conn is None:
-            time.sleep(min(timeout, 0.2))
+        if self.conn is None or stopping.is_set():
+            stopping.wait(min(timeout, 0.2))
             return
         try:
             ready = select.select([self.conn.fileno(), wake_fd], [], [],
@@ -2689,6 +2706,7 @@ class WorkerPool(object):
         self._running = {}                  # worker id -> (Popen, job)
         self._alive = count                 # worker threads not yet ended
         self._trouble = None                # why the database fails, if it does
+        self.beat_ok = time.monotonic()     # the last beat that was written
         self._slots = max_jobs              # claims --max-jobs has left
         self._busy = 0                      # threads holding claimed jobs
         self._idle_since = time.monotonic()  # when _busy last became 0
@@ -2743,6 +2761,9 @@ class WorkerPool(object):
             self._guard(reaper.reap, store, self.log)
             threads = [threading.Thread(target=self._work, args=(wid,),
                                         name=wid) for wid in self.ids]
+            if store.shared_by_hosts:
+                threads.append(threading.Thread(target=self._fence_watch,
+                                                name="fence"))
             for thread in threads:
                 thread.daemon = True
                 thread.start()
@@ -2779,7 +2800,9 @@ class WorkerPool(object):
                          " none start (a second signal forces)")
             mono = time.monotonic()
             if mono >= next_beat:
-                if not self._guard(self._beat, store):
+                if self._guard(self._beat, store):
+                    self.beat_ok = time.monotonic()
+                else:
                     # A lease runs only while its observer can write: after
                     # an outage every worker gets a whole lease to beat again.
                     reaper.forget()
@@ -2796,6 +2819,33 @@ class WorkerPool(object):
                                              - mono)))
         for thread in threads:
             thread.join()
+
+    def _fence_watch(self):
+        """Hosts share the database: kill our own jobs before others may
+        recover them.
+
+        When this process has not renewed its lease for half of
+        lease-timeout (a cut network, a lost server), the running jobs'
+        process groups are killed (TERM, grace, KILL) and their claims
+        marked like a forced stop: a partitioned host never runs a job at
+        the same time as its retry elsewhere.  Its own thread, because the
+        beat itself may hang on a dead connection.
+        """
+        fenced = False
+        while not self._finished.wait(0.2):
+            silent = time.monotonic() - self.beat_ok
+            if silent < self.settings["lease-timeout"] / 2.0:
+                fenced = False
+            elif not fenced:
+                fenced = True
+                with self._lock:
+                    running = list(self._running.values())
+                    for _, claim in running:
+                        claim.forced = True
+                self.log("-", "-", "fenced", "lease not renewed for %.1fs:"
+                         " killing %d running job(s)" % (silent, len(running)))
+                for proc, _ in running:
+                    kill_group(proc.pid, proc=proc)
 
     def _beat(self, store):
         with store.write():
@@ -3014,8 +3064,12 @@ class WorkerPool(object):
         runs = []
         for claim, result in results:
             if claim.forced:
-                store.hand_back(claim, now)
-                events.append((claim, "requeued", "forced stop; not counted"))
+                if store.hand_back(claim, now):
+                    events.append((claim, "requeued", "stopped by force or"
+                                   " fence; not counted"))
+                else:
+                    events.append((claim, "stale", "result dropped: the"
+                                   " claim was lost"))
             else:
                 runs.append((claim, result))
         config = self.settings

@@ -116,7 +116,7 @@ class CLITestCase(unittest.TestCase):
         try:
             groups = [r[0] for r in self.sql(
                 "SELECT pgid FROM attempts WHERE pgid IS NOT NULL")]
-        except sqlite3.Error:
+        except Exception:  # no database (yet), or no schema on PostgreSQL
             groups = []
         for pgid in groups:
             try:
@@ -244,7 +244,9 @@ class CLITestCase(unittest.TestCase):
             return _pg_sql(self.db, query, params)
         conn = sqlite3.connect(self.db, timeout=30)
         try:
-            return conn.execute(query, params).fetchall()
+            rows = conn.execute(query, params).fetchall()
+            conn.commit()
+            return rows
         finally:
             conn.close()
 
@@ -635,6 +637,7 @@ class TestLifecycle(CLITestCase):
                                  "p0-now-b", "neg"])
         self.assertEqual(self.state("future"), "pending")
 
+    @sqlite_only("PostgreSQL corrects a host's clock by the server's")
     def test_retry_arithmetic_with_a_fake_clock(self):
         # max_retries=3, base 2: four runs, waiting 2, 4 and 8 s between.
         clock = [1000000.0]
@@ -1407,10 +1410,6 @@ class TestFaults(CLITestCase):
         # its beat stopped, so it is dead after lease-timeout.
         job_id, pgid = self._job_killed_with_its_worker("31.4157")
         self.sql("UPDATE workers SET host = 'elsewhere'")
-        conn = sqlite3.connect(self.db)
-        conn.execute("UPDATE workers SET host = 'elsewhere'")
-        conn.commit()
-        conn.close()
         started = time.monotonic()
         worker = self.start_worker()
         self.wait_state(job_id, "completed")
@@ -1433,13 +1432,9 @@ class TestFaults(CLITestCase):
             time.sleep(delay)
             proc.kill()
             proc.wait()
-            conn = sqlite3.connect(self.db)
-            try:
-                self.assertEqual(conn.execute("PRAGMA integrity_check")
-                                 .fetchone()[0], "ok")
-                count = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-            finally:
-                conn.close()
+            if self.STORE == "sqlite":
+                self.assertEqual(self.sql("PRAGMA integrity_check"), [("ok",)])
+            count = self.sql("SELECT COUNT(*) FROM jobs")[0][0]
             self.assertIn(count % 100000, (0,), "partial enqueue: %d" % count)
 
     def test_timeout_kills_background_grandchildren(self):
@@ -1452,6 +1447,7 @@ class TestFaults(CLITestCase):
         wait_for(lambda: not _processes_with(marker), 5,
                  what="grandchildren to die")
 
+    @sqlite_only("it measures the database file")
     def test_huge_output_keeps_memory_and_disk_bounded(self):
         # 300 MB of output: worker RSS stays small, the tail is kept.
         job_id = self.enqueue("head -c 300000000 /dev/zero | tr '\\0' x;"
@@ -1525,6 +1521,7 @@ class TestFaults(CLITestCase):
         self.assertEqual([r["error"] for r in runs], [None])
         self.assertEqual(self.state(job_id), "completed")
 
+    @sqlite_only("file and folder modes")
     def test_read_only_database_and_folder(self):
         # Unwritable file or folder: one error line, exit 1, file unchanged.
         prefix = []
@@ -1691,9 +1688,8 @@ class TestHeldPromises(CLITestCase):
         # older queuectl) fails as 'cannot start', and the pool goes on.
         bad = self.enqueue("true", "--max-retries", "0")
         good = self.enqueue("true")
-        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
-            conn.execute("UPDATE jobs SET env = ? WHERE id = ?",
-                         ('{"X": "\\ud800"}', bad))
+        self.sql("UPDATE jobs SET env = ? WHERE id = ?", '{"X": "\\ud800"}',
+                 bad)
         self.drain()
         self.assertEqual(self.state(good), "completed")
         job = self.job(bad)
@@ -1737,6 +1733,7 @@ class TestHeldPromises(CLITestCase):
                 stdin = "[" * 200000 if args[-1] == "-" else None
                 self.expect_failure(2, message, *args, input=stdin)
 
+    @sqlite_only("SQLite's file lock")
     def test_worker_survives_a_database_locked_for_longer_than_it_waits(self):
         # Another process holds the write lock past the lock wait: the
         # worker keeps the finished result, logs once, retries, and saves
@@ -1769,6 +1766,7 @@ class TestHeldPromises(CLITestCase):
 
     @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0,
                          "mounting a small tmpfs to fill needs root")
+    @sqlite_only("the database file's disk")
     def test_worker_survives_a_full_disk(self):
         # The disk fills while jobs run: nothing is charged, nothing lost,
         # and the CLI names the cause; when space returns all complete.
@@ -1808,6 +1806,7 @@ class TestHeldPromises(CLITestCase):
         worker.send_signal(signal.SIGTERM)
         self.assertEqual(worker.wait(timeout=30), 0)
 
+    @sqlite_only("the database file's folders")
     def test_private_folders_under_any_umask(self):
         # Every folder queuectl creates is 0700, even under umask 000.
         db = os.path.join(self.dir, "a", "b", "q.db")
@@ -1821,6 +1820,7 @@ class TestHeldPromises(CLITestCase):
             mode = os.stat(os.path.join(self.dir, folder)).st_mode & 0o777
             self.assertEqual(mode, 0o700, folder)
 
+    @sqlite_only("a database file path")
     def test_dangling_symlink_says_what_is_wrong(self):
         link = os.path.join(self.dir, "link.db")
         os.symlink(os.path.join(self.dir, "missing", "q.db"), link)
@@ -1933,6 +1933,7 @@ class TestStats(CLITestCase):
         self.expect_failure(2, "--since: not a duration", "stats",
                             "--since", "yesterday")
 
+    @sqlite_only("SQLite schema versions")
     def test_old_schema_is_migrated_in_place(self):
         # A version-1 database gains the version-2 tables and keeps its data.
         conn = sqlite3.connect(self.db, isolation_level=None)
@@ -2284,6 +2285,114 @@ class TestPerformanceStructure(CLITestCase):
             self.assertIn(word, names)
         ratios = [r for r in results if r["baseline"]]
         self.assertTrue(all(r["ratio"] > 0 for r in ratios))
+
+class TestDatabaseURLs(CLITestCase):
+    """What any postgresql:// or other URL does, with or without a driver."""
+
+    def test_other_schemes_are_refused_and_make_no_folder(self):
+        # A URL is never a path: no folder named 'postgresql:' or 'mysql:'.
+        for url in ("mysql://u:p@h/db", "http://example.invalid/x"):
+            with self.subTest(url=url):
+                code, out, err = self.cli("status", db=url)
+                self.assertEqual(code, 2, err)
+                self.assertIn("unsupported database URL scheme", err)
+        self.assertEqual(sorted(os.listdir(self.dir)), [])
+
+    def test_missing_driver_names_both_installs(self):
+        # No psycopg and no psycopg2: exit 1, one line naming both installs,
+        # and nothing created where the command ran.
+        fake = os.path.join(self.dir, "nodrivers")
+        os.mkdir(fake)
+        for name in ("psycopg", "psycopg2"):
+            with open(os.path.join(fake, name + ".py"), "w") as handle:
+                handle.write("raise ImportError('hidden by the test')\n")
+        code, out, err = self.cli(
+            "status", db="postgresql://jobs:s3cret@127.0.0.1:1/jobs",
+            env={"PYTHONPATH": fake})
+        self.assertEqual(code, 1, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn('pip install "psycopg[binary]"', err)
+        self.assertIn("python3-psycopg2", err)
+        self.assertNotIn("s3cret", err)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["nodrivers"])
+
+
+@unittest.skipUnless(PG_URL, "set QUEUECTL_TEST_PG to a PostgreSQL URL"
+                     " (.ci/run does) to run the PostgreSQL-only tests")
+class TestPostgres(CLITestCase):
+    """What only the PostgreSQL store does: server clock, NOTIFY, schema."""
+
+    STORE = "postgresql"
+
+    def test_password_is_never_printed(self):
+        # status (text and JSON), the worker's log and errors show the URL
+        # without its password (trust auth here accepts any password).
+        url = re.sub(r"^(postgres(?:ql)?://[^:/@]+)(?::[^@/]*)?@",
+                     r"\1:p%40ss:w0rd@", self.db)
+        self.assertIn("p%40ss:w0rd", url)
+        self.enqueue("true")
+        for args in (("status",), ("status", "--json"), ("stats",)):
+            out = self.ok(*args, db=url)
+            self.assertNotIn("w0rd", out)
+        self.assertNotIn("p%40ss", self.ok_json("status", db=url)["db"])
+        err = self.cli("worker", "start", "--exit-when-idle", db=url)[2]
+        self.assertIn("pool started", err)
+        self.assertNotIn("w0rd", err)
+        bad = url.rsplit(":", 1)[0] + ":1/nothing"  # nothing listens there
+        code, out, err = self.cli("status", db=bad)
+        self.assertEqual(code, 1, err)
+        self.assertNotIn("w0rd", err)
+
+    def test_unreachable_server_is_one_line_exit_1(self):
+        code, out, err = self.cli(
+            "status", db="postgresql://nobody:pw@127.0.0.1:1/none")
+        self.assertEqual(code, 1, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("cannot connect to postgresql://nobody@127.0.0.1:1/none",
+                      err)
+
+    def test_foreign_schema_is_refused_untouched(self):
+        # A schema named queuectl that is someone else's: exit 1, unchanged.
+        self.sql("CREATE SCHEMA queuectl")
+        self.sql("CREATE TABLE queuectl.jobs (x INTEGER)")
+        self.sql("INSERT INTO queuectl.jobs VALUES (42)")
+        before = self.dump()
+        self.expect_failure(1, "not queuectl's; left untouched", "status")
+        self.assertEqual(self.dump(), before)
+
+    def test_newer_schema_is_refused_untouched(self):
+        self.ok("status")
+        self.sql("UPDATE queuectl.meta SET value = '99' WHERE key ="
+                 " 'schema_version'")
+        self.expect_failure(1, "written by a newer queuectl", "status")
+
+    def test_server_clock_decides_not_the_workers(self):
+        # Workers whose clocks are an hour off neither start a job early
+        # nor miss one that is due: due means due by the server's clock.
+        later = self.enqueue("true", "--delay", "1800")
+        due = self.enqueue("true")
+        for skew in (3600, -3600):
+            pool = queuectl.WorkerPool(self.db, exit_when_idle=True,
+                                       log=False,
+                                       now=lambda s=skew: time.time() + s)
+            self.assertEqual(pool.run(), 0)
+        self.assertEqual(self.state(later), "pending")
+        self.assertEqual(self.state(due), "completed")
+        started = queuectl.parse_time(
+            self.ok_json("show", due)["runs"][0]["started_at"])
+        self.assertLess(abs(started - time.time()), 600)
+
+    def test_notify_wakes_an_idle_worker_at_once(self):
+        # poll-interval 3600: only NOTIFY can start the job within the
+        # test's deadline.
+        self.config(poll_interval=3600)
+        worker = self.start_worker("--count", "2")
+        wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
+                 what="the workers to register")
+        job_id = self.enqueue("true")
+        self.wait_state(job_id, "completed", timeout=60)
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(timeout=30), 0)
 
 
 # The backend-independent tests, again on PostgreSQL (QUEUECTL_TEST_PG).
