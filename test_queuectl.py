@@ -2405,5 +2405,367 @@ if PG_URL:
     del _base, _name
 
 
+
+# ---------------------------------------------------------------------------
+# Many hosts on one machine, for SPEC 9's multi-host test.
+#
+# _Hosts(n) makes n "hosts": network namespaces, each joined to this machine
+# by its own veth pair. Host i gets a /30 of 10.213.X.0/24 (X drawn at
+# random): this machine's end of the pair is host.gateway = 10.213.X.(4i+1),
+# the namespace's end (named eth0 inside) is host.address = 10.213.X.(4i+2).
+# These addresses exist only inside this machine, only while the hosts live.
+# A host reaches this machine, and so a PostgreSQL server listening on '*',
+# through its own gateway only: give each host host.pg_url(url). .ci/run's
+# pg_hba.conf admits 10.213.0.0/16 (keep _HOSTS_NET in step with it).
+# host.popen() runs a command inside the namespace under its own hostname
+# (host.hostname, through `unshare --uts`); host.cut() takes the link down
+# (packets are dropped, as on a partitioned network: no reset is sent) and
+# host.restore() brings it back. Closing kills every process in the
+# namespaces and deletes links and namespaces, even after a failure; a crash
+# that skips that is swept by the next _Hosts that draws the same X.
+# Needs root; _start_hosts() turns "cannot" into a skip with the reason, or a
+# failure where $QUEUECTL_TEST_HOSTS=required (CI, which runs as root).
+
+_HOSTS_NET = "10.213"
+
+
+class _HostsUnavailable(Exception):
+    """Network namespaces cannot be made here; the message says why."""
+
+
+def _ip(*args):
+    """Run `ip ARGS...`; its output, or _HostsUnavailable with its error."""
+    try:
+        proc = subprocess.Popen(("ip",) + args, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                universal_newlines=True)
+    except OSError as exc:
+        raise _HostsUnavailable("cannot run ip (iproute2): %s" % exc)
+    out, err = proc.communicate(timeout=30)
+    if proc.returncode != 0:
+        raise _HostsUnavailable("`ip %s` failed: %s"
+                                % (" ".join(args), err.strip()))
+    return out
+
+
+def _pg_url_via(url, address):
+    """url (postgresql://user[:pw]@host[:port]/db?...) with its host replaced
+    by address: how a host in a namespace reaches the same server."""
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(url)
+    netloc = address if parts.port is None else "%s:%d" % (address, parts.port)
+    if "@" in parts.netloc:
+        netloc = parts.netloc.rsplit("@", 1)[0] + "@" + netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query,
+                       parts.fragment))
+
+
+class _Host(object):
+    """One host made by _Hosts (see the comment above _HOSTS_NET)."""
+
+    def __init__(self, netns, link, address, gateway):
+        self.name = netns           # the network namespace
+        self.hostname = netns       # what `hostname` says inside
+        self.link = link            # this machine's end of the veth pair
+        self.address = address      # the namespace's end (source of its TCP)
+        self.gateway = gateway      # this machine, as this host reaches it
+        self._procs = []
+
+    def __repr__(self):
+        return "<host %s %s>" % (self.name, self.address)
+
+    def pg_url(self, url):
+        """The PostgreSQL URL url as seen from this host."""
+        return _pg_url_via(url, self.gateway)
+
+    def popen(self, argv, **kw):
+        """subprocess.Popen(argv) inside this host, with its own hostname, in
+        a new session (so os.killpg(p.pid, ...) reaches its children).
+        `ip netns exec`, `unshare` and `sh` each exec the next, so p.pid is
+        argv's own process."""
+        kw.setdefault("start_new_session", True)
+        wrapper = ["ip", "netns", "exec", self.name, "unshare", "--uts",
+                   "sh", "-c", 'hostname "$0" && exec "$@"', self.hostname]
+        proc = subprocess.Popen(wrapper + list(argv), **kw)
+        self._procs.append(proc)
+        return proc
+
+    def run(self, argv, timeout=60, **kw):
+        """Run argv inside this host; (exit code, stdout + stderr as text)."""
+        proc = self.popen(argv, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True,
+                          **kw)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            out, _ = proc.communicate()
+            return None, out
+        return proc.returncode, out
+
+    def cut(self):
+        """Partition this host: this machine's end of its link goes down."""
+        _ip("link", "set", self.link, "down")
+
+    def restore(self):
+        """Bring this host's link back up (its addresses stay as they were)."""
+        _ip("link", "set", self.link, "up")
+
+
+def _kill_group(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _alive(pid):
+    """pid runs (a zombie, which nobody may reap in a container, does not)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (IOError, OSError, IndexError):
+        return False
+
+
+class _Hosts(object):
+    """n hosts on this machine (see the comment above _HOSTS_NET); iterable
+    and indexable. `with _Hosts(3) as hosts:` or open() and close()."""
+
+    def __init__(self, n):
+        assert 1 <= n <= 63, "one /30 per host in a /24"
+        self.n = n
+        self.hosts = []
+        self.subnet = None
+        self._lock = None
+
+    def __iter__(self):
+        return iter(self.hosts)
+
+    def __getitem__(self, i):
+        return self.hosts[i]
+
+    def __len__(self):
+        return len(self.hosts)
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def open(self):
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            raise _HostsUnavailable("network namespaces need root")
+        try:
+            x = self._claim_subnet()
+            token = os.urandom(2).hex()
+            for i in range(self.n):
+                netns = "qc-%d-%s-%d" % (x, token, i + 1)
+                link = "qh-%d-%s-%d" % (x, token, i + 1)     # <= 15 chars
+                host = _Host(netns, link, "%s.%d.%d" % (_HOSTS_NET, x, 4 * i + 2),
+                             "%s.%d.%d" % (_HOSTS_NET, x, 4 * i + 1))
+                _ip("netns", "add", netns)
+                self.hosts.append(host)
+                _ip("link", "add", link, "type", "veth",
+                    "peer", "name", "eth0", "netns", netns)
+                _ip("addr", "add", host.gateway + "/30", "dev", link)
+                _ip("link", "set", link, "up")
+                for args in (("addr", "add", host.address + "/30", "dev", "eth0"),
+                             ("link", "set", "lo", "up"),
+                             ("link", "set", "eth0", "up")):
+                    _ip("-n", netns, *args)
+            # unshare --uts and hostname work in there (seen once, not per host).
+            rc, out = self.hosts[0].run(["hostname"], timeout=30)
+            if rc != 0 or out.strip() != self.hosts[0].hostname:
+                raise _HostsUnavailable("`unshare --uts` in a namespace gave "
+                                        "exit %s: %s" % (rc, out.strip()))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _claim_subnet(self):
+        """Draw X for 10.213.X.0/24 that no other live _Hosts holds (a lock
+        file held with flock for our lifetime; released if we crash) and that
+        no address of this machine is in; sweep what a crashed holder of the
+        same X left behind."""
+        import fcntl
+        import random
+        folder = "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()
+        for x in random.sample(range(1, 255), 254):
+            fd = os.open(os.path.join(folder, "queuectl-hosts-%s.%d.lock"
+                                      % (_HOSTS_NET, x)), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self._lock = fd
+            self._sweep("qc-%d-" % x, "qh-%d-" % x)
+            prefix = "%s.%d." % (_HOSTS_NET, x)
+            if " inet " + prefix not in _ip("-4", "-o", "addr", "show"):
+                self.subnet = "%s0/24" % prefix
+                return x
+            self._lock = None
+            os.close(fd)
+        raise _HostsUnavailable("no free %s.X.0/24 for network namespaces"
+                                % _HOSTS_NET)
+
+    @staticmethod
+    def _sweep(netns_prefix, link_prefix):
+        """Delete namespaces and links of ours (by name prefix) that outlived
+        their process."""
+        for line in _ip("netns", "list").splitlines():
+            name = line.split(" ")[0]
+            if name.startswith(netns_prefix):
+                _Hosts._remove(name, None)
+        for line in _ip("-o", "link", "show").splitlines():
+            fields = line.split(": ")
+            name = fields[1].split("@")[0] if len(fields) > 1 else ""
+            if name.startswith(link_prefix):
+                _Hosts._remove(None, name)
+
+    @staticmethod
+    def _remove(netns, link):
+        """Kill every process in netns, delete link and netns; never raises."""
+        if netns:
+            try:
+                for pid in _ip("netns", "pids", netns).split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
+            except _HostsUnavailable:
+                pass
+        for args in (("link", "del", link) if link else None,
+                     ("netns", "del", netns) if netns else None):
+            if args:
+                try:
+                    _ip(*args)
+                except _HostsUnavailable:
+                    pass
+
+    def close(self):
+        """Kill what runs in the hosts, delete their links and namespaces."""
+        for host in self.hosts:
+            for proc in host._procs:
+                if proc.poll() is None:
+                    _kill_group(proc.pid)
+        for host in self.hosts:
+            self._remove(host.name, host.link)
+            for proc in host._procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+                for stream in (proc.stdin, proc.stdout, proc.stderr):
+                    if stream:
+                        stream.close()
+        self.hosts = []
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def _start_hosts(testcase, n):
+    """_Hosts(n), open until testcase ends. Where namespaces cannot be made,
+    skips testcase with the reason, or fails it if $QUEUECTL_TEST_HOSTS is
+    `required` (as .ci/run sets it)."""
+    hosts = _Hosts(n)
+    try:
+        hosts.open()
+    except _HostsUnavailable as exc:
+        if os.environ.get("QUEUECTL_TEST_HOSTS") == "required":
+            testcase.fail("QUEUECTL_TEST_HOSTS=required but cannot make "
+                          "network namespaces: %s" % exc)
+        testcase.skipTest("cannot make network namespaces: %s" % exc)
+    testcase.addCleanup(hosts.close)
+    return hosts
+
+
+# Run inside a host: connect to argv[1], print hostname, the client and the
+# server address PostgreSQL saw.
+_PG_PROBE = r"""
+import socket, sys
+try:
+    import psycopg as driver
+except ImportError:
+    import psycopg2 as driver
+conn = driver.connect(sys.argv[1], connect_timeout=int(sys.argv[2]))
+cur = conn.cursor()
+cur.execute("SELECT host(inet_client_addr()), host(inet_server_addr())")
+print(socket.gethostname(), *cur.fetchone())
+conn.close()
+"""
+
+
+class TestHostsHarness(unittest.TestCase):
+    """The harness of the multi-host test: hosts with their own hostnames
+    reach PostgreSQL over their links, a cut link stops them, and nothing is
+    left behind."""
+
+    def test_namespaces_reach_postgres(self):
+        url = os.environ.get("QUEUECTL_TEST_PG")
+        if not url:
+            self.skipTest("QUEUECTL_TEST_PG is not set")
+        for name in ("psycopg", "psycopg2"):
+            try:
+                __import__(name)
+                break
+            except ImportError:
+                pass
+        else:
+            self.skipTest("QUEUECTL_TEST_PG is set but neither psycopg nor "
+                          "psycopg2 is importable")
+        hosts = _start_hosts(self, 2)
+
+        def probe(host, timeout=5):
+            return host.run([sys.executable, "-c", _PG_PROBE,
+                             host.pg_url(url), str(timeout)], cwd=HERE)
+
+        for host in hosts:
+            rc, out = probe(host)
+            self.assertEqual(rc, 0, out)
+            self.assertEqual(out.split(), [host.hostname, host.address,
+                                           host.gateway], out)
+        self.assertNotEqual(hosts[0].hostname, hosts[1].hostname)
+
+        # A cut link stops that host only; restored, it connects again.
+        hosts[0].cut()
+        started = time.monotonic()
+        rc, out = probe(hosts[0], timeout=2)
+        self.assertNotEqual(rc, 0, "connected over a cut link: " + out)
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertEqual(probe(hosts[1])[0], 0)
+        hosts[0].restore()
+        wait_for(lambda: probe(hosts[0])[0] == 0, timeout=20,
+                 what="a connection over the restored link")
+
+    def test_close_leaves_nothing_behind(self):
+        hosts = _start_hosts(self, 2)
+        sleeper = hosts[1].popen(["sh", "-c", "sleep 600 & sleep 600"])
+
+        def two_pids():
+            pids = [int(p) for p in _ip("netns", "pids", hosts[1].name).split()]
+            return pids if len(pids) >= 2 else None
+        pids = wait_for(two_pids, what="sh's two sleeps in the namespace")
+        names = [h.name for h in hosts]
+        links = [h.link for h in hosts]
+        subnet = hosts.subnet
+        hosts.close()
+        self.assertIsNotNone(sleeper.poll())
+        self.assertEqual([p for p in pids if _alive(p)], [])
+        netns = _ip("netns", "list")
+        for name in names:
+            self.assertNotIn(name, netns)
+        all_links = _ip("-o", "link", "show")
+        for link in links:
+            self.assertNotIn(link + "@", all_links)
+        self.assertNotIn(" inet " + subnet[:-len("0/24")],
+                         _ip("-4", "-o", "addr", "show"))
+
+
 if __name__ == "__main__":
     unittest.main()
