@@ -678,6 +678,10 @@ def _to_number(text):
         return float(text)
 
 
+def _random_beat():
+    return int.from_bytes(os.urandom(6), "big")
+
+
 def _chunks(items):
     for start in range(0, len(items), _CHUNK):
         yield items[start:start + _CHUNK]
@@ -1108,16 +1112,22 @@ class _SQLStore(object):
     # -- workers: call these inside write() ---------------------------------
 
     def register(self, worker_ids, pid, host, now):
+        # A random first beat: a worker registered again (after others took
+        # it for dead) must not resume a count an observer already saw.
         self._run_many(self._REGISTER_SQL,
-                       [(w, pid, host, now, now) for w in worker_ids])
+                       [(w, pid, host, now, now, _random_beat())
+                        for w in worker_ids])
 
     def unregister(self, worker_ids):
         self._run_many("DELETE FROM workers WHERE id = ?",
                        [(w,) for w in worker_ids])
 
     def beat(self, pid, host, now):
-        self._run("UPDATE workers SET beat = beat + 1, heartbeat = ?"
-                  " WHERE pid = ? AND host = ?", (now, pid, host))
+        """Renew this process's lease; how many of its workers still hold
+        one (0: others took it for dead and recovered its jobs)."""
+        return self._run("UPDATE workers SET beat = beat + 1, heartbeat = ?"
+                         " WHERE pid = ? AND host = ?",
+                         (now, pid, host)).rowcount
 
     def anything_due(self, now):
         """A plain read (no write lock): is any job claimable now?"""
@@ -1314,7 +1324,7 @@ class _SQLiteStore(_SQLStore):
     _driver_errors = (sqlite3.Error,)
     _integrity_error = sqlite3.IntegrityError
     _REGISTER_SQL = ("INSERT OR IGNORE INTO workers (id, pid, host,"
-                     " started_at, heartbeat) VALUES (?, ?, ?, ?, ?)")
+                     " started_at, heartbeat, beat) VALUES (?, ?, ?, ?, ?, ?)")
     # INDEXED BY: the planner would otherwise scan the claim index.
     _PROCESSING_SQL = (
         "SELECT j.seq, j.id, j.worker_id, a.id, a.host, a.pgid, a.proc_start"
@@ -1591,8 +1601,8 @@ class _PostgresStore(_SQLStore):
     clock (the server's), wake-ups (LISTEN/NOTIFY) and reconnection."""
 
     _REGISTER_SQL = ("INSERT INTO workers (id, pid, host, started_at,"
-                     " heartbeat) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id)"
-                     " DO NOTHING")
+                     " heartbeat, beat) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT"
+                     " (id) DO NOTHING")
     _PROCESSING_SQL = (
         "SELECT j.seq, j.id, j.worker_id, a.id, a.host, a.pgid, a.proc_start"
         " FROM jobs j JOIN attempts a ON a.id = j.attempt_id"
@@ -2594,9 +2604,10 @@ class _Reaper(object):
     def dead_workers(self, workers, lease_timeout):
         """(ids of dead workers, ids of all registered) from worker rows."""
         host, mono = _host(), time.monotonic()
-        dead, known = [], set()
+        dead, known = [], set(w[0] for w in workers)
+        for wid in [w for w in self.seen if w not in known]:
+            del self.seen[wid]  # gone: if it registers again, judge afresh
         for wid, pid, whost, beat in workers:
-            known.add(wid)
             if wid in self.own_ids:
                 continue
             if whost == host and not _pid_alive(pid):
@@ -2707,6 +2718,8 @@ class WorkerPool(object):
         self._alive = count                 # worker threads not yet ended
         self._trouble = None                # why the database fails, if it does
         self.beat_ok = time.monotonic()     # the last beat that was written
+        self.fenced = False                 # no job may start (see _fence_watch)
+        self.lease_lost = False             # others recovered our jobs
         self._slots = max_jobs              # claims --max-jobs has left
         self._busy = 0                      # threads holding claimed jobs
         self._idle_since = time.monotonic()  # when _busy last became 0
@@ -2831,25 +2844,46 @@ class WorkerPool(object):
         the same time as its retry elsewhere.  Its own thread, because the
         beat itself may hang on a dead connection.
         """
-        fenced = False
         while not self._finished.wait(0.2):
             silent = time.monotonic() - self.beat_ok
-            if silent < self.settings["lease-timeout"] / 2.0:
-                fenced = False
-            elif not fenced:
-                fenced = True
-                with self._lock:
-                    running = list(self._running.values())
-                    for _, claim in running:
-                        claim.forced = True
-                self.log("-", "-", "fenced", "lease not renewed for %.1fs:"
-                         " killing %d running job(s)" % (silent, len(running)))
-                for proc, _ in running:
-                    kill_group(proc.pid, proc=proc)
+            if self.lease_lost:
+                self.lease_lost = False
+                self._kill_stale_jobs("taken for dead by other workers")
+            elif silent < self.settings["lease-timeout"] / 2.0:
+                self.fenced = False
+            else:  # every round: nothing may run while fenced
+                killed = self._kill_stale_jobs(
+                    "lease not renewed for %.1fs" % silent,
+                    quiet=self.fenced)
+                self.fenced = True
+                if killed:
+                    self.log("-", "-", "fenced", "starting no job until the"
+                             " lease is renewed")
+
+    def _kill_stale_jobs(self, why, quiet=False):
+        """Kill the running jobs whose claims others may take over; their
+        claims are marked like a forced stop.  Returns how many."""
+        with self._lock:
+            running = [(proc, claim) for proc, claim in
+                       self._running.values() if not claim.forced]
+            for _, claim in running:
+                claim.forced = True
+        if running or not quiet:
+            self.log("-", "-", "fenced", "%s: killing %d running job(s)"
+                     % (why, len(running)))
+        for proc, _ in running:
+            kill_group(proc.pid, proc=proc)
+        return len(running)
 
     def _beat(self, store):
         with store.write():
-            store.beat(self.pid, self.host, store.now())
+            now = store.now()
+            if not store.beat(self.pid, self.host, now):
+                # Taken for dead (frozen, cut off): our claims were
+                # recovered, so our running jobs must die (see the fence),
+                # and we register again to work on.
+                self.lease_lost = True
+                store.register(self.ids, self.pid, self.host, now)
         self.settings = store.config()
 
     def _guard(self, fn, *args):
@@ -2930,6 +2964,9 @@ class WorkerPool(object):
                 and self._worth_a_transaction(store, local)):
             self._sync(store, wid, local)
             self._store_ok()
+        if local.queued and self.fenced:
+            self.stopping.wait(0.2)  # start nothing until the lease is back
+            return True
         if local.queued:
             self._set_busy(local, True)
             claim = local.queued[0]

@@ -2394,6 +2394,135 @@ class TestPostgres(CLITestCase):
         worker.send_signal(signal.SIGTERM)
         self.assertEqual(worker.wait(timeout=30), 0)
 
+@unittest.skipUnless(PG_URL, "set QUEUECTL_TEST_PG to a PostgreSQL URL"
+                     " (.ci/run does) to run the multi-host test")
+class TestManyHosts(CLITestCase):
+    """Three hosts (network namespaces with their own hostnames), one
+    PostgreSQL server, real workers, a kill -9 and a cut network."""
+
+    STORE = "postgresql"
+
+    def start_on(self, host, *flags):
+        log = open(os.path.join(self.dir, "%s.log" % host.hostname), "a")
+        self.addCleanup(log.close)
+        proc = host.popen([sys.executable, SCRIPT, "--db",
+                           host.pg_url(self.db), "worker", "start"]
+                          + list(flags), stdout=subprocess.DEVNULL,
+                          stderr=log, env=self.env, cwd=self.dir)
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def test_exactly_once_across_hosts(self):
+        # 3,000 jobs, a worker process of 2 threads on each of 3 hosts:
+        # every job runs exactly once, and every host took part.
+        hosts = _start_hosts(self, 3)
+        ran = os.path.join(self.dir, "ran.txt")
+        n = 3000
+        self.ok("enqueue", "-f", "-", input="\n".join(
+            json.dumps({"command": 'echo "$QUEUECTL_JOB_ID $(hostname)"'
+                        ' >> ' + ran}) for _ in range(n)))
+        workers = [self.start_on(h, "--count", "2", "--exit-when-idle")
+                   for h in hosts]
+        for worker in workers:
+            self.assertEqual(worker.wait(timeout=600), 0, _read(
+                worker.log.name))
+        with open(ran) as handle:
+            lines = [line.split() for line in handle]
+        self.assertEqual(len(lines), n)
+        self.assertEqual(len(set(job for job, _ in lines)), n)
+        self.assertEqual(set(h for _, h in lines),
+                         set(h.hostname for h in hosts))
+        self.assertEqual(self.ok_json("status")["counts"]["completed"], n)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(n,)])
+
+    def test_kill_9_and_a_cut_network_lose_nothing_and_never_overlap(self):
+        # Jobs longer than the lease run on three hosts; one host's worker
+        # is killed with -9 (and restarted there), another host is cut off.
+        # Nothing is lost, the lost runs are retried as 'worker lost', no
+        # job ever runs beside its own retry, and the cut-off worker fences
+        # itself, survives, and works again once its link is back.
+        hosts = _start_hosts(self, 3)
+        self.config(lease_timeout=4, backoff_max=0)
+        events = os.path.join(self.dir, "events.txt")
+        script = (
+            'log() { echo "$1 $QUEUECTL_JOB_ID $QUEUECTL_ATTEMPT $(hostname)'
+            ' $(date +%%s.%%N)" >> %s; }; trap \'log term; exit 143\' TERM;'
+            ' log start; sleep 6 & wait; log end' % events)
+        ids = [self.enqueue(script) for _ in range(12)]
+        killed_host, cut_host, _ = hosts
+        workers = {h.hostname: self.start_on(h, "--count", "2")
+                   for h in hosts}
+
+        def running_on(host):
+            return self.sql("SELECT COUNT(*) FROM jobs j JOIN attempts a ON"
+                            " a.id = j.attempt_id WHERE j.state ="
+                            " 'processing' AND a.host = ?",
+                            host.hostname)[0][0]
+        wait_for(lambda: all(running_on(h) for h in hosts), 60,
+                 what="every host to run jobs")
+        victim = workers[killed_host.hostname]
+        victim.kill()
+        victim.wait()
+        # The next worker on that host kills the orphaned job groups at
+        # once (same host, dead pid) and recovers their jobs.
+        workers[killed_host.hostname] = self.start_on(killed_host, "--count",
+                                                      "2")
+        cut_host.cut()
+        cut_log = workers[cut_host.hostname].log.name
+        wait_for(lambda: "fenced" in _read(cut_log), 60,
+                 what="the cut-off worker to fence itself")
+        lost = lambda host: self.sql(
+            "SELECT COUNT(*) FROM attempts WHERE error = 'worker lost' AND"
+            " host = ?", host.hostname)[0][0]
+        wait_for(lambda: lost(cut_host) and lost(killed_host), 90,
+                 what="the lost runs to be recovered elsewhere")
+        cut_host.restore()
+        for job_id in ids:
+            self.wait_state(job_id, "completed", timeout=180)
+        # Only the cut-off worker is left: it must run what comes next.
+        for host in (killed_host, hosts[2]):
+            workers[host.hostname].send_signal(signal.SIGTERM)
+            self.assertEqual(workers[host.hostname].wait(timeout=60), 0)
+        after = self.enqueue("true")
+        self.wait_state(after, "completed", timeout=60)
+        self.assertEqual(self.ok_json("show", after)["runs"][0]["host"],
+                         cut_host.hostname)
+        survivor = workers[cut_host.hostname]
+        self.assertIsNone(survivor.poll(), _read(cut_log))
+        survivor.send_signal(signal.SIGTERM)
+        self.assertEqual(survivor.wait(timeout=60), 0, _read(cut_log))
+        self.assertEqual(_overlaps(events), [], "%s\n%s" % (
+            [h.hostname for h in hosts], _read(events)) + "".join(
+                "\n== %s\n%s" % (h.hostname, _read(os.path.join(
+                    self.dir, "%s.log" % h.hostname))) for h in hosts))
+        self.assertEqual(_processes_with("sleep 6"), [])
+
+
+def _overlaps(path):
+    """Pairs of runs of one job that were alive at the same time, from a log
+    of 'start|term|end JOB ATTEMPT HOST TIME' lines."""
+    runs = {}
+    with open(path) as handle:
+        for line in handle:
+            event, job, attempt, host, stamp = line.split()
+            span = runs.setdefault((job, attempt), [None, None, host])
+            if event == "start":
+                span[0] = float(stamp)
+            else:
+                span[1] = float(stamp)
+    found = []
+    by_job = {}
+    for (job, attempt), (start, end, host) in runs.items():
+        by_job.setdefault(job, []).append((start, end or float("inf"),
+                                           attempt, host))
+    for job, spans in by_job.items():
+        spans.sort()
+        for (s1, e1, a1, h1), (s2, e2, a2, h2) in zip(spans, spans[1:]):
+            if s2 < e1:
+                found.append((job, a1, h1, a2, h2))
+    return found
+
 
 # The backend-independent tests, again on PostgreSQL (QUEUECTL_TEST_PG).
 if PG_URL:
