@@ -678,6 +678,19 @@ def _to_number(text):
         return float(text)
 
 
+#: What copy --to carries over (the stop request counter stays behind).
+_COPIED_TABLES = (
+    ("jobs", "seq, id, command, state, ready, priority, run_at, max_retries,"
+     " timeout, cwd, env, attempts, runs, waiting, last_error, worker_id,"
+     " attempt_id, created_at, updated_at"),
+    ("attempts", "id, job_seq, n, worker_id, host, pgid, proc_start,"
+     " started_at, ended_at, duration, exit_code, signal, error, output,"
+     " output_dropped, due_at"),
+    ("deps", "job_seq, dep_seq"),
+    ("config", "key, value"),
+)
+
+
 def _random_beat():
     return int.from_bytes(os.urandom(6), "big")
 
@@ -1109,6 +1122,35 @@ class _SQLStore(object):
         return self._run("SELECT id FROM jobs WHERE seq = ?",
                          (seq,)).fetchone()[0]
 
+    # -- moving a queue between stores (copy --to) --------------------------
+
+    def is_empty(self):
+        """No job, attempt or setting yet: a fit target for copy --to."""
+        return not any(self._one("SELECT 1 FROM %s LIMIT 1" % table)
+                       for table in ("jobs", "attempts", "config"))
+
+    def export(self):
+        """Every row to copy, table by table, read in one snapshot:
+        [(table, columns, rows)] plus the monotonic totals."""
+        with self.read():
+            tables = [(t, cols, self._all("SELECT %s FROM %s ORDER BY 1"
+                                          % (cols, t)))
+                      for t, cols in _COPIED_TABLES]
+            totals = dict(self._all(self._TOTALS_SQL))
+            buckets = self._all(self._BUCKETS_SQL)
+        return tables, totals, buckets
+
+    def import_all(self, tables, totals, buckets):
+        """Write what export() read, in one transaction, keeping every
+        sequence number and id (attempts and dependencies refer to them)."""
+        with self.write(durable=True):
+            for table, cols, rows in tables:
+                marks = ", ".join("?" * len(cols.split(",")))
+                self._run_many("INSERT INTO %s (%s) VALUES (%s)"
+                               % (table, cols, marks), rows)
+            self._set_totals(totals, buckets)
+            self._after_import()
+
     # -- workers: call these inside write() ---------------------------------
 
     def register(self, worker_ids, pid, host, now):
@@ -1429,6 +1471,15 @@ class _SQLiteStore(_SQLStore):
         counts = dict.fromkeys(STATES, 0)
         counts.update(self._all("SELECT state, n FROM counts"))
         return counts
+
+    def _set_totals(self, totals, buckets):
+        self._run_many("UPDATE totals SET value = ? WHERE name = ?",
+                       [(v, k) for k, v in totals.items()])
+        self._run_many("UPDATE duration_buckets SET n = ? WHERE le = ?",
+                       [(n, le) for le, n in buckets])
+
+    def _after_import(self):
+        self._run("DELETE FROM config WHERE key = '_stop_seq'")
 
     # -- upkeep -------------------------------------------------------------
 
@@ -1793,6 +1844,21 @@ class _PostgresStore(_SQLStore):
 
     def checkpoint(self):
         pass  # the server keeps its own write-ahead log
+
+    def _set_totals(self, totals, buckets):
+        # Into stripe 0; the other stripes of a new schema are empty.
+        self._run_many("UPDATE totals SET value = ? WHERE name = ? AND"
+                       " stripe = 0", [(v, k) for k, v in totals.items()])
+        self._run_many("UPDATE duration_buckets SET n = ? WHERE le = ? AND"
+                       " stripe = 0", [(n, le) for le, n in buckets])
+
+    def _after_import(self):
+        self._run("DELETE FROM config WHERE key = '_stop_seq'")
+        # Rows came with their own numbers: new ones must follow them.
+        for table, column in (("jobs", "seq"), ("attempts", "id")):
+            self._run("SELECT setval(pg_get_serial_sequence('queuectl.%s',"
+                      " '%s'), COALESCE((SELECT MAX(%s) FROM %s), 0) + 1,"
+                      " false)" % (table, column, column, table))
 
     def vacuum(self):
         """VACUUM cannot run in a transaction: each table on its own."""
@@ -2245,6 +2311,26 @@ class Queue(object):
         self.store.set_config("_paused", int(paused))
         if not paused:
             self.store.wake()
+
+    def copy_to(self, address):
+        """Copy every job (attempts, output, dependencies), the config and
+        the counters into the empty store at `address`, in one transaction
+        there.  Returns the number of jobs copied."""
+        if self.workers():
+            raise Conflict("workers are running on %s; stop them first"
+                           " (queuectl worker stop --wait)" % self.path)
+        target = open_store(address)
+        try:
+            if target.address == self.address:
+                raise InvalidInput("--to names the database being copied")
+            if not target.is_empty():
+                raise Conflict("%s already holds jobs or settings; copy only"
+                               " into an empty database" % target.display)
+            tables, totals, buckets = self.store.export()
+            target.import_all(tables, totals, buckets)
+        finally:
+            target.close()
+        return len(tables[0][2])
 
     def wait(self, job_ids, timeout=None, interval=0.1):
         """Block until every job is completed or dead.
@@ -4757,6 +4843,12 @@ def cmd_bench(args, queue):
     return 0
 
 
+def cmd_copy(args, queue):
+    copied = queue.copy_to(args.to)
+    _print("copied %d job(s) to %s" % (copied, _redact(args.to)))
+    return 0
+
+
 def cmd_stats(args, queue):
     since = _parse_duration_arg(args.since, "--since") if args.since else 3600
     return _emit(args, queue.stats(since), _stats_text)
@@ -4892,7 +4984,7 @@ commands by what you need them for:
   add and run jobs   enqueue, worker start, worker stop
   see what happens   status, list, show, logs, wait, stats, dashboard
   when jobs fail     dlq list, dlq retry, delete, purge
-  control            pause, resume, config
+  control            pause, resume, config, copy
   learn and check    demo, smoke-test, bench
 
 start here:
@@ -4963,11 +5055,12 @@ def build_parser(argv=None):
 def _build_parser(only):
     parser = _Parser(
         prog=_PROG, description="A background job queue for shell"
-        " commands, stored in one SQLite file.",
+        " commands, stored in one SQLite file or in PostgreSQL.",
         epilog=_named(_COMMAND_GROUPS),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", metavar="PATH", help="database file (default:"
-                        " $QUEUECTL_DB, else ~/.queuectl/queue.db)")
+    parser.add_argument("--db", metavar="PATH|URL", help="database file or"
+                        " postgresql:// URL (default: $QUEUECTL_DB, else"
+                        " ~/.queuectl/queue.db)")
     parser.add_argument("--version", action="version",
                         version="queuectl " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
@@ -5034,6 +5127,11 @@ def _build_parser(only):
                      " on a temporary database: enqueue, run, retry, DLQ.",
                      "queuectl smoke-test")
     p.set_defaults(no_database=True)
+    p = _add_command(sub, "copy", cmd_copy, "Copy the whole queue into an"
+                     " empty database (SQLite or PostgreSQL).",
+                     "queuectl copy --to postgresql://jobs@db.internal/jobs")
+    p.add_argument("--to", required=True, metavar="DEST", help="an empty"
+                   " database: a file path or a postgresql:// URL")
     p = _add_command(sub, "delete", cmd_delete, "Delete jobs that are not"
                      " processing.", "queuectl delete 3f9a 77c0")
     p.add_argument("ids", nargs="+", metavar="ID")

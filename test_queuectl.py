@@ -663,6 +663,47 @@ class TestLifecycle(CLITestCase):
         self.assertEqual((job["state"], job["attempts"], len(job["runs"])),
                          ("dead", 4, 4))
 
+    def test_copy_moves_the_whole_queue_into_an_empty_database(self):
+        # copy --to: every job with its attempts, output, dependencies and
+        # counters, and the config, into an empty SQLite file (from SQLite,
+        # or from PostgreSQL in that run); never into a used one, never
+        # while workers run.
+        self.config(backoff_max=0, max_retries=1)
+        first = self.enqueue("echo one")
+        self.enqueue("echo two", "--after", first)
+        self.enqueue("echo bad; exit 3")
+        self.drain()
+        self.enqueue("true", "--delay", "3600", "--priority", "7")
+        dest = os.path.join(self.dir, "copy.db")
+        self.assertEqual(self.ok("copy", "--to", dest),
+                         "copied 4 job(s) to %s\n" % dest)
+        original = [self.ok_json("show", j["id"]) for j in
+                    self.ok_json("list")]
+        copied = [self.ok_json("show", j["id"], db=dest) for j in
+                  self.ok_json("list", db=dest)]
+        self.assertEqual(copied, original)
+        self.assertEqual(self.ok("logs", first, db=dest), "one\n")
+        self.assertEqual(self.ok_json("config", "list", db=dest),
+                         self.ok_json("config", "list"))
+        stats, copied_stats = (self.ok_json("stats"),
+                               self.ok_json("stats", db=dest))
+        for key in ("counts", "runs", "success_ratio", "failing_commands"):
+            self.assertEqual(copied_stats[key], stats[key], key)
+        counters = [_counter_lines(queuectl.Queue(db)) for db in
+                    (self.db, dest)]
+        self.assertEqual(counters[1], counters[0])
+        self.assertIn('queuectl_attempts_total{result="failure"} 2',
+                      counters[0])
+        self.expect_failure(1, "copy only into an empty database", "copy",
+                            "--to", dest)
+        worker = self.start_worker()
+        wait_for(lambda: self.ok_json("status")["workers"],
+                 what="the worker to register")
+        self.expect_failure(1, "workers are running", "copy", "--to",
+                            os.path.join(self.dir, "other.db"))
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(timeout=30), 0)
+
     def test_delete_and_purge(self):
         self.config(backoff_max=0)
         done = self.enqueue("true")
@@ -1316,6 +1357,15 @@ class TestNewcomer(CLITestCase):
                   for text in (help_text, readme)]
         self.assertEqual(claims, [["7"], ["7"]])
 
+
+def _counter_lines(queue):
+    """The Prometheus counters and histogram of a queue (then closed)."""
+    try:
+        return [line for line in queue.metrics().splitlines()
+                if line.startswith(("queuectl_attempts_total",
+                                    "queuectl_run_duration"))]
+    finally:
+        queue.close()
 
 def _processes_with(marker):
     """Pids of live (non-zombie) processes whose command line has `marker`."""
