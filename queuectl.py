@@ -1664,8 +1664,9 @@ class _PostgresStore(_SQLStore):
         " SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END) FROM attempts"
         " WHERE ended_at >= ? GROUP BY m")
     _TOTALS_SQL = "SELECT name, SUM(value) FROM totals GROUP BY name"
-    _BUCKETS_SQL = ("SELECT le, CAST(SUM(n) AS BIGINT) FROM duration_buckets"
-                    " GROUP BY le ORDER BY le")
+    # Each run counts in its own bucket here: cumulative on reading.
+    _BUCKETS_SQL = ("SELECT le, CAST(SUM(SUM(n)) OVER (ORDER BY le) AS BIGINT)"
+                    " FROM duration_buckets GROUP BY le ORDER BY le")
     # Retry a lost server from 1 s, doubling, up to 30 s.
     retry_first, retry_max = 1.0, 30.0
     #: Workers on other hosts share this database: a worker that cannot
@@ -1812,10 +1813,8 @@ class _PostgresStore(_SQLStore):
             return self._run(sql, params).fetchone()
 
     def _run_many(self, sql, rows):
-        count = 0
-        for row in rows:
-            count += self._run(sql, row).rowcount
-        return _Count(count)
+        # psycopg 3 sends the batch in one pipeline: one round trip.
+        return self.conn.executemany(self._sql(sql), list(rows))
 
     def _insert_returning_seq(self, sql, params):
         column = "seq" if sql.startswith("INSERT INTO jobs") else "id"
@@ -1849,8 +1848,10 @@ class _PostgresStore(_SQLStore):
         # Into stripe 0; the other stripes of a new schema are empty.
         self._run_many("UPDATE totals SET value = ? WHERE name = ? AND"
                        " stripe = 0", [(v, k) for k, v in totals.items()])
+        own = [(n - below, le) for (le, n), below in
+               zip(buckets, [0] + [n for _, n in buckets[:-1]])]
         self._run_many("UPDATE duration_buckets SET n = ? WHERE le = ? AND"
-                       " stripe = 0", [(n, le) for le, n in buckets])
+                       " stripe = 0", own)  # cumulative -> one bucket each
 
     def _after_import(self):
         self._run("DELETE FROM config WHERE key = '_stop_seq'")
@@ -1898,14 +1899,6 @@ class _PostgresStore(_SQLStore):
             self.close()
 
 
-class _Count(object):
-    """A rowcount for statements run one by one."""
-    __slots__ = ("rowcount",)
-
-    def __init__(self, rowcount):
-        self.rowcount = rowcount
-
-
 class _PGConnection(object):
     """psycopg (3) or psycopg2 behind the calls the store makes:
     execute() returning a cursor, autocommit (the store says BEGIN)."""
@@ -1928,6 +1921,13 @@ class _PGConnection(object):
             return self.raw.execute(sql, params, prepare=False)
         cursor = self.raw.cursor()
         cursor.execute(sql, params)
+        return cursor
+
+    def executemany(self, sql, rows):
+        """Returns the cursor; its rowcount is the sum over the rows."""
+        cursor = self.raw.cursor()
+        if rows:
+            cursor.executemany(sql, rows)
         return cursor
 
     def fileno(self):
@@ -2099,8 +2099,9 @@ _PG_SCHEMA = (
           ('duration_sum', %(stripe)s, COALESCE(NEW.duration, 0))
         ON CONFLICT (name, stripe) DO UPDATE
         SET value = t.value + EXCLUDED.value;
+      -- One row per run: its own bucket; readers add up the smaller ones.
       INSERT INTO queuectl.duration_buckets AS b
-        SELECT le, %(stripe)s, 1 FROM queuectl.duration_buckets
+        SELECT MIN(le), %(stripe)s, 1 FROM queuectl.duration_buckets
         WHERE stripe = 0 AND le >= COALESCE(NEW.duration, 0)
         ON CONFLICT (le, stripe) DO UPDATE SET n = b.n + 1;
       RETURN NULL;
