@@ -2401,6 +2401,27 @@ class TestPostgres(CLITestCase):
         self.assertIn("cannot connect to postgresql://nobody@127.0.0.1:1/none",
                       err)
 
+    def test_wrong_password_is_one_line_exit_1(self):
+        # A role that must log in with its password (pg_hba: scram for all
+        # but the superuser in CI): the wrong one is refused, one line,
+        # and the password is not in it.
+        from urllib.parse import urlsplit
+        role = "qc_pw_%d" % os.getpid()
+        self.sql("DROP ROLE IF EXISTS %s" % role)
+        self.sql("CREATE ROLE %s LOGIN PASSWORD 'right-one'" % role)
+        self.addCleanup(self.sql, "DROP ROLE IF EXISTS %s" % role)
+        where = urlsplit(self.db)
+        url = "postgresql://%s:wr0ng-one@%s%s" % (role, where.netloc.rsplit(
+            "@", 1)[-1], where.path)
+        code, out, err = self.cli("status", db=url)
+        if code == 0 or "permission denied" in err:
+            self.skipTest("this server trusts %s without a password (CI's"
+                          " pg_hba asks for one)" % role)
+        self.assertEqual(code, 1, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("password authentication failed", err)
+        self.assertNotIn("wr0ng-one", err)
+
     def test_foreign_schema_is_refused_untouched(self):
         # A schema named queuectl that is someone else's: exit 1, unchanged.
         self.sql("CREATE SCHEMA queuectl")
