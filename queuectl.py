@@ -1695,8 +1695,12 @@ class _PostgresStore(_SQLStore):
         """An autocommit session in schema queuectl, with keepalives and an
         idle-in-transaction limit well inside any lease: a host cut off
         mid-transaction cannot hold row locks for long."""
+        # synchronous_commit off: like SQLite's synchronous=NORMAL for
+        # worker state (a lost change reruns a job, never loses one);
+        # durable writes (enqueue) turn it back on for their transaction.
         options = ("-c search_path=queuectl -c idle_in_transaction_session"
-                   "_timeout=10000 -c application_name=queuectl")
+                   "_timeout=10000 -c application_name=queuectl"
+                   " -c synchronous_commit=off")
         try:
             conn = _PGConnection(self.driver, self.address, dict(
                 connect_timeout=10, options=options, keepalives=1,
@@ -1764,6 +1768,8 @@ class _PostgresStore(_SQLStore):
     @contextlib.contextmanager
     def _begin_write(self, durable):
         self.conn.execute("BEGIN")
+        if durable:
+            self.conn.execute("SET LOCAL synchronous_commit = on")
         try:
             yield
             self.conn.execute("COMMIT")
