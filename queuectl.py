@@ -53,6 +53,9 @@ APPLICATION_ID = 0x51754354
 #: PRAGMA user_version this code writes; older databases are migrated.
 SCHEMA_VERSION = 2
 
+#: The schema version this code writes in PostgreSQL (meta row).
+PG_SCHEMA_VERSION = 1
+
 #: Job states, in the order status shows them.
 STATES = ("pending", "processing", "completed", "failed", "dead")
 
@@ -122,6 +125,15 @@ MAX_SECONDS = 10 ** 9
 #: The largest count a user may give (retries, --limit, --offset,
 #: --attempt): far inside SQLite's 64-bit integers.
 MAX_COUNT = 2 ** 31 - 1
+
+#: Upper bounds (seconds) of the run-duration histogram's buckets.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
+
+#: Seconds a dashboard connection may sit idle before it is closed.
+HTTP_TIMEOUT = 15
+
+#: Seconds `smoke-test` gives any one step before it calls it failed.
+SMOKE_STEP_TIMEOUT = 60.0
 
 #: Job ids: 1 to 128 of these characters.
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -286,143 +298,6 @@ def _fill_ids(ids):
 def _host():
     return os.uname()[1]
 
-
-###############################################################################
-# Schema and migrations #######################################################
-###############################################################################
-
-# Every statement here must run on SQLite 3.7.17: no partial indexes, no
-# RETURNING, no UPSERT, no window functions.
-_SCHEMA_V1 = (
-    # seq is the enqueue order; `ready` is 1 exactly while the job may be
-    # claimed (pending or failed, dependencies met), so one index serves the
-    # claim without scanning finished jobs.
-    """CREATE TABLE IF NOT EXISTS jobs (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        command TEXT NOT NULL,
-        state TEXT NOT NULL,
-        ready INTEGER,
-        priority INTEGER NOT NULL DEFAULT 0,
-        run_at REAL NOT NULL,
-        max_retries INTEGER NOT NULL,
-        timeout REAL,
-        cwd TEXT NOT NULL,
-        env TEXT NOT NULL DEFAULT '{}',
-        attempts INTEGER NOT NULL DEFAULT 0,
-        runs INTEGER NOT NULL DEFAULT 0,
-        waiting INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT,
-        worker_id TEXT,
-        attempt_id INTEGER,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS jobs_claim"
-    " ON jobs (ready, priority DESC, run_at, seq)",
-    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq)",
-    # One row per execution.  n numbers a job's runs 1, 2, 3... for ever;
-    # jobs.attempts counts the runs since the job was (re)queued.
-    """CREATE TABLE IF NOT EXISTS attempts (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_seq INTEGER NOT NULL,
-        n INTEGER NOT NULL,
-        worker_id TEXT,
-        host TEXT,
-        pgid INTEGER,
-        proc_start TEXT,
-        started_at REAL NOT NULL,
-        ended_at REAL,
-        duration REAL,
-        exit_code INTEGER,
-        signal INTEGER,
-        error TEXT,
-        output TEXT,
-        output_dropped INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_seq, n)",
-    "CREATE INDEX IF NOT EXISTS attempts_ended ON attempts (ended_at)",
-    # job_seq waits for dep_seq to complete.
-    """CREATE TABLE IF NOT EXISTS deps (
-        job_seq INTEGER NOT NULL,
-        dep_seq INTEGER NOT NULL,
-        PRIMARY KEY (job_seq, dep_seq))""",
-    "CREATE INDEX IF NOT EXISTS deps_dep ON deps (dep_seq)",
-    """CREATE TABLE IF NOT EXISTS workers (
-        id TEXT PRIMARY KEY,
-        pid INTEGER NOT NULL,
-        host TEXT NOT NULL,
-        started_at REAL NOT NULL,
-        heartbeat REAL NOT NULL,
-        beat INTEGER NOT NULL DEFAULT 0)""",
-    # User settings, plus internal keys starting with '_' (stop requests,
-    # pause) that workers read in the same query.
-    """CREATE TABLE IF NOT EXISTS config (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL)""",
-    # Counts per state, kept by triggers, so `status` costs the same with a
-    # million jobs as with ten.
-    """CREATE TABLE IF NOT EXISTS counts (
-        state TEXT PRIMARY KEY,
-        n INTEGER NOT NULL)""",
-    "INSERT OR IGNORE INTO counts (state, n) SELECT 'pending', 0 UNION ALL"
-    " SELECT 'processing', 0 UNION ALL SELECT 'completed', 0 UNION ALL"
-    " SELECT 'failed', 0 UNION ALL SELECT 'dead', 0",
-    """CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs
-       BEGIN UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
-    """CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs
-       BEGIN UPDATE counts SET n = n - 1 WHERE state = OLD.state; END""",
-    """CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF state
-       ON jobs WHEN OLD.state <> NEW.state BEGIN
-         UPDATE counts SET n = n - 1 WHERE state = OLD.state;
-         UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
-)
-
-#: Upper bounds (seconds) of the run-duration histogram's buckets.
-DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
-
-# Version 2: when each run was due (for wait times), and totals that only
-# grow, kept by a trigger, for Prometheus counters and the histogram.
-_SCHEMA_V2 = (
-    "ALTER TABLE attempts ADD COLUMN due_at REAL",
-    """CREATE TABLE IF NOT EXISTS totals (
-        name TEXT PRIMARY KEY,
-        value REAL NOT NULL)""",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'success', COUNT(*)"
-    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NULL",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'lost', COUNT(*)"
-    " FROM attempts WHERE error = 'worker lost'",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'timeout', COUNT(*)"
-    " FROM attempts WHERE error LIKE 'timed out%'",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'failure', COUNT(*)"
-    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NOT NULL"
-    " AND error <> 'worker lost' AND error NOT LIKE 'timed out%'",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'duration_sum',"
-    " COALESCE(SUM(duration), 0) FROM attempts WHERE ended_at IS NOT NULL",
-    # le is a bucket's upper bound; 9e999 is +Inf.
-    """CREATE TABLE IF NOT EXISTS duration_buckets (
-        le REAL PRIMARY KEY,
-        n INTEGER NOT NULL)""",
-    "INSERT OR IGNORE INTO duration_buckets (le, n) SELECT b.le, (SELECT"
-    " COUNT(*) FROM attempts WHERE ended_at IS NOT NULL AND"
-    " COALESCE(duration, 0) <= b.le) FROM (%s) b" % " UNION ALL ".join(
-        "SELECT %r AS le" % le for le in DURATION_BUCKETS + (9e999,)
-    ).replace("inf", "9e999"),
-    """CREATE TRIGGER IF NOT EXISTS attempts_finish AFTER UPDATE OF ended_at
-       ON attempts WHEN OLD.ended_at IS NULL AND NEW.ended_at IS NOT NULL
-       BEGIN
-         UPDATE totals SET value = value + 1 WHERE name = CASE
-           WHEN NEW.error IS NULL THEN 'success'
-           WHEN NEW.error = 'worker lost' THEN 'lost'
-           WHEN NEW.error LIKE 'timed out%' THEN 'timeout'
-           ELSE 'failure' END;
-         UPDATE totals SET value = value + COALESCE(NEW.duration, 0)
-           WHERE name = 'duration_sum';
-         UPDATE duration_buckets SET n = n + 1
-           WHERE le >= COALESCE(NEW.duration, 0);
-       END""",
-)
-
-#: MIGRATIONS[v] brings a database from user_version v to v + 1.
-MIGRATIONS = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 
 ###############################################################################
 # Job validation ##############################################################
@@ -597,6 +472,140 @@ def parse_jobs_text(text):
                 raise InvalidInput("line %d: invalid JSON: %s" % (number, exc))
     return jobs
 
+
+###############################################################################
+# Schema and migrations #######################################################
+###############################################################################
+
+# Every statement here must run on SQLite 3.7.17: no partial indexes, no
+# RETURNING, no UPSERT, no window functions.
+_SCHEMA_V1 = (
+    # seq is the enqueue order; `ready` is 1 exactly while the job may be
+    # claimed (pending or failed, dependencies met), so one index serves the
+    # claim without scanning finished jobs.
+    """CREATE TABLE IF NOT EXISTS jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        command TEXT NOT NULL,
+        state TEXT NOT NULL,
+        ready INTEGER,
+        priority INTEGER NOT NULL DEFAULT 0,
+        run_at REAL NOT NULL,
+        max_retries INTEGER NOT NULL,
+        timeout REAL,
+        cwd TEXT NOT NULL,
+        env TEXT NOT NULL DEFAULT '{}',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        runs INTEGER NOT NULL DEFAULT 0,
+        waiting INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        worker_id TEXT,
+        attempt_id INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS jobs_claim"
+    " ON jobs (ready, priority DESC, run_at, seq)",
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq)",
+    # One row per execution.  n numbers a job's runs 1, 2, 3... for ever;
+    # jobs.attempts counts the runs since the job was (re)queued.
+    """CREATE TABLE IF NOT EXISTS attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_seq INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        worker_id TEXT,
+        host TEXT,
+        pgid INTEGER,
+        proc_start TEXT,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        duration REAL,
+        exit_code INTEGER,
+        signal INTEGER,
+        error TEXT,
+        output TEXT,
+        output_dropped INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_seq, n)",
+    "CREATE INDEX IF NOT EXISTS attempts_ended ON attempts (ended_at)",
+    # job_seq waits for dep_seq to complete.
+    """CREATE TABLE IF NOT EXISTS deps (
+        job_seq INTEGER NOT NULL,
+        dep_seq INTEGER NOT NULL,
+        PRIMARY KEY (job_seq, dep_seq))""",
+    "CREATE INDEX IF NOT EXISTS deps_dep ON deps (dep_seq)",
+    """CREATE TABLE IF NOT EXISTS workers (
+        id TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat REAL NOT NULL,
+        beat INTEGER NOT NULL DEFAULT 0)""",
+    # User settings, plus internal keys starting with '_' (stop requests,
+    # pause) that workers read in the same query.
+    """CREATE TABLE IF NOT EXISTS config (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+    # Counts per state, kept by triggers, so `status` costs the same with a
+    # million jobs as with ten.
+    """CREATE TABLE IF NOT EXISTS counts (
+        state TEXT PRIMARY KEY,
+        n INTEGER NOT NULL)""",
+    "INSERT OR IGNORE INTO counts (state, n) SELECT 'pending', 0 UNION ALL"
+    " SELECT 'processing', 0 UNION ALL SELECT 'completed', 0 UNION ALL"
+    " SELECT 'failed', 0 UNION ALL SELECT 'dead', 0",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs
+       BEGIN UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs
+       BEGIN UPDATE counts SET n = n - 1 WHERE state = OLD.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF state
+       ON jobs WHEN OLD.state <> NEW.state BEGIN
+         UPDATE counts SET n = n - 1 WHERE state = OLD.state;
+         UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
+)
+
+# Version 2: when each run was due (for wait times), and totals that only
+# grow, kept by a trigger, for Prometheus counters and the histogram.
+_SCHEMA_V2 = (
+    "ALTER TABLE attempts ADD COLUMN due_at REAL",
+    """CREATE TABLE IF NOT EXISTS totals (
+        name TEXT PRIMARY KEY,
+        value REAL NOT NULL)""",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'success', COUNT(*)"
+    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NULL",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'lost', COUNT(*)"
+    " FROM attempts WHERE error = 'worker lost'",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'timeout', COUNT(*)"
+    " FROM attempts WHERE error LIKE 'timed out%'",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'failure', COUNT(*)"
+    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NOT NULL"
+    " AND error <> 'worker lost' AND error NOT LIKE 'timed out%'",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'duration_sum',"
+    " COALESCE(SUM(duration), 0) FROM attempts WHERE ended_at IS NOT NULL",
+    # le is a bucket's upper bound; 9e999 is +Inf.
+    """CREATE TABLE IF NOT EXISTS duration_buckets (
+        le REAL PRIMARY KEY,
+        n INTEGER NOT NULL)""",
+    "INSERT OR IGNORE INTO duration_buckets (le, n) SELECT b.le, (SELECT"
+    " COUNT(*) FROM attempts WHERE ended_at IS NOT NULL AND"
+    " COALESCE(duration, 0) <= b.le) FROM (%s) b" % " UNION ALL ".join(
+        "SELECT %r AS le" % le for le in DURATION_BUCKETS + (9e999,)
+    ).replace("inf", "9e999"),
+    """CREATE TRIGGER IF NOT EXISTS attempts_finish AFTER UPDATE OF ended_at
+       ON attempts WHEN OLD.ended_at IS NULL AND NEW.ended_at IS NOT NULL
+       BEGIN
+         UPDATE totals SET value = value + 1 WHERE name = CASE
+           WHEN NEW.error IS NULL THEN 'success'
+           WHEN NEW.error = 'worker lost' THEN 'lost'
+           WHEN NEW.error LIKE 'timed out%' THEN 'timeout'
+           ELSE 'failure' END;
+         UPDATE totals SET value = value + COALESCE(NEW.duration, 0)
+           WHERE name = 'duration_sum';
+         UPDATE duration_buckets SET n = n + 1
+           WHERE le >= COALESCE(NEW.duration, 0);
+       END""",
+)
+
+#: MIGRATIONS[v] brings a database from user_version v to v + 1.
+MIGRATIONS = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 
 ###############################################################################
 # Store: the one place that speaks SQL ########################################
@@ -1970,9 +1979,6 @@ def _redact(url):
     return re.sub(r"^([a-z]+://[^/@:]*):[^/@]*@", r"\1@", url)
 
 
-#: The schema version this code writes in PostgreSQL (meta row).
-PG_SCHEMA_VERSION = 1
-
 _PG_CLAIM_SQL = """
 WITH due AS MATERIALIZED (
     SELECT seq, priority, run_at FROM jobs
@@ -3286,9 +3292,6 @@ class WorkerPool(object):
 # Dashboard: a web page, JSON endpoints and Prometheus metrics ################
 ###############################################################################
 
-#: Seconds a dashboard connection may sit idle before it is closed.
-HTTP_TIMEOUT = 15
-
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -3489,563 +3492,6 @@ def _query_number(query, name, default, kind, minimum, maximum=MAX_COUNT):
         raise InvalidInput("%s must be from %s to %s" % (
             name, _number_text(minimum), _number_text(maximum)))
     return value
-
-
-# Everything the page needs is inline; nothing may load from elsewhere.
-# Only the page's own script (by nonce) runs: even markup that slipped into
-# the page could not execute.
-_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src"
-        " 'nonce-%s'; connect-src 'self'; img-src 'self' data:;"
-        " base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-
-def _dashboard_page(server):
-    import html
-    settings = json.dumps({"token": "" if server.read_only else server.token,
-                           "readOnly": server.read_only})
-    return _PAGE.replace("{{SETTINGS}}", html.escape(settings, quote=True))
-
-
-_PAGE = r"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>queuectl</title>
-<style>
-:root { --bg: #f6f7f9; --card: #fff; --ink: #1d2330; --muted: #6b7385;
-  --line: #e3e6eb; --pending: #b7791f; --processing: #2b6cb0;
-  --completed: #2f855a; --failed: #c05621; --dead: #c53030; }
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--ink);
-  font: 14px/1.45 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; }
-header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 16px;
-  padding: 14px 24px; background: #1d2330; color: #fff; }
-header h1 { margin: 0; font-size: 18px; letter-spacing: .3px; }
-header .db { color: #aab2c5; font: 12px ui-monospace, Menlo, Consolas, monospace;
-  overflow-wrap: anywhere; }
-header .live { margin-left: auto; font-size: 12px; color: #9ae6b4; }
-header .live.stale { color: #feb2b2; }
-main { padding: 20px 24px; display: grid; gap: 18px;
-  grid-template-columns: repeat(12, 1fr); max-width: 1400px; margin: 0 auto; }
-section { background: var(--card); border: 1px solid var(--line);
-  border-radius: 8px; padding: 14px 16px; grid-column: span 12; min-width: 0; }
-section h2 { margin: 0 0 10px; font-size: 13px; text-transform: uppercase;
-  letter-spacing: .6px; color: var(--muted); }
-#counts { display: grid; grid-template-columns: repeat(5, 1fr); gap: 12px;
-  background: none; border: 0; padding: 0; }
-.count { background: var(--card); border: 1px solid var(--line);
-  border-top: 4px solid; border-radius: 8px; padding: 10px 14px; cursor: pointer; }
-.count b { display: block; font-size: 28px; font-weight: 600; }
-.count span { color: var(--muted); font-size: 12px; text-transform: uppercase; }
-.pending { border-top-color: var(--pending); } .processing { border-top-color: var(--processing); }
-.completed { border-top-color: var(--completed); } .failed { border-top-color: var(--failed); }
-.dead { border-top-color: var(--dead); }
-#chart-box { grid-column: span 8; } #workers-box { grid-column: span 4; }
-#stats-line { color: var(--muted); font-size: 12px; margin-top: 6px; }
-svg { width: 100%; height: 160px; display: block; background:
-  repeating-linear-gradient(to top, #fff 0 39px, #eef0f4 39px 40px); }
-.axis { display: flex; justify-content: space-between; color: var(--muted);
-  font-size: 11px; margin: 2px 0; }
-.key { display: inline-block; width: 9px; height: 9px; border-radius: 2px;
-  margin: 0 4px 0 10px; } .key.ok { background: #2f855a; } .key.bad { background: #c53030; }
-.count.active { box-shadow: 0 0 0 2px #1d2330 inset; }
-table { width: 100%; border-collapse: collapse; }
-th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line);
-  vertical-align: top; }
-th { font-size: 12px; color: var(--muted); font-weight: 600; }
-td.cmd, td.mono, .mono { font-family: ui-monospace, Menlo, Consolas, monospace;
-  font-size: 12.5px; overflow-wrap: anywhere; }
-tr.job { cursor: pointer; } tr.job:hover { background: #f0f4fa; }
-.badge { display: inline-block; padding: 1px 8px; border-radius: 10px;
-  font-size: 12px; color: #fff; }
-.badge.pending { background: var(--pending); } .badge.processing { background: var(--processing); }
-.badge.completed { background: var(--completed); } .badge.failed { background: var(--failed); }
-.badge.dead { background: var(--dead); }
-.toolbar { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin-bottom: 10px; }
-button, select { font: inherit; padding: 4px 10px; border: 1px solid #c9ced8;
-  border-radius: 6px; background: #fff; cursor: pointer; }
-button.danger { color: var(--dead); border-color: #f0b4b4; }
-button:disabled { opacity: .45; cursor: default; }
-pre { background: #10141c; color: #e2e8f0; padding: 10px 12px; border-radius: 6px;
-  max-height: 320px; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere; }
-.muted { color: var(--muted); } .error { color: var(--dead); }
-@media (max-width: 800px) {
-  main { padding: 12px; gap: 12px; }
-  #counts { grid-template-columns: repeat(3, 1fr); }
-  #chart-box, #workers-box { grid-column: span 12; }
-  .hide-narrow { display: none; }
-}
-</style></head>
-<body data-settings="{{SETTINGS}}">
-<header><h1>queuectl</h1><span class="db" id="db"></span>
-<span class="live" id="live">connecting...</span></header>
-<main>
-<section id="counts"></section>
-<section id="chart-box"><h2>Runs per minute, last hour</h2>
-<div class="axis"><span id="chart-top"></span><span><i class="key ok"></i>ok
-<i class="key bad"></i>failed</span></div>
-<svg id="chart" viewBox="0 0 600 160" preserveAspectRatio="none" role="img"
- aria-label="runs finished per minute"></svg>
-<div class="axis"><span>60 min ago</span><span>now</span></div>
-<div id="stats-line"></div></section>
-<section id="workers-box"><h2>Live workers</h2><div id="workers"></div></section>
-<section id="jobs-box"><h2>Jobs</h2>
-<div class="toolbar"><label>State <select id="state">
-<option value="">all</option><option>pending</option><option>processing</option>
-<option>completed</option><option>failed</option><option>dead</option></select></label>
-<button id="prev">&larr; Previous</button><button id="next">Next &rarr;</button>
-<span class="muted" id="page"></span></div>
-<table><thead><tr><th>ID</th><th>State</th><th class="hide-narrow">Tries</th>
-<th class="hide-narrow">Updated</th><th>Command</th></tr></thead>
-<tbody id="jobs"></tbody></table></section>
-<section id="detail-box" hidden><h2>Job <span id="detail-id" class="mono"></span></h2>
-<div id="detail"></div></section>
-</main>
-<script nonce="{{NONCE}}">
-"use strict";
-const SETTINGS = JSON.parse(document.body.dataset.settings);
-const STATES = ["pending", "processing", "completed", "failed", "dead"];
-const PAGE = 25;
-let offset = 0;
-let selected = new URLSearchParams(location.hash.slice(1)).get("job");  // #job=ID
-
-function el(tag, attrs, children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs || {})) {
-    if (key === "text") node.textContent = value;
-    else if (key === "cls") node.className = value;
-    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else node.setAttribute(key, value);
-  }
-  for (const child of children || []) node.appendChild(child);
-  return node;
-}
-function replace(id, ...nodes) {
-  const box = document.getElementById(id);
-  box.replaceChildren ? box.replaceChildren(...nodes)
-    : (box.textContent = "", nodes.forEach(n => box.appendChild(n)));
-}
-async function api(path, options) {
-  const response = await fetch(path, options);
-  const body = await response.json();
-  if (!response.ok) throw new Error(body.error || response.statusText);
-  return body;
-}
-function seconds(value) {
-  if (value === null || value === undefined) return "-";
-  return value < 1 ? (value * 1000).toFixed(0) + " ms" : value.toFixed(1) + " s";
-}
-function when(stamp) { return stamp ? stamp.slice(0, 19).replace("T", " ") : "-"; }
-
-function renderCounts(status) {
-  replace("db", document.createTextNode(status.db + (status.paused ? "  (paused)" : "")));
-  replace("counts", ...STATES.map(state => el("div", {
-    cls: "count " + state + (document.getElementById("state").value === state ? " active" : ""),
-    id: "count-" + state,
-    onclick: () => { document.getElementById("state").value = state; offset = 0; refresh(); }
-  }, [el("b", {text: String(status.counts[state])}), el("span", {text: state})])));
-  const rows = status.workers.map(w => el("tr", {}, [
-    el("td", {cls: "mono", text: w.id}), el("td", {text: String(w.pid)}),
-    el("td", {cls: "mono", text: w.job || "idle"})]));
-  replace("workers", rows.length ? el("table", {}, [el("thead", {}, [el("tr", {}, [
-    el("th", {text: "Worker"}), el("th", {text: "PID"}), el("th", {text: "Job"})])]),
-    el("tbody", {}, rows)]) : el("p", {cls: "muted", text: "No live workers."}));
-}
-
-function renderStats(stats) {
-  const svg = document.getElementById("chart");
-  const ns = "http://www.w3.org/2000/svg";
-  while (svg.firstChild) svg.removeChild(svg.firstChild);
-  const series = stats.per_minute;
-  const top = Math.max(1, ...series.map(p => p.ok + p.failed));
-  replace("chart-top", document.createTextNode("max " + top + " runs/min"));
-  const width = 600 / series.length;
-  series.forEach((point, i) => {
-    const ok = point.ok / top * 150, failed = point.failed / top * 150;
-    for (const [height, y, colour] of [[ok, 160 - ok, "#2f855a"],
-                                       [failed, 160 - ok - failed, "#c53030"]]) {
-      if (!height) continue;
-      const bar = document.createElementNS(ns, "rect");
-      bar.setAttribute("x", (i * width + 1).toFixed(1));
-      bar.setAttribute("width", Math.max(1, width - 2).toFixed(1));
-      bar.setAttribute("y", y.toFixed(1));
-      bar.setAttribute("height", height.toFixed(1));
-      bar.setAttribute("fill", colour);
-      const tip = document.createElementNS(ns, "title");
-      tip.textContent = when(point.t) + ": " + point.ok + " ok, " + point.failed + " failed";
-      bar.appendChild(tip);
-      svg.appendChild(bar);
-    }
-  });
-  const ratio = stats.success_ratio === null ? "-" : (stats.success_ratio * 100).toFixed(1) + "%";
-  replace("stats-line", document.createTextNode(
-    "last hour: " + stats.runs + " runs, success " + ratio +
-    " | run p50 " + seconds(stats.run_seconds.p50) + ", p95 " + seconds(stats.run_seconds.p95) +
-    " | wait p50 " + seconds(stats.wait_seconds.p50) + ", p95 " + seconds(stats.wait_seconds.p95) +
-    " | " + stats.finished_per_minute["1m"].toFixed(1) + "/min now" +
-    (stats.oldest_due_seconds === null ? "" : " | oldest due " + seconds(stats.oldest_due_seconds))));
-}
-
-function renderJobs(page) {
-  replace("jobs", ...(page.jobs.length ? page.jobs.map(job => el("tr", {
-    cls: "job", id: "job-" + job.id, onclick: () => {
-      selected = job.id; history.replaceState(null, "", "#job=" + encodeURIComponent(job.id));
-      showJob(); }
-  }, [el("td", {cls: "mono", text: job.id}),
-      el("td", {}, [el("span", {cls: "badge " + job.state, text: job.state})]),
-      el("td", {cls: "hide-narrow", text: job.attempts + "/" + (job.max_retries + 1)}),
-      el("td", {cls: "hide-narrow", text: when(job.updated_at)}),
-      el("td", {cls: "cmd", text: job.command})])) :
-    [el("tr", {}, [el("td", {colspan: "5", cls: "muted", text: "No jobs."})])]));
-  const last = Math.min(page.offset + page.jobs.length, page.total);
-  replace("page", document.createTextNode(
-    page.total ? (page.offset + 1) + "-" + last + " of " + page.total : ""));
-  document.getElementById("prev").disabled = page.offset === 0;
-  document.getElementById("next").disabled = last >= page.total;
-}
-
-async function act(action) {
-  try {
-    await api("/api/jobs/" + encodeURIComponent(selected) + "/" + action,
-              {method: "POST", headers: {"X-Queuectl-Token": SETTINGS.token}});
-    if (action === "delete") selected = null;
-  } catch (error) { alert(action + " failed: " + error.message); }
-  refresh();
-}
-
-async function showJob() {
-  const box = document.getElementById("detail-box");
-  if (!selected) { box.hidden = true; return; }
-  let job;
-  try { job = await api("/api/jobs/" + encodeURIComponent(selected)); }
-  catch (error) { box.hidden = true; selected = null; return; }
-  box.hidden = false;
-  replace("detail-id", document.createTextNode(job.id));
-  const facts = [["state", job.state], ["command", job.command],
-    ["attempts", job.attempts + " of " + (job.max_retries + 1)],
-    ["priority", String(job.priority)], ["run at", when(job.run_at)],
-    ["last error", job.last_error || "-"], ["cwd", job.cwd]];
-  const buttons = [];
-  if (job.state === "dead" && !SETTINGS.readOnly) {
-    buttons.push(el("button", {id: "retry", text: "Retry", onclick: () => act("retry")}));
-    buttons.push(el("button", {id: "delete", cls: "danger", text: "Delete",
-                               onclick: () => act("delete")}));
-  }
-  const runs = job.runs.map(r => el("tr", {}, [
-    el("td", {text: String(r.attempt)}), el("td", {text: when(r.started_at)}),
-    el("td", {text: seconds(r.duration)}),
-    el("td", {text: r.exit_code === null ? "-" : String(r.exit_code)}),
-    el("td", {text: r.error || (r.ended_at ? "ok" : "running")})]));
-  replace("detail",
-    el("table", {}, [el("tbody", {}, facts.map(([k, v]) => el("tr", {}, [
-      el("th", {text: k}), el("td", {cls: "mono", text: v})])))]),
-    el("div", {cls: "toolbar"}, buttons),
-    el("table", {}, [el("thead", {}, [el("tr", {}, ["#", "Started", "Took", "Exit",
-      "Result"].map(h => el("th", {text: h})))]), el("tbody", {}, runs)]),
-    el("h2", {text: "Output of the last attempt"}),
-    el("pre", {id: "output", text: job.output === undefined ? "(not run yet)" :
-      (job.output_dropped ? "[first " + job.output_dropped + " bytes dropped]\n" : "") + job.output}));
-}
-
-async function refresh() {
-  const state = document.getElementById("state").value;
-  const live = document.getElementById("live");
-  try {
-    const [status, stats, page] = await Promise.all([api("/api/status"), api("/api/stats"),
-      api("/api/jobs?limit=" + PAGE + "&offset=" + offset + "&state=" + encodeURIComponent(state))]);
-    renderCounts(status); renderStats(stats); renderJobs(page);
-    if (selected) await showJob();
-    live.textContent = "live, " + new Date().toLocaleTimeString();
-    live.className = "live";
-  } catch (error) {
-    live.textContent = "not reachable: " + error.message;
-    live.className = "live stale";
-  }
-}
-document.getElementById("state").addEventListener("change", () => { offset = 0; refresh(); });
-document.getElementById("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
-document.getElementById("next").addEventListener("click", () => { offset += PAGE; refresh(); });
-refresh();
-setInterval(refresh, 2000);
-</script>
-</body></html>
-"""
-
-
-###############################################################################
-# Benchmark ###################################################################
-###############################################################################
-
-# `queuectl bench` measures on a temporary database, each figure beside the
-# baseline it is compared with, measured in the same run: machines differ
-# and are noisy, so ratios travel better than absolute times.
-
-
-def _median(values):
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else None
-
-
-def _percentile(values, fraction):
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-class _Bench(object):
-    """Runs each measurement; results is a list of (name, figures dict)."""
-
-    def __init__(self, folder, quick, progress):
-        self.folder = folder
-        self.quick = quick
-        self.progress = progress
-        self.script = os.path.abspath(__file__)
-        self.results = []
-
-    def cli(self, db, *args, **kwargs):
-        import subprocess
-        started = time.perf_counter()
-        subprocess.check_call([sys.executable, self.script, "--db", db]
-                              + list(args), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, **kwargs)
-        return time.perf_counter() - started
-
-    def db(self, name):
-        path = os.path.join(self.folder, name + ".db")
-        Queue(path).close()
-        return path
-
-    def add(self, name, value, unit, baseline=None, target=None, note=""):
-        ratio = value / baseline if baseline else None
-        self.results.append({"name": name, "value": value, "unit": unit,
-                             "baseline": baseline, "ratio": ratio,
-                             "target": target, "note": note})
-
-    def run(self):
-        for step in (self.throughput, self.bulk_enqueue, self.enqueue_call,
-                     self.pickup_and_idle, self.memory, self.scale):
-            self.progress("bench: %s..." % step.__name__.replace("_", " "))
-            step()
-        return self.results
-
-    def throughput(self):
-        """Baseline and queue alternately, three rounds: the medians."""
-        n = 200 if self.quick else 2000
-        raws, rates, walls = [], [], []
-        for round_number in range(1 if self.quick else 3):
-            raws.append(_spawn_rate(n, threads=2))
-            db = self.db("e2e%d" % round_number)
-            queue = Queue(db)
-            queue.enqueue_many([{"command": "true"}] * n)
-            walls.append(n / self.cli(db, "worker", "start", "--count", "2",
-                                      "--exit-when-idle"))
-            first, last = queue.store.run_span()
-            done = queue.counts()["completed"]
-            queue.close()
-            if done != n:
-                raise QueueError("bench: %d of %d jobs completed" % (done, n))
-            rates.append(n / (last - first))
-        raw = _median(raws)
-        self.add("raw spawn rate, 2 threads (sh -c true)", raw, "jobs/s")
-        self.add("end-to-end, worker --count 2, %d jobs" % n, _median(rates),
-                 "jobs/s", raw, ">= 0.8x", "first start to last result,"
-                 " median of %d rounds alternating with the baseline; %.0f"
-                 " jobs/s counting worker start-up" % (len(rates),
-                                                       _median(walls)))
-
-    def bulk_enqueue(self):
-        n = 5000 if self.quick else 100000
-        path = os.path.join(self.folder, "bulk.jsonl")
-        with open(path, "w") as handle:
-            for i in range(n):
-                handle.write('{"command": "echo %d", "priority": %d}\n'
-                             % (i, i % 5))
-        took = self.cli(self.db("bulk"), "enqueue", "-f", path)
-        self.add("bulk enqueue -f, %d JSON lines" % n, n / took, "jobs/s",
-                 None, ">= 50000/s", "one transaction, incl. start-up")
-
-    def enqueue_call(self):
-        import subprocess
-        rounds = 3 if self.quick else 15
-        db = self.db("calls")
-        here = os.path.dirname(self.script)
-        env = dict(os.environ, PYTHONPATH=here)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)  # -m should use its cache
-
-        def timed(argv):
-            started = time.perf_counter()
-            subprocess.check_call(argv, stdout=subprocess.DEVNULL, env=env,
-                                  cwd=here)
-            return time.perf_counter() - started
-        module = os.path.splitext(os.path.basename(self.script))[0]
-        timed([sys.executable, "-m", module, "--db", db, "enqueue", "true"])
-        base, script, cached = [], [], []
-        for _ in range(rounds):
-            base.append(timed([sys.executable, "-c",
-                               "import sqlite3, json, argparse"]))
-            script.append(timed([sys.executable, self.script, "--db", db,
-                                 "enqueue", "true"]))
-            cached.append(timed([sys.executable, "-m", module, "--db", db,
-                                 "enqueue", "true"]))
-        self.add("enqueue call, script by path", _median(script) * 1000, "ms",
-                 _median(base) * 1000, "<= 1.8x",
-                 "baseline: python -c 'import sqlite3, json, argparse'")
-        self.add("enqueue call, python -m (bytecode cached)",
-                 _median(cached) * 1000, "ms", _median(base) * 1000, "<= 1.3x")
-
-    def pickup_and_idle(self):
-        import random
-        import subprocess
-        db = self.db("pickup")
-        queue = Queue(db)
-        worker = subprocess.Popen(
-            [sys.executable, self.script, "--db", db, "worker", "start",
-             "--count", "2"], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        try:
-            while len(queue.workers()) < 2:
-                time.sleep(0.02)
-            time.sleep(0.1)
-            latencies = []
-            for _ in range(3 if self.quick else 30):
-                time.sleep(random.uniform(0.05, 0.25))
-                job_id = queue.enqueue({"command": "true"})
-                queue.wait([job_id], timeout=10, interval=0.01)
-                job = queue.get(job_id, runs=True)
-                latencies.append(parse_time(job["runs"][0]["started_at"])
-                                 - parse_time(job["created_at"]))
-            self.add("pick-up latency, median", _median(latencies) * 1000,
-                     "ms", None, "<= 100 ms", "idle workers, default config")
-            self.add("pick-up latency, p95", _percentile(latencies, 0.95)
-                     * 1000, "ms", None, "<= 250 ms")
-            seconds = 0.5 if self.quick else 10.0
-            before = _cpu_seconds(worker.pid)
-            time.sleep(seconds)
-            after = _cpu_seconds(worker.pid)
-            if before is not None and after is not None:
-                self.add("idle worker CPU (--count 2)", 100 * (after - before)
-                         / seconds, "% of a core", None, "< 1%",
-                         "over %gs idle" % seconds)
-        finally:
-            worker.terminate()
-            worker.wait()
-            queue.close()
-
-    def memory(self):
-        import subprocess
-        db = self.db("memory")
-        queue = Queue(db)
-        n = 40 if self.quick else 400
-        queue.enqueue_many([{"command": "sleep 0.02; echo %s" % ("x" * 200)}]
-                           * n)
-        worker = subprocess.Popen(
-            [sys.executable, self.script, "--db", db, "worker", "start",
-             "--count", "8"], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        try:
-            queue.wait([j["id"] for j in queue.list(limit=n)], timeout=120,
-                       interval=0.05)
-            peak = _peak_rss_kb(worker.pid)
-        finally:
-            worker.terminate()
-            worker.wait()
-            queue.close()
-        if peak is not None:
-            self.add("worker --count 8 peak memory", peak / 1024.0, "MB",
-                     None, "< 40 MB", "resident, while running %d jobs" % n)
-
-    def scale(self):
-        big = 20000 if self.quick else 1000000
-        small = self._scaled_db("small", 1000)
-        large = self._scaled_db("large", big)
-        rounds = 2 if self.quick else 5
-        status, listing = {}, {}
-        for name, db in (("small", small), ("large", large)):
-            status[name] = _median([self.cli(db, "status")
-                                    for _ in range(rounds)])
-            listing[name] = _median([self.cli(
-                db, "list", "--state", "pending", "--limit", "100",
-                "--offset", "500") for _ in range(rounds)])
-        small_claim, large_claim = _claim_costs(small, large)
-        self.add("claim with %d jobs" % big, large_claim * 1e6, "us",
-                 small_claim * 1e6, "<= 1.5x", "baseline: 1,000 jobs")
-        self.add("status with %d jobs (CLI)" % big, status["large"] * 1000,
-                 "ms", status["small"] * 1000, "<= 100 ms",
-                 "incl. Python start-up; baseline: 1,000 jobs")
-        self.add("list page with %d jobs (CLI)" % big,
-                 listing["large"] * 1000, "ms", listing["small"] * 1000,
-                 None, "--state pending --limit 100 --offset 500")
-
-    def _scaled_db(self, name, total):
-        """`total` jobs, 1% pending and the rest completed, written raw."""
-        db = self.db(name)
-        store = open_store(db)
-        try:
-            store.fill_for_bench(total, max(total // 100, 600), time.time())
-        finally:
-            store.close()
-        return db
-
-
-def _spawn_rate(n, threads):
-    """The baseline: plain subprocess.run('true', shell=True) loops."""
-    import subprocess
-    import threading
-
-    def loop():
-        for _ in range(n // threads):
-            subprocess.run("true", shell=True)
-    workers = [threading.Thread(target=loop) for _ in range(threads)]
-    started = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return (n // threads * threads) / (time.perf_counter() - started)
-
-
-def _claim_costs(*dbs):
-    """Seconds per claim transaction in each database, as the median of
-    alternating rounds (claim, then roll back: the queue stays put)."""
-    stores = [open_store(db) for db in dbs]
-    host, now = _host(), time.time()
-    samples = [[] for _ in dbs]
-    for _ in range(15):
-        for store, times in zip(stores, samples):
-            started = time.perf_counter()
-            for _ in range(50):
-                store.claim_and_roll_back(host, now)
-            times.append((time.perf_counter() - started) / 50)
-    for store in stores:
-        store.close()
-    return [_median(times) for times in samples]
-
-
-def _cpu_seconds(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / float(
-            os.sysconf("SC_CLK_TCK"))
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _peak_rss_kb(pid):
-    try:
-        with open("/proc/%d/status" % pid) as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-
-
-def run_bench(quick=False, progress=lambda text: None):
-    """Run every measurement on a temporary database; return the figures."""
-    import tempfile
-    with tempfile.TemporaryDirectory(prefix="queuectl-bench-") as folder:
-        return _Bench(folder, quick, progress).run()
 
 
 ###############################################################################
@@ -4636,10 +4082,6 @@ def _demo_script(demo, pool, worker, folder):
 
 def _indent(text):
     return "\n".join("    " + line if line else "" for line in text.splitlines())
-
-
-#: Seconds `smoke-test` gives any one step before it calls it failed.
-SMOKE_STEP_TIMEOUT = 60.0
 
 
 def cmd_smoke_test(args, queue):
@@ -5307,6 +4749,567 @@ def _fail_with(message, code):
         sys.stderr.write(line)
         sys.stderr.flush()
     return code
+
+
+###############################################################################
+# Dashboard page: the HTML, CSS and script served at / ########################
+###############################################################################
+
+# Everything the page needs is inline; nothing may load from elsewhere.
+# Only the page's own script (by nonce) runs: even markup that slipped into
+# the page could not execute.
+_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src"
+        " 'nonce-%s'; connect-src 'self'; img-src 'self' data:;"
+        " base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _dashboard_page(server):
+    import html
+    settings = json.dumps({"token": "" if server.read_only else server.token,
+                           "readOnly": server.read_only})
+    return _PAGE.replace("{{SETTINGS}}", html.escape(settings, quote=True))
+
+
+_PAGE = r"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>queuectl</title>
+<style>
+:root { --bg: #f6f7f9; --card: #fff; --ink: #1d2330; --muted: #6b7385;
+  --line: #e3e6eb; --pending: #b7791f; --processing: #2b6cb0;
+  --completed: #2f855a; --failed: #c05621; --dead: #c53030; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.45 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 16px;
+  padding: 14px 24px; background: #1d2330; color: #fff; }
+header h1 { margin: 0; font-size: 18px; letter-spacing: .3px; }
+header .db { color: #aab2c5; font: 12px ui-monospace, Menlo, Consolas, monospace;
+  overflow-wrap: anywhere; }
+header .live { margin-left: auto; font-size: 12px; color: #9ae6b4; }
+header .live.stale { color: #feb2b2; }
+main { padding: 20px 24px; display: grid; gap: 18px;
+  grid-template-columns: repeat(12, 1fr); max-width: 1400px; margin: 0 auto; }
+section { background: var(--card); border: 1px solid var(--line);
+  border-radius: 8px; padding: 14px 16px; grid-column: span 12; min-width: 0; }
+section h2 { margin: 0 0 10px; font-size: 13px; text-transform: uppercase;
+  letter-spacing: .6px; color: var(--muted); }
+#counts { display: grid; grid-template-columns: repeat(5, 1fr); gap: 12px;
+  background: none; border: 0; padding: 0; }
+.count { background: var(--card); border: 1px solid var(--line);
+  border-top: 4px solid; border-radius: 8px; padding: 10px 14px; cursor: pointer; }
+.count b { display: block; font-size: 28px; font-weight: 600; }
+.count span { color: var(--muted); font-size: 12px; text-transform: uppercase; }
+.pending { border-top-color: var(--pending); } .processing { border-top-color: var(--processing); }
+.completed { border-top-color: var(--completed); } .failed { border-top-color: var(--failed); }
+.dead { border-top-color: var(--dead); }
+#chart-box { grid-column: span 8; } #workers-box { grid-column: span 4; }
+#stats-line { color: var(--muted); font-size: 12px; margin-top: 6px; }
+svg { width: 100%; height: 160px; display: block; background:
+  repeating-linear-gradient(to top, #fff 0 39px, #eef0f4 39px 40px); }
+.axis { display: flex; justify-content: space-between; color: var(--muted);
+  font-size: 11px; margin: 2px 0; }
+.key { display: inline-block; width: 9px; height: 9px; border-radius: 2px;
+  margin: 0 4px 0 10px; } .key.ok { background: #2f855a; } .key.bad { background: #c53030; }
+.count.active { box-shadow: 0 0 0 2px #1d2330 inset; }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
+th { font-size: 12px; color: var(--muted); font-weight: 600; }
+td.cmd, td.mono, .mono { font-family: ui-monospace, Menlo, Consolas, monospace;
+  font-size: 12.5px; overflow-wrap: anywhere; }
+tr.job { cursor: pointer; } tr.job:hover { background: #f0f4fa; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px;
+  font-size: 12px; color: #fff; }
+.badge.pending { background: var(--pending); } .badge.processing { background: var(--processing); }
+.badge.completed { background: var(--completed); } .badge.failed { background: var(--failed); }
+.badge.dead { background: var(--dead); }
+.toolbar { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin-bottom: 10px; }
+button, select { font: inherit; padding: 4px 10px; border: 1px solid #c9ced8;
+  border-radius: 6px; background: #fff; cursor: pointer; }
+button.danger { color: var(--dead); border-color: #f0b4b4; }
+button:disabled { opacity: .45; cursor: default; }
+pre { background: #10141c; color: #e2e8f0; padding: 10px 12px; border-radius: 6px;
+  max-height: 320px; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere; }
+.muted { color: var(--muted); } .error { color: var(--dead); }
+@media (max-width: 800px) {
+  main { padding: 12px; gap: 12px; }
+  #counts { grid-template-columns: repeat(3, 1fr); }
+  #chart-box, #workers-box { grid-column: span 12; }
+  .hide-narrow { display: none; }
+}
+</style></head>
+<body data-settings="{{SETTINGS}}">
+<header><h1>queuectl</h1><span class="db" id="db"></span>
+<span class="live" id="live">connecting...</span></header>
+<main>
+<section id="counts"></section>
+<section id="chart-box"><h2>Runs per minute, last hour</h2>
+<div class="axis"><span id="chart-top"></span><span><i class="key ok"></i>ok
+<i class="key bad"></i>failed</span></div>
+<svg id="chart" viewBox="0 0 600 160" preserveAspectRatio="none" role="img"
+ aria-label="runs finished per minute"></svg>
+<div class="axis"><span>60 min ago</span><span>now</span></div>
+<div id="stats-line"></div></section>
+<section id="workers-box"><h2>Live workers</h2><div id="workers"></div></section>
+<section id="jobs-box"><h2>Jobs</h2>
+<div class="toolbar"><label>State <select id="state">
+<option value="">all</option><option>pending</option><option>processing</option>
+<option>completed</option><option>failed</option><option>dead</option></select></label>
+<button id="prev">&larr; Previous</button><button id="next">Next &rarr;</button>
+<span class="muted" id="page"></span></div>
+<table><thead><tr><th>ID</th><th>State</th><th class="hide-narrow">Tries</th>
+<th class="hide-narrow">Updated</th><th>Command</th></tr></thead>
+<tbody id="jobs"></tbody></table></section>
+<section id="detail-box" hidden><h2>Job <span id="detail-id" class="mono"></span></h2>
+<div id="detail"></div></section>
+</main>
+<script nonce="{{NONCE}}">
+"use strict";
+const SETTINGS = JSON.parse(document.body.dataset.settings);
+const STATES = ["pending", "processing", "completed", "failed", "dead"];
+const PAGE = 25;
+let offset = 0;
+let selected = new URLSearchParams(location.hash.slice(1)).get("job");  // #job=ID
+
+function el(tag, attrs, children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "text") node.textContent = value;
+    else if (key === "cls") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children || []) node.appendChild(child);
+  return node;
+}
+function replace(id, ...nodes) {
+  const box = document.getElementById(id);
+  box.replaceChildren ? box.replaceChildren(...nodes)
+    : (box.textContent = "", nodes.forEach(n => box.appendChild(n)));
+}
+async function api(path, options) {
+  const response = await fetch(path, options);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+function seconds(value) {
+  if (value === null || value === undefined) return "-";
+  return value < 1 ? (value * 1000).toFixed(0) + " ms" : value.toFixed(1) + " s";
+}
+function when(stamp) { return stamp ? stamp.slice(0, 19).replace("T", " ") : "-"; }
+
+function renderCounts(status) {
+  replace("db", document.createTextNode(status.db + (status.paused ? "  (paused)" : "")));
+  replace("counts", ...STATES.map(state => el("div", {
+    cls: "count " + state + (document.getElementById("state").value === state ? " active" : ""),
+    id: "count-" + state,
+    onclick: () => { document.getElementById("state").value = state; offset = 0; refresh(); }
+  }, [el("b", {text: String(status.counts[state])}), el("span", {text: state})])));
+  const rows = status.workers.map(w => el("tr", {}, [
+    el("td", {cls: "mono", text: w.id}), el("td", {text: String(w.pid)}),
+    el("td", {cls: "mono", text: w.job || "idle"})]));
+  replace("workers", rows.length ? el("table", {}, [el("thead", {}, [el("tr", {}, [
+    el("th", {text: "Worker"}), el("th", {text: "PID"}), el("th", {text: "Job"})])]),
+    el("tbody", {}, rows)]) : el("p", {cls: "muted", text: "No live workers."}));
+}
+
+function renderStats(stats) {
+  const svg = document.getElementById("chart");
+  const ns = "http://www.w3.org/2000/svg";
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const series = stats.per_minute;
+  const top = Math.max(1, ...series.map(p => p.ok + p.failed));
+  replace("chart-top", document.createTextNode("max " + top + " runs/min"));
+  const width = 600 / series.length;
+  series.forEach((point, i) => {
+    const ok = point.ok / top * 150, failed = point.failed / top * 150;
+    for (const [height, y, colour] of [[ok, 160 - ok, "#2f855a"],
+                                       [failed, 160 - ok - failed, "#c53030"]]) {
+      if (!height) continue;
+      const bar = document.createElementNS(ns, "rect");
+      bar.setAttribute("x", (i * width + 1).toFixed(1));
+      bar.setAttribute("width", Math.max(1, width - 2).toFixed(1));
+      bar.setAttribute("y", y.toFixed(1));
+      bar.setAttribute("height", height.toFixed(1));
+      bar.setAttribute("fill", colour);
+      const tip = document.createElementNS(ns, "title");
+      tip.textContent = when(point.t) + ": " + point.ok + " ok, " + point.failed + " failed";
+      bar.appendChild(tip);
+      svg.appendChild(bar);
+    }
+  });
+  const ratio = stats.success_ratio === null ? "-" : (stats.success_ratio * 100).toFixed(1) + "%";
+  replace("stats-line", document.createTextNode(
+    "last hour: " + stats.runs + " runs, success " + ratio +
+    " | run p50 " + seconds(stats.run_seconds.p50) + ", p95 " + seconds(stats.run_seconds.p95) +
+    " | wait p50 " + seconds(stats.wait_seconds.p50) + ", p95 " + seconds(stats.wait_seconds.p95) +
+    " | " + stats.finished_per_minute["1m"].toFixed(1) + "/min now" +
+    (stats.oldest_due_seconds === null ? "" : " | oldest due " + seconds(stats.oldest_due_seconds))));
+}
+
+function renderJobs(page) {
+  replace("jobs", ...(page.jobs.length ? page.jobs.map(job => el("tr", {
+    cls: "job", id: "job-" + job.id, onclick: () => {
+      selected = job.id; history.replaceState(null, "", "#job=" + encodeURIComponent(job.id));
+      showJob(); }
+  }, [el("td", {cls: "mono", text: job.id}),
+      el("td", {}, [el("span", {cls: "badge " + job.state, text: job.state})]),
+      el("td", {cls: "hide-narrow", text: job.attempts + "/" + (job.max_retries + 1)}),
+      el("td", {cls: "hide-narrow", text: when(job.updated_at)}),
+      el("td", {cls: "cmd", text: job.command})])) :
+    [el("tr", {}, [el("td", {colspan: "5", cls: "muted", text: "No jobs."})])]));
+  const last = Math.min(page.offset + page.jobs.length, page.total);
+  replace("page", document.createTextNode(
+    page.total ? (page.offset + 1) + "-" + last + " of " + page.total : ""));
+  document.getElementById("prev").disabled = page.offset === 0;
+  document.getElementById("next").disabled = last >= page.total;
+}
+
+async function act(action) {
+  try {
+    await api("/api/jobs/" + encodeURIComponent(selected) + "/" + action,
+              {method: "POST", headers: {"X-Queuectl-Token": SETTINGS.token}});
+    if (action === "delete") selected = null;
+  } catch (error) { alert(action + " failed: " + error.message); }
+  refresh();
+}
+
+async function showJob() {
+  const box = document.getElementById("detail-box");
+  if (!selected) { box.hidden = true; return; }
+  let job;
+  try { job = await api("/api/jobs/" + encodeURIComponent(selected)); }
+  catch (error) { box.hidden = true; selected = null; return; }
+  box.hidden = false;
+  replace("detail-id", document.createTextNode(job.id));
+  const facts = [["state", job.state], ["command", job.command],
+    ["attempts", job.attempts + " of " + (job.max_retries + 1)],
+    ["priority", String(job.priority)], ["run at", when(job.run_at)],
+    ["last error", job.last_error || "-"], ["cwd", job.cwd]];
+  const buttons = [];
+  if (job.state === "dead" && !SETTINGS.readOnly) {
+    buttons.push(el("button", {id: "retry", text: "Retry", onclick: () => act("retry")}));
+    buttons.push(el("button", {id: "delete", cls: "danger", text: "Delete",
+                               onclick: () => act("delete")}));
+  }
+  const runs = job.runs.map(r => el("tr", {}, [
+    el("td", {text: String(r.attempt)}), el("td", {text: when(r.started_at)}),
+    el("td", {text: seconds(r.duration)}),
+    el("td", {text: r.exit_code === null ? "-" : String(r.exit_code)}),
+    el("td", {text: r.error || (r.ended_at ? "ok" : "running")})]));
+  replace("detail",
+    el("table", {}, [el("tbody", {}, facts.map(([k, v]) => el("tr", {}, [
+      el("th", {text: k}), el("td", {cls: "mono", text: v})])))]),
+    el("div", {cls: "toolbar"}, buttons),
+    el("table", {}, [el("thead", {}, [el("tr", {}, ["#", "Started", "Took", "Exit",
+      "Result"].map(h => el("th", {text: h})))]), el("tbody", {}, runs)]),
+    el("h2", {text: "Output of the last attempt"}),
+    el("pre", {id: "output", text: job.output === undefined ? "(not run yet)" :
+      (job.output_dropped ? "[first " + job.output_dropped + " bytes dropped]\n" : "") + job.output}));
+}
+
+async function refresh() {
+  const state = document.getElementById("state").value;
+  const live = document.getElementById("live");
+  try {
+    const [status, stats, page] = await Promise.all([api("/api/status"), api("/api/stats"),
+      api("/api/jobs?limit=" + PAGE + "&offset=" + offset + "&state=" + encodeURIComponent(state))]);
+    renderCounts(status); renderStats(stats); renderJobs(page);
+    if (selected) await showJob();
+    live.textContent = "live, " + new Date().toLocaleTimeString();
+    live.className = "live";
+  } catch (error) {
+    live.textContent = "not reachable: " + error.message;
+    live.className = "live stale";
+  }
+}
+document.getElementById("state").addEventListener("change", () => { offset = 0; refresh(); });
+document.getElementById("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
+document.getElementById("next").addEventListener("click", () => { offset += PAGE; refresh(); });
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body></html>
+"""
+
+
+###############################################################################
+# Benchmark ###################################################################
+###############################################################################
+
+# `queuectl bench` measures on a temporary database, each figure beside the
+# baseline it is compared with, measured in the same run: machines differ
+# and are noisy, so ratios travel better than absolute times.
+
+
+def _median(values):
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
+
+
+def _percentile(values, fraction):
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class _Bench(object):
+    """Runs each measurement; results is a list of (name, figures dict)."""
+
+    def __init__(self, folder, quick, progress):
+        self.folder = folder
+        self.quick = quick
+        self.progress = progress
+        self.script = os.path.abspath(__file__)
+        self.results = []
+
+    def cli(self, db, *args, **kwargs):
+        import subprocess
+        started = time.perf_counter()
+        subprocess.check_call([sys.executable, self.script, "--db", db]
+                              + list(args), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, **kwargs)
+        return time.perf_counter() - started
+
+    def db(self, name):
+        path = os.path.join(self.folder, name + ".db")
+        Queue(path).close()
+        return path
+
+    def add(self, name, value, unit, baseline=None, target=None, note=""):
+        ratio = value / baseline if baseline else None
+        self.results.append({"name": name, "value": value, "unit": unit,
+                             "baseline": baseline, "ratio": ratio,
+                             "target": target, "note": note})
+
+    def run(self):
+        for step in (self.throughput, self.bulk_enqueue, self.enqueue_call,
+                     self.pickup_and_idle, self.memory, self.scale):
+            self.progress("bench: %s..." % step.__name__.replace("_", " "))
+            step()
+        return self.results
+
+    def throughput(self):
+        """Baseline and queue alternately, three rounds: the medians."""
+        n = 200 if self.quick else 2000
+        raws, rates, walls = [], [], []
+        for round_number in range(1 if self.quick else 3):
+            raws.append(_spawn_rate(n, threads=2))
+            db = self.db("e2e%d" % round_number)
+            queue = Queue(db)
+            queue.enqueue_many([{"command": "true"}] * n)
+            walls.append(n / self.cli(db, "worker", "start", "--count", "2",
+                                      "--exit-when-idle"))
+            first, last = queue.store.run_span()
+            done = queue.counts()["completed"]
+            queue.close()
+            if done != n:
+                raise QueueError("bench: %d of %d jobs completed" % (done, n))
+            rates.append(n / (last - first))
+        raw = _median(raws)
+        self.add("raw spawn rate, 2 threads (sh -c true)", raw, "jobs/s")
+        self.add("end-to-end, worker --count 2, %d jobs" % n, _median(rates),
+                 "jobs/s", raw, ">= 0.8x", "first start to last result,"
+                 " median of %d rounds alternating with the baseline; %.0f"
+                 " jobs/s counting worker start-up" % (len(rates),
+                                                       _median(walls)))
+
+    def bulk_enqueue(self):
+        n = 5000 if self.quick else 100000
+        path = os.path.join(self.folder, "bulk.jsonl")
+        with open(path, "w") as handle:
+            for i in range(n):
+                handle.write('{"command": "echo %d", "priority": %d}\n'
+                             % (i, i % 5))
+        took = self.cli(self.db("bulk"), "enqueue", "-f", path)
+        self.add("bulk enqueue -f, %d JSON lines" % n, n / took, "jobs/s",
+                 None, ">= 50000/s", "one transaction, incl. start-up")
+
+    def enqueue_call(self):
+        import subprocess
+        rounds = 3 if self.quick else 15
+        db = self.db("calls")
+        here = os.path.dirname(self.script)
+        env = dict(os.environ, PYTHONPATH=here)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # -m should use its cache
+
+        def timed(argv):
+            started = time.perf_counter()
+            subprocess.check_call(argv, stdout=subprocess.DEVNULL, env=env,
+                                  cwd=here)
+            return time.perf_counter() - started
+        module = os.path.splitext(os.path.basename(self.script))[0]
+        timed([sys.executable, "-m", module, "--db", db, "enqueue", "true"])
+        base, script, cached = [], [], []
+        for _ in range(rounds):
+            base.append(timed([sys.executable, "-c",
+                               "import sqlite3, json, argparse"]))
+            script.append(timed([sys.executable, self.script, "--db", db,
+                                 "enqueue", "true"]))
+            cached.append(timed([sys.executable, "-m", module, "--db", db,
+                                 "enqueue", "true"]))
+        self.add("enqueue call, script by path", _median(script) * 1000, "ms",
+                 _median(base) * 1000, "<= 1.8x",
+                 "baseline: python -c 'import sqlite3, json, argparse'")
+        self.add("enqueue call, python -m (bytecode cached)",
+                 _median(cached) * 1000, "ms", _median(base) * 1000, "<= 1.3x")
+
+    def pickup_and_idle(self):
+        import random
+        import subprocess
+        db = self.db("pickup")
+        queue = Queue(db)
+        worker = subprocess.Popen(
+            [sys.executable, self.script, "--db", db, "worker", "start",
+             "--count", "2"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            while len(queue.workers()) < 2:
+                time.sleep(0.02)
+            time.sleep(0.1)
+            latencies = []
+            for _ in range(3 if self.quick else 30):
+                time.sleep(random.uniform(0.05, 0.25))
+                job_id = queue.enqueue({"command": "true"})
+                queue.wait([job_id], timeout=10, interval=0.01)
+                job = queue.get(job_id, runs=True)
+                latencies.append(parse_time(job["runs"][0]["started_at"])
+                                 - parse_time(job["created_at"]))
+            self.add("pick-up latency, median", _median(latencies) * 1000,
+                     "ms", None, "<= 100 ms", "idle workers, default config")
+            self.add("pick-up latency, p95", _percentile(latencies, 0.95)
+                     * 1000, "ms", None, "<= 250 ms")
+            seconds = 0.5 if self.quick else 10.0
+            before = _cpu_seconds(worker.pid)
+            time.sleep(seconds)
+            after = _cpu_seconds(worker.pid)
+            if before is not None and after is not None:
+                self.add("idle worker CPU (--count 2)", 100 * (after - before)
+                         / seconds, "% of a core", None, "< 1%",
+                         "over %gs idle" % seconds)
+        finally:
+            worker.terminate()
+            worker.wait()
+            queue.close()
+
+    def memory(self):
+        import subprocess
+        db = self.db("memory")
+        queue = Queue(db)
+        n = 40 if self.quick else 400
+        queue.enqueue_many([{"command": "sleep 0.02; echo %s" % ("x" * 200)}]
+                           * n)
+        worker = subprocess.Popen(
+            [sys.executable, self.script, "--db", db, "worker", "start",
+             "--count", "8"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            queue.wait([j["id"] for j in queue.list(limit=n)], timeout=120,
+                       interval=0.05)
+            peak = _peak_rss_kb(worker.pid)
+        finally:
+            worker.terminate()
+            worker.wait()
+            queue.close()
+        if peak is not None:
+            self.add("worker --count 8 peak memory", peak / 1024.0, "MB",
+                     None, "< 40 MB", "resident, while running %d jobs" % n)
+
+    def scale(self):
+        big = 20000 if self.quick else 1000000
+        small = self._scaled_db("small", 1000)
+        large = self._scaled_db("large", big)
+        rounds = 2 if self.quick else 5
+        status, listing = {}, {}
+        for name, db in (("small", small), ("large", large)):
+            status[name] = _median([self.cli(db, "status")
+                                    for _ in range(rounds)])
+            listing[name] = _median([self.cli(
+                db, "list", "--state", "pending", "--limit", "100",
+                "--offset", "500") for _ in range(rounds)])
+        small_claim, large_claim = _claim_costs(small, large)
+        self.add("claim with %d jobs" % big, large_claim * 1e6, "us",
+                 small_claim * 1e6, "<= 1.5x", "baseline: 1,000 jobs")
+        self.add("status with %d jobs (CLI)" % big, status["large"] * 1000,
+                 "ms", status["small"] * 1000, "<= 100 ms",
+                 "incl. Python start-up; baseline: 1,000 jobs")
+        self.add("list page with %d jobs (CLI)" % big,
+                 listing["large"] * 1000, "ms", listing["small"] * 1000,
+                 None, "--state pending --limit 100 --offset 500")
+
+    def _scaled_db(self, name, total):
+        """`total` jobs, 1% pending and the rest completed, written raw."""
+        db = self.db(name)
+        store = open_store(db)
+        try:
+            store.fill_for_bench(total, max(total // 100, 600), time.time())
+        finally:
+            store.close()
+        return db
+
+
+def _spawn_rate(n, threads):
+    """The baseline: plain subprocess.run('true', shell=True) loops."""
+    import subprocess
+    import threading
+
+    def loop():
+        for _ in range(n // threads):
+            subprocess.run("true", shell=True)
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return (n // threads * threads) / (time.perf_counter() - started)
+
+
+def _claim_costs(*dbs):
+    """Seconds per claim transaction in each database, as the median of
+    alternating rounds (claim, then roll back: the queue stays put)."""
+    stores = [open_store(db) for db in dbs]
+    host, now = _host(), time.time()
+    samples = [[] for _ in dbs]
+    for _ in range(15):
+        for store, times in zip(stores, samples):
+            started = time.perf_counter()
+            for _ in range(50):
+                store.claim_and_roll_back(host, now)
+            times.append((time.perf_counter() - started) / 50)
+    for store in stores:
+        store.close()
+    return [_median(times) for times in samples]
+
+
+def _cpu_seconds(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / float(
+            os.sysconf("SC_CLK_TCK"))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _peak_rss_kb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+
+
+def run_bench(quick=False, progress=lambda text: None):
+    """Run every measurement on a temporary database; return the figures."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="queuectl-bench-") as folder:
+        return _Bench(folder, quick, progress).run()
 
 
 if __name__ == "__main__":
