@@ -3733,6 +3733,34 @@ def cmd_enqueue(args, queue):
     return 0
 
 
+def _enqueue_arguments(p):
+    p.add_argument("command_or_json", nargs="?", metavar="COMMAND|JSON",
+                   help="a shell command; a JSON object ({...}) or array of"
+                   " them ([...]); or an existing .json/.jsonl file, read"
+                   " like -f")
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help="JSON object, array or JSON Lines ('-' for stdin);"
+                   " all or nothing")
+    p.add_argument("--id")
+    p.add_argument("--max-retries", type=_number_flag(int, "--max-retries"),
+                   metavar="N")
+    p.add_argument("--priority", type=_number_flag(int, "--priority"),
+                   metavar="P", help="higher runs first (default 0)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--run-at", metavar="TIME",
+                      help="ISO 8601, e.g. 2026-12-01T09:00:00Z")
+    when.add_argument("--delay", type=_number_flag(float, "--delay"),
+                      metavar="SECONDS")
+    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
+                   metavar="SECONDS")
+    p.add_argument("--cwd", metavar="DIR", help="run there (default: here)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="add to the job's environment (repeatable)")
+    p.add_argument("--after", metavar="ID[,ID...]",
+                   help="start only after these jobs completed")
+    _add_json(p)
+
+
 def _enqueue_specs(args):
     """The jobs of `-f FILE`, a job file named as the argument, or a JSON
     array argument; None when the argument is one command or one object."""
@@ -3895,6 +3923,26 @@ def cmd_worker_start(args, queue):
     return code
 
 
+def _worker_start_arguments(p):
+    p.add_argument("--count", type=_positive_int("--count"), default=1,
+                   metavar="N", help="worker threads (default 1)")
+    p.add_argument("--poll-interval", metavar="S",
+                   type=_number_flag(float, "--poll-interval"),
+                   help="seconds between polls when idle (default:"
+                   " config poll-interval)")
+    p.add_argument("--exit-when-idle", action="store_true",
+                   help="exit once no job is due that this process could"
+                   " run")
+    p.add_argument("--idle-timeout", metavar="S",
+                   type=_positive_number("--idle-timeout"),
+                   help="exit after S seconds with nothing to run (a job"
+                   " that falls due meanwhile is run, and the S seconds"
+                   " start again)")
+    p.add_argument("--max-jobs", metavar="N",
+                   type=_positive_int("--max-jobs"),
+                   help="run at most N jobs (each run counts), then exit")
+
+
 def cmd_worker_stop(args, queue):
     asked = set(w["id"] for w in queue.workers())
     queue.request_stop()
@@ -3908,6 +3956,25 @@ def cmd_worker_stop(args, queue):
     return 0
 
 
+def _worker_stop_arguments(p):
+    p.add_argument("--wait", action="store_true",
+                   help="return when no worker is left")
+
+
+#: `worker ACTION`: (name, handler, summary, example, add_arguments).
+_WORKER_ACTIONS = (
+    ("start", cmd_worker_start, "Run N worker threads in the foreground"
+     " until stopped.", "queuectl worker start --count 4 --exit-when-idle",
+     _worker_start_arguments),
+    ("stop", cmd_worker_stop, "Ask running workers to finish their jobs and"
+     " exit.", "queuectl worker stop --wait", _worker_stop_arguments),
+)
+
+
+def _worker_arguments(p):
+    _add_commands(p, "action", _WORKER_ACTIONS)
+
+
 def cmd_status(args, queue):
     return _emit(args, queue.status(), lambda s: _status_text(
         s, _use_colour(sys.stdout)))
@@ -3917,9 +3984,21 @@ def cmd_list(args, queue):
     return _print_jobs(args, queue.list(args.state, args.limit, args.offset))
 
 
+def _list_arguments(p):
+    p.add_argument("--state", choices=STATES, metavar="STATE",
+                   help="only jobs in this state: " + ", ".join(STATES))
+    _add_paging(p)
+    _add_json(p)
+
+
 def cmd_dlq_list(args, queue):
     return _emit(args, queue.list("dead", args.limit, args.offset),
                  _dlq_table)
+
+
+def _dlq_list_arguments(p):
+    _add_paging(p)
+    _add_json(p)
 
 
 def _print_jobs(args, jobs):
@@ -3928,6 +4007,11 @@ def _print_jobs(args, jobs):
 
 def cmd_show(args, queue):
     return _emit(args, queue.get(args.id, runs=True), _show_text)
+
+
+def _show_arguments(p):
+    p.add_argument("id", help="job id or unambiguous prefix")
+    _add_json(p)
 
 
 def cmd_logs(args, queue):
@@ -3945,6 +4029,11 @@ def cmd_logs(args, queue):
     return 0
 
 
+def _logs_arguments(p):
+    p.add_argument("id", help="job id or unambiguous prefix")
+    p.add_argument("--attempt", type=_positive_int("--attempt"), metavar="K")
+
+
 def cmd_dlq_retry(args, queue):
     if args.all == bool(args.ids):
         raise InvalidInput("give job ids or --all")
@@ -3953,9 +4042,31 @@ def cmd_dlq_retry(args, queue):
     return 0
 
 
+def _dlq_retry_arguments(p):
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--all", action="store_true", help="every dead job")
+
+
+#: `dlq ACTION`: (name, handler, summary, example, add_arguments).
+_DLQ_ACTIONS = (
+    ("list", cmd_dlq_list, "List dead jobs.", "queuectl dlq list --json",
+     _dlq_list_arguments),
+    ("retry", cmd_dlq_retry, "Move dead jobs back to pending with attempts"
+     " reset to 0.", "queuectl dlq retry 3f9a", _dlq_retry_arguments),
+)
+
+
+def _dlq_arguments(p):
+    _add_commands(p, "action", _DLQ_ACTIONS)
+
+
 def cmd_delete(args, queue):
     _print("\n".join(queue.delete(args.ids)))
     return 0
+
+
+def _delete_arguments(p):
+    p.add_argument("ids", nargs="+", metavar="ID")
 
 
 def cmd_purge(args, queue):
@@ -3963,6 +4074,15 @@ def cmd_purge(args, queue):
     count = queue.purge(args.state, older, args.vacuum)
     _print("purged %d %s job(s)" % (count, args.state))
     return 0
+
+
+def _purge_arguments(p):
+    p.add_argument("--state", required=True, choices=("completed", "dead"),
+                   metavar="STATE", help="completed or dead")
+    p.add_argument("--older-than", metavar="AGE",
+                   help="only jobs last updated this long ago (30m, 12h, 7d)")
+    p.add_argument("--vacuum", action="store_true",
+                   help="then give the freed space back to the disk")
 
 
 def _parse_duration_arg(text, name):
@@ -3993,6 +4113,12 @@ def cmd_wait(args, queue):
         return _fail_with("%d job(s) dead: %s" % (len(dead), ", ".join(dead)),
                           1)
     return 0
+
+
+def _wait_arguments(p):
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
+                   metavar="S", help="give up after S seconds (exit 124)")
 
 
 def cmd_pause(args, queue):
@@ -4286,15 +4412,33 @@ def cmd_bench(args, queue):
     return 0
 
 
+def _bench_arguments(p):
+    p.add_argument("--quick", action="store_true", help="small sizes, a few"
+                   " seconds")
+    _add_json(p)
+    _no_database(p)
+
+
 def cmd_copy(args, queue):
     copied = queue.copy_to(args.to)
     _print("copied %d job(s) to %s" % (copied, _redact(args.to)))
     return 0
 
 
+def _copy_arguments(p):
+    p.add_argument("--to", required=True, metavar="DEST", help="an empty"
+                   " database: a file path or a postgresql:// URL")
+
+
 def cmd_stats(args, queue):
     since = _parse_duration_arg(args.since, "--since") if args.since else 3600
     return _emit(args, queue.stats(since), _stats_text)
+
+
+def _stats_arguments(p):
+    p.add_argument("--since", metavar="DURATION", help="the window for ratios"
+                   " and times (default 1h; e.g. 15m, 24h, 7d)")
+    _add_json(p)
 
 
 def cmd_dashboard(args, queue):
@@ -4312,6 +4456,15 @@ def cmd_dashboard(args, queue):
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _dashboard_arguments(p):
+    p.add_argument("--host", default="127.0.0.1", help="address to bind"
+                   " (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_non_negative_int("--port"), default=8765,
+                   help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--read-only", action="store_true",
+                   help="serve no retry or delete")
 
 
 def cmd_config(args, queue):
@@ -4339,6 +4492,17 @@ def cmd_config(args, queue):
     return 0
 
 
+def _config_arguments(p):
+    p.add_argument("action", nargs="?", choices=("list", "get", "set"),
+                   metavar="ACTION", help="list (the default), get KEY, or"
+                   " set KEY VALUE")
+    p.add_argument("key", nargs="?", metavar="KEY")
+    p.add_argument("value", nargs="?", metavar="VALUE")
+    p.add_argument("--key", dest="option_key", help=argparse.SUPPRESS)
+    p.add_argument("--value", dest="option_value", help=argparse.SUPPRESS)
+    _add_json(p)
+
+
 def _config_options(args):
     """A bare `config` lists; `config --key K [--value V]` (hidden, a form
     other queues use) is `config get K` or `config set K V`."""
@@ -4353,28 +4517,6 @@ def _config_options(args):
                            % _PROG)
     args.key, args.value = args.option_key, args.option_value
     args.action = args.action or ("get" if args.value is None else "set")
-
-
-class _Skipped(object):
-    """Stands in for the parser of a command this run does not use."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: self
-
-
-def _add_command(sub, name, func, summary, example, **kwargs):
-    if isinstance(sub, _Skipped):
-        return sub
-    if getattr(sub, "only", None) not in (None, name):
-        # Building every command's parser costs each call a few ms.
-        return _Skipped()
-    parser = sub.add_parser(name, help=summary, description=summary,
-                            epilog=_named("example:\n  " + example),
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            **kwargs)
-    if func is not None:
-        parser.set_defaults(func=func)
-    return parser
 
 
 def _add_json(parser):
@@ -4420,6 +4562,83 @@ def _bounded_int(name, minimum):
                                                         MAX_COUNT, text))
         return value
     return check
+
+
+def _no_database(p):
+    p.set_defaults(no_database=True)
+
+
+def _add_commands(parser, dest, table, only=None):
+    """Give parser a subcommand per row of table, or only the one named
+    only: building every command's parser costs each call a few ms."""
+    sub = parser.add_subparsers(dest=dest, metavar=dest.upper(),
+                                parser_class=_Parser)
+    sub.required = True
+    for name, handler, summary, example, add_arguments in table:
+        if only not in (None, name):
+            continue
+        p = sub.add_parser(
+            name, help=summary, description=summary,
+            epilog=_named("example:\n  " + example),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if handler is not None:
+            p.set_defaults(func=handler)
+        if add_arguments is not None:
+            add_arguments(p)
+
+
+#: Every command, in --help order: (name, handler, summary, example,
+#: add_arguments).  Each add_arguments sits right after its handler;
+#: `worker` and `dlq` add their actions from _WORKER_ACTIONS and
+#: _DLQ_ACTIONS.
+_COMMANDS = (
+    ("enqueue", cmd_enqueue, "Add a job: a shell command, a JSON object, or"
+     " many from a file.", "queuectl enqueue 'make test' --max-retries 2\n"
+     "  queuectl enqueue '{\"command\": \"sleep 1\", \"priority\": 5}'\n"
+     "  queuectl enqueue -f jobs.jsonl", _enqueue_arguments),
+    ("worker", None, "Start or stop workers.",
+     "queuectl worker start --count 4", _worker_arguments),
+    ("status", cmd_status, "Show job counts per state and live workers.",
+     "queuectl status --json", _add_json),
+    ("list", cmd_list, "List jobs in enqueue order.",
+     "queuectl list --state failed --limit 20", _list_arguments),
+    ("show", cmd_show, "Show one job and all its attempts.",
+     "queuectl show 3f9a", _show_arguments),
+    ("logs", cmd_logs, "Print the output of a job's last (or K-th) attempt.",
+     "queuectl logs 3f9a --attempt 1", _logs_arguments),
+    ("dlq", None, "The dead letter queue: list or retry dead jobs.",
+     "queuectl dlq retry --all", _dlq_arguments),
+    ("wait", cmd_wait, "Block until jobs are completed or dead (exit 0 all"
+     " completed, 1 any dead, 124 timeout).",
+     "queuectl wait 3f9a 77c0 --timeout 600", _wait_arguments),
+    ("pause", cmd_pause, "Workers finish what runs and claim nothing new"
+     " until resume.", "queuectl pause", None),
+    ("resume", cmd_resume, "Let paused workers claim jobs again.",
+     "queuectl resume", None),
+    ("stats", cmd_stats, "Throughput, success ratio, run and wait times, the"
+     " commands that fail most.", "queuectl stats --since 24h",
+     _stats_arguments),
+    ("dashboard", cmd_dashboard, "Serve a live web dashboard, its JSON API"
+     " and /metrics.", "queuectl dashboard --port 8765",
+     _dashboard_arguments),
+    ("bench", cmd_bench, "Measure throughput, latency, memory and scale on a"
+     " temporary database.", "queuectl bench --quick", _bench_arguments),
+    ("demo", cmd_demo, "A narrated walkthrough on a temporary database"
+     " (about 7 seconds).", "queuectl demo", _no_database),
+    ("smoke-test", cmd_smoke_test, "A quick self-check on a temporary"
+     " database: enqueue, run, retry, DLQ.", "queuectl smoke-test",
+     _no_database),
+    ("copy", cmd_copy, "Copy the whole queue into an empty database (SQLite"
+     " or PostgreSQL).", "queuectl copy --to postgresql://jobs@db.internal/jobs",
+     _copy_arguments),
+    ("delete", cmd_delete, "Delete jobs that are not processing.",
+     "queuectl delete 3f9a 77c0", _delete_arguments),
+    ("purge", cmd_purge, "Delete old completed or dead jobs.",
+     "queuectl purge --state completed --older-than 7d --vacuum",
+     _purge_arguments),
+    ("config", cmd_config, "List, get or set settings.",
+     "queuectl config set max-retries 5", _config_arguments),
+)
 
 
 _COMMAND_GROUPS = """\
@@ -4489,13 +4708,8 @@ def _other_spellings(argv):
 def build_parser(argv=None):
     """The CLI's parser; given argv naming a command, only that one's."""
     only = _command_in(argv) if argv is not None else None
-    parser, commands = _build_parser(only)
-    if only is not None and only not in commands.choices:
-        parser, commands = _build_parser(None)  # a typo: list every command
-    return parser
-
-
-def _build_parser(only):
+    if only not in [row[0] for row in _COMMANDS]:
+        only = None  # none, or a typo: list every command
     parser = _Parser(
         prog=_PROG, description="A background job queue for shell"
         " commands, stored in one SQLite file or in PostgreSQL.",
@@ -4506,181 +4720,8 @@ def _build_parser(only):
                         " ~/.queuectl/queue.db)")
     parser.add_argument("--version", action="version",
                         version="queuectl " + __version__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                parser_class=_Parser)
-    sub.required = True
-    sub.only = only or None
-    _add_enqueue(sub)
-    _add_worker(sub)
-    p = _add_command(sub, "status", cmd_status, "Show job counts per state"
-                     " and live workers.", "queuectl status --json")
-    _add_json(p)
-    p = _add_command(sub, "list", cmd_list, "List jobs in enqueue order.",
-                     "queuectl list --state failed --limit 20")
-    p.add_argument("--state", choices=STATES, metavar="STATE",
-                   help="only jobs in this state: " + ", ".join(STATES))
-    _add_paging(p)
-    _add_json(p)
-    p = _add_command(sub, "show", cmd_show, "Show one job and all its"
-                     " attempts.", "queuectl show 3f9a")
-    p.add_argument("id", help="job id or unambiguous prefix")
-    _add_json(p)
-    p = _add_command(sub, "logs", cmd_logs, "Print the output of a job's"
-                     " last (or K-th) attempt.", "queuectl logs 3f9a"
-                     " --attempt 1")
-    p.add_argument("id", help="job id or unambiguous prefix")
-    p.add_argument("--attempt", type=_positive_int("--attempt"), metavar="K")
-    _add_dlq(sub)
-    p = _add_command(sub, "wait", cmd_wait, "Block until jobs are completed"
-                     " or dead (exit 0 all completed, 1 any dead, 124 timeout).",
-                     "queuectl wait 3f9a 77c0 --timeout 600")
-    p.add_argument("ids", nargs="+", metavar="ID")
-    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
-                   metavar="S", help="give up after S seconds (exit 124)")
-    _add_command(sub, "pause", cmd_pause, "Workers finish what runs and claim"
-                 " nothing new until resume.", "queuectl pause")
-    _add_command(sub, "resume", cmd_resume, "Let paused workers claim jobs"
-                 " again.", "queuectl resume")
-    p = _add_command(sub, "stats", cmd_stats, "Throughput, success ratio, run"
-                     " and wait times, the commands that fail most.",
-                     "queuectl stats --since 24h")
-    p.add_argument("--since", metavar="DURATION", help="the window for ratios"
-                   " and times (default 1h; e.g. 15m, 24h, 7d)")
-    _add_json(p)
-    p = _add_command(sub, "dashboard", cmd_dashboard, "Serve a live web"
-                     " dashboard, its JSON API and /metrics.",
-                     "queuectl dashboard --port 8765")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind"
-                   " (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_non_negative_int("--port"), default=8765,
-                   help="port (default 8765; 0 picks a free one)")
-    p.add_argument("--read-only", action="store_true",
-                   help="serve no retry or delete")
-    p = _add_command(sub, "bench", cmd_bench, "Measure throughput, latency,"
-                     " memory and scale on a temporary database.",
-                     "queuectl bench --quick")
-    p.add_argument("--quick", action="store_true", help="small sizes, a few"
-                   " seconds")
-    _add_json(p)
-    p.set_defaults(no_database=True)
-    p = _add_command(sub, "demo", cmd_demo, "A narrated walkthrough on a"
-                     " temporary database (about 7 seconds).", "queuectl demo")
-    p.set_defaults(no_database=True)
-    p = _add_command(sub, "smoke-test", cmd_smoke_test, "A quick self-check"
-                     " on a temporary database: enqueue, run, retry, DLQ.",
-                     "queuectl smoke-test")
-    p.set_defaults(no_database=True)
-    p = _add_command(sub, "copy", cmd_copy, "Copy the whole queue into an"
-                     " empty database (SQLite or PostgreSQL).",
-                     "queuectl copy --to postgresql://jobs@db.internal/jobs")
-    p.add_argument("--to", required=True, metavar="DEST", help="an empty"
-                   " database: a file path or a postgresql:// URL")
-    p = _add_command(sub, "delete", cmd_delete, "Delete jobs that are not"
-                     " processing.", "queuectl delete 3f9a 77c0")
-    p.add_argument("ids", nargs="+", metavar="ID")
-    p = _add_command(sub, "purge", cmd_purge, "Delete old completed or dead"
-                     " jobs.", "queuectl purge --state completed"
-                     " --older-than 7d --vacuum")
-    p.add_argument("--state", required=True, choices=("completed", "dead"),
-                   metavar="STATE", help="completed or dead")
-    p.add_argument("--older-than", metavar="AGE",
-                   help="only jobs last updated this long ago (30m, 12h, 7d)")
-    p.add_argument("--vacuum", action="store_true",
-                   help="then give the freed space back to the disk")
-    p = _add_command(sub, "config", cmd_config, "List, get or set settings.",
-                     "queuectl config set max-retries 5")
-    p.add_argument("action", nargs="?", choices=("list", "get", "set"),
-                   metavar="ACTION", help="list (the default), get KEY, or"
-                   " set KEY VALUE")
-    p.add_argument("key", nargs="?", metavar="KEY")
-    p.add_argument("value", nargs="?", metavar="VALUE")
-    p.add_argument("--key", dest="option_key", help=argparse.SUPPRESS)
-    p.add_argument("--value", dest="option_value", help=argparse.SUPPRESS)
-    _add_json(p)
-    return parser, sub
-
-
-def _add_enqueue(sub):
-    p = _add_command(sub, "enqueue", cmd_enqueue, "Add a job: a shell command,"
-                     " a JSON object, or many from a file.",
-                     "queuectl enqueue 'make test' --max-retries 2\n"
-                     "  queuectl enqueue '{\"command\": \"sleep 1\","
-                     " \"priority\": 5}'\n  queuectl enqueue -f jobs.jsonl")
-    p.add_argument("command_or_json", nargs="?", metavar="COMMAND|JSON",
-                   help="a shell command; a JSON object ({...}) or array of"
-                   " them ([...]); or an existing .json/.jsonl file, read"
-                   " like -f")
-    p.add_argument("-f", "--file", metavar="FILE",
-                   help="JSON object, array or JSON Lines ('-' for stdin);"
-                   " all or nothing")
-    p.add_argument("--id")
-    p.add_argument("--max-retries", type=_number_flag(int, "--max-retries"),
-                   metavar="N")
-    p.add_argument("--priority", type=_number_flag(int, "--priority"),
-                   metavar="P", help="higher runs first (default 0)")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--run-at", metavar="TIME",
-                      help="ISO 8601, e.g. 2026-12-01T09:00:00Z")
-    when.add_argument("--delay", type=_number_flag(float, "--delay"),
-                      metavar="SECONDS")
-    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
-                   metavar="SECONDS")
-    p.add_argument("--cwd", metavar="DIR", help="run there (default: here)")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE",
-                   help="add to the job's environment (repeatable)")
-    p.add_argument("--after", metavar="ID[,ID...]",
-                   help="start only after these jobs completed")
-    _add_json(p)
-
-
-def _add_worker(sub):
-    p = _add_command(sub, "worker", None, "Start or stop workers.",
-                     "queuectl worker start --count 4")
-    wsub = p.add_subparsers(dest="action", metavar="ACTION",
-                            parser_class=_Parser)
-    wsub.required = True
-    start = _add_command(wsub, "start", cmd_worker_start, "Run N worker"
-                         " threads in the foreground until stopped.",
-                         "queuectl worker start --count 4 --exit-when-idle")
-    start.add_argument("--count", type=_positive_int("--count"), default=1,
-                       metavar="N", help="worker threads (default 1)")
-    start.add_argument("--poll-interval", metavar="S",
-                       type=_number_flag(float, "--poll-interval"),
-                       help="seconds between polls when idle (default:"
-                       " config poll-interval)")
-    start.add_argument("--exit-when-idle", action="store_true",
-                       help="exit once no job is due that this process could"
-                       " run")
-    start.add_argument("--idle-timeout", metavar="S",
-                       type=_positive_number("--idle-timeout"),
-                       help="exit after S seconds with nothing to run (a job"
-                       " that falls due meanwhile is run, and the S seconds"
-                       " start again)")
-    start.add_argument("--max-jobs", metavar="N",
-                       type=_positive_int("--max-jobs"),
-                       help="run at most N jobs (each run counts), then exit")
-    stop = _add_command(wsub, "stop", cmd_worker_stop, "Ask running workers"
-                        " to finish their jobs and exit.",
-                        "queuectl worker stop --wait")
-    stop.add_argument("--wait", action="store_true",
-                      help="return when no worker is left")
-
-
-def _add_dlq(sub):
-    p = _add_command(sub, "dlq", None, "The dead letter queue: list or retry"
-                     " dead jobs.", "queuectl dlq retry --all")
-    dsub = p.add_subparsers(dest="action", metavar="ACTION",
-                            parser_class=_Parser)
-    dsub.required = True
-    lst = _add_command(dsub, "list", cmd_dlq_list, "List dead jobs.",
-                       "queuectl dlq list --json")
-    _add_paging(lst)
-    _add_json(lst)
-    retry = _add_command(dsub, "retry", cmd_dlq_retry, "Move dead jobs back"
-                         " to pending with attempts reset to 0.",
-                         "queuectl dlq retry 3f9a")
-    retry.add_argument("ids", nargs="*", metavar="ID")
-    retry.add_argument("--all", action="store_true", help="every dead job")
+    _add_commands(parser, "command", _COMMANDS, only)
+    return parser
 
 
 def _safe_streams():
