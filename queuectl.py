@@ -308,9 +308,13 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _finite(value):
+    """False for nan, inf and -inf."""
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
 def _is_number(value):
-    return (_is_int(value) or isinstance(value, float)) and value == value \
-        and value not in (float("inf"), float("-inf"))
+    return (_is_int(value) or isinstance(value, float)) and _finite(value)
 
 
 def _check_id(value, what="id"):
@@ -2375,7 +2379,7 @@ def config_value(key, text):
     kind, minimum, exclusive, maximum, what = _CONFIG_RULES[key]
     try:
         value = kind(text) if kind is int else float(text)
-        if value != value or value in (float("inf"), float("-inf")):
+        if not _finite(value):
             raise ValueError
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput("%s must be %s, got %r" % (key, what, text))
@@ -3890,7 +3894,7 @@ def _number_flag(kind, name):
         except ValueError:
             raise argparse.ArgumentTypeError("%s must be %s, got %r" % (
                 name, "an integer" if kind is int else "a number", text))
-        if value != value or value in (float("inf"), float("-inf")):
+        if not _finite(value):
             raise argparse.ArgumentTypeError("%s must be finite" % name)
         return value
     return parse
