@@ -19,6 +19,33 @@ retries.  The CLI is a thin layer over two public classes:
 Standard library only; runs on CPython 3.6 and newer, on Linux and macOS.
 """
 
+# Sections, in file order (search for the banner, e.g. "# Queue API #"):
+#
+#   Constants and configuration   every default and limit, with a #: comment
+#   Errors                        QueueError, InvalidInput, NotFound, Conflict,
+#                                 StoreError; main() turns them into exit codes
+#   Time and parsing helpers      iso, parse_time, parse_duration, backoff_delay
+#   Job validation                _validate_job -> _NewJob, parse_jobs_text
+#   Schema and migrations         SQLite DDL: _SCHEMA_V1, _SCHEMA_V2, MIGRATIONS
+#   Store                         the only SQL: _SQLStore (shared statements;
+#                                 the claim, _SQLStore.claim with _CLAIM_SQL;
+#                                 the state table, _READY and _MOVES, applied
+#                                 by _SQLStore._move), records _Claim, _Result
+#   Store: SQLite                 _SQLiteStore: BEGIN IMMEDIATE, PRAGMAs, files
+#   Store: PostgreSQL             _PostgresStore: its claim is _PG_CLAIM_SQL,
+#                                 its DDL _PG_SCHEMA; then open_store(address)
+#   Queue API                     Queue: enqueue, get, list, retry, wait, ...
+#   Job execution                 _Execution runs one command; kill_group
+#   Worker: claim, record, ...    WorkerPool, _Reaper, _Local
+#   Dashboard                     serve_dashboard, _DashboardRoutes (JSON API,
+#                                 /metrics)
+#   Output formatting             tables and text for the CLI
+#   CLI                           cmd_NAME handlers, each followed by its
+#                                 _NAME_arguments; the table of commands is
+#                                 _COMMANDS; build_parser, aliases; main()
+#   Dashboard page                the HTML/CSS/JS served at /  (passive text)
+#   Benchmark                     `queuectl bench`: _Bench, run_bench
+
 import _thread
 import argparse
 import collections
@@ -1367,6 +1394,10 @@ def _move_sql(to_state, sets="", held=False):
 _MOVE_SQL = {}
 
 
+###############################################################################
+# Store: SQLite ###############################################################
+###############################################################################
+
 # Serialises this process's SQLite write transactions: threads of one
 # process queue here instead of sleeping in SQLite's busy handler.  Held
 # only around one BEGIN IMMEDIATE ... COMMIT.
@@ -1656,6 +1687,10 @@ def _migrate(conn, version):
         version += 1
         conn.execute("PRAGMA user_version=%d" % version)
 
+
+###############################################################################
+# Store: PostgreSQL ###########################################################
+###############################################################################
 
 class _PostgresStore(_SQLStore):
     """The queue in a PostgreSQL database (schema `queuectl`), for any
