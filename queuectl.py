@@ -36,7 +36,7 @@ Standard library only; runs on CPython 3.6 and newer, on Linux and macOS.
 #                                 its DDL _PG_SCHEMA; then open_store(address)
 #   Queue API                     Queue: enqueue, get, list, retry, wait, ...
 #   Job execution                 _Execution runs one command; kill_group
-#   Worker: claim, record, ...    WorkerPool, _Reaper, _Local
+#   Worker: claim, record, ...    WorkerPool, _Reaper, _ThreadBatch
 #   Dashboard                     serve_dashboard, _DashboardRoutes (JSON API,
 #                                 /metrics)
 #   Output formatting             tables and text for the CLI
@@ -2782,7 +2782,7 @@ def _kill_orphans(host, pgid, start):
         kill_group(pgid)
 
 
-class _Local(object):
+class _ThreadBatch(object):
     """A worker thread's claimed-but-unstarted jobs and unsaved results."""
 
     def __init__(self, retry_delay):
@@ -3074,7 +3074,7 @@ class WorkerPool(object):
                     self._finished.set()
 
     def _loop(self, store, wid):
-        local = _Local(store.retry_first)
+        local = _ThreadBatch(store.retry_first)
         store.listen()
         while True:
             try:
@@ -4144,12 +4144,12 @@ def cmd_wait(args, queue):
     try:
         states = queue.wait(args.ids, args.timeout)
     except TimeoutError as exc:
-        return _fail_with(str(exc), 124)
+        return _error_exit(str(exc), 124)
     for job_id, state in states.items():
         _print("%s %s" % (job_id, state))
     dead = [job_id for job_id, state in states.items() if state == "dead"]
     if dead:
-        return _fail_with("%d job(s) dead: %s" % (len(dead), ", ".join(dead)),
+        return _error_exit("%d job(s) dead: %s" % (len(dead), ", ".join(dead)),
                           1)
     return 0
 
@@ -4797,20 +4797,20 @@ def main(argv=None):
         finally:
             queue.close()
     except QueueError as exc:
-        return _fail_with(str(exc), exc.exit_code)
+        return _error_exit(str(exc), exc.exit_code)
     except BrokenPipeError:
         # `queuectl list | head`: the reader left; end quietly.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
-        return _fail_with("interrupted", 130)
+        return _error_exit("interrupted", 130)
     except OSError as exc:
-        return _fail_with("%s" % exc, 1)
+        return _error_exit("%s" % exc, 1)
     except Exception as exc:  # never a traceback; QUEUECTL_DEBUG=1 shows one
         if os.environ.get("QUEUECTL_DEBUG"):
             raise
-        return _fail_with("internal error: %s: %s" % (type(exc).__name__, exc), 1)
+        return _error_exit("internal error: %s: %s" % (type(exc).__name__, exc), 1)
 
 
 def _decoded_argv(argv):
@@ -4821,7 +4821,8 @@ def _decoded_argv(argv):
         raise InvalidInput("arguments must be UTF-8 text")
 
 
-def _fail_with(message, code):
+def _error_exit(message, code):
+    """Print `queuectl: error: MESSAGE` on stderr; return the exit code."""
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.flush()
     line = "queuectl: error: %s\n" % _printable(message)
