@@ -41,8 +41,8 @@ Standard library only; runs on CPython 3.6 and newer, on Linux and macOS.
 #                                 /metrics)
 #   Output formatting             tables and text for the CLI
 #   CLI                           cmd_NAME handlers, each followed by its
-#                                 _NAME_arguments; the table of commands is
-#                                 _COMMANDS; build_parser, aliases; main()
+#                                 _NAME_arguments (the command's options)
+#   The table of commands, ...    _COMMANDS, build_parser, _ALIASES, main()
 #   Dashboard page                the HTML/CSS/JS served at /  (passive text)
 #   Benchmark                     `queuectl bench`: _Bench, run_bench
 
@@ -4557,6 +4557,10 @@ def _config_options(args):
     args.key, args.value = args.option_key, args.option_value
     args.action = args.action or ("get" if args.value is None else "set")
 
+
+###############################################################################
+# The table of commands, the parser and main ##################################
+###############################################################################
 
 def _add_json(parser):
     parser.add_argument("--json", action="store_true",
