@@ -19,6 +19,33 @@ retries.  The CLI is a thin layer over two public classes:
 Standard library only; runs on CPython 3.6 and newer, on Linux and macOS.
 """
 
+# Sections, in file order (search for the banner, e.g. "# Queue API #"):
+#
+#   Constants and configuration   every default and limit, with a #: comment
+#   Errors                        QueueError, InvalidInput, NotFound, Conflict,
+#                                 StoreError; main() turns them into exit codes
+#   Time and parsing helpers      iso, parse_time, parse_duration, backoff_delay
+#   Job validation                _validate_job -> _NewJob, parse_jobs_text
+#   Schema and migrations         SQLite DDL: _SCHEMA_V1, _SCHEMA_V2, MIGRATIONS
+#   Store                         the only SQL: _SQLStore (shared statements;
+#                                 the claim, _SQLStore.claim with _CLAIM_SQL;
+#                                 the state table, _READY and _MOVES, applied
+#                                 by _SQLStore._move), records _Claim, _Result
+#   Store: SQLite                 _SQLiteStore: BEGIN IMMEDIATE, PRAGMAs, files
+#   Store: PostgreSQL             _PostgresStore: its claim is _PG_CLAIM_SQL,
+#                                 its DDL _PG_SCHEMA; then open_store(address)
+#   Queue API                     Queue: enqueue, get, list, retry, wait, ...
+#   Job execution                 _Execution runs one command; kill_group
+#   Worker: claim, record, ...    WorkerPool, _Reaper, _ThreadBatch
+#   Dashboard                     serve_dashboard, _DashboardRoutes (JSON API,
+#                                 /metrics)
+#   Output formatting             tables and text for the CLI
+#   CLI                           cmd_NAME handlers, each followed by its
+#                                 _NAME_arguments (the command's options)
+#   The table of commands, ...    _COMMANDS, build_parser, _ALIASES, main()
+#   Dashboard page                the HTML/CSS/JS served at /  (passive text)
+#   Benchmark                     `queuectl bench`: _Bench, run_bench
+
 import _thread
 import argparse
 import collections
@@ -52,6 +79,9 @@ APPLICATION_ID = 0x51754354
 
 #: PRAGMA user_version this code writes; older databases are migrated.
 SCHEMA_VERSION = 2
+
+#: The schema version this code writes in PostgreSQL (meta row).
+PG_SCHEMA_VERSION = 1
 
 #: Job states, in the order status shows them.
 STATES = ("pending", "processing", "completed", "failed", "dead")
@@ -122,6 +152,15 @@ MAX_SECONDS = 10 ** 9
 #: The largest count a user may give (retries, --limit, --offset,
 #: --attempt): far inside SQLite's 64-bit integers.
 MAX_COUNT = 2 ** 31 - 1
+
+#: Upper bounds (seconds) of the run-duration histogram's buckets.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
+
+#: Seconds a dashboard connection may sit idle before it is closed.
+HTTP_TIMEOUT = 15
+
+#: Seconds `smoke-test` gives any one step before it calls it failed.
+SMOKE_STEP_TIMEOUT = 60.0
 
 #: Job ids: 1 to 128 of these characters.
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -288,143 +327,6 @@ def _host():
 
 
 ###############################################################################
-# Schema and migrations #######################################################
-###############################################################################
-
-# Every statement here must run on SQLite 3.7.17: no partial indexes, no
-# RETURNING, no UPSERT, no window functions.
-_SCHEMA_V1 = (
-    # seq is the enqueue order; `ready` is 1 exactly while the job may be
-    # claimed (pending or failed, dependencies met), so one index serves the
-    # claim without scanning finished jobs.
-    """CREATE TABLE IF NOT EXISTS jobs (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        command TEXT NOT NULL,
-        state TEXT NOT NULL,
-        ready INTEGER,
-        priority INTEGER NOT NULL DEFAULT 0,
-        run_at REAL NOT NULL,
-        max_retries INTEGER NOT NULL,
-        timeout REAL,
-        cwd TEXT NOT NULL,
-        env TEXT NOT NULL DEFAULT '{}',
-        attempts INTEGER NOT NULL DEFAULT 0,
-        runs INTEGER NOT NULL DEFAULT 0,
-        waiting INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT,
-        worker_id TEXT,
-        attempt_id INTEGER,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS jobs_claim"
-    " ON jobs (ready, priority DESC, run_at, seq)",
-    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq)",
-    # One row per execution.  n numbers a job's runs 1, 2, 3... for ever;
-    # jobs.attempts counts the runs since the job was (re)queued.
-    """CREATE TABLE IF NOT EXISTS attempts (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_seq INTEGER NOT NULL,
-        n INTEGER NOT NULL,
-        worker_id TEXT,
-        host TEXT,
-        pgid INTEGER,
-        proc_start TEXT,
-        started_at REAL NOT NULL,
-        ended_at REAL,
-        duration REAL,
-        exit_code INTEGER,
-        signal INTEGER,
-        error TEXT,
-        output TEXT,
-        output_dropped INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_seq, n)",
-    "CREATE INDEX IF NOT EXISTS attempts_ended ON attempts (ended_at)",
-    # job_seq waits for dep_seq to complete.
-    """CREATE TABLE IF NOT EXISTS deps (
-        job_seq INTEGER NOT NULL,
-        dep_seq INTEGER NOT NULL,
-        PRIMARY KEY (job_seq, dep_seq))""",
-    "CREATE INDEX IF NOT EXISTS deps_dep ON deps (dep_seq)",
-    """CREATE TABLE IF NOT EXISTS workers (
-        id TEXT PRIMARY KEY,
-        pid INTEGER NOT NULL,
-        host TEXT NOT NULL,
-        started_at REAL NOT NULL,
-        heartbeat REAL NOT NULL,
-        beat INTEGER NOT NULL DEFAULT 0)""",
-    # User settings, plus internal keys starting with '_' (stop requests,
-    # pause) that workers read in the same query.
-    """CREATE TABLE IF NOT EXISTS config (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL)""",
-    # Counts per state, kept by triggers, so `status` costs the same with a
-    # million jobs as with ten.
-    """CREATE TABLE IF NOT EXISTS counts (
-        state TEXT PRIMARY KEY,
-        n INTEGER NOT NULL)""",
-    "INSERT OR IGNORE INTO counts (state, n) SELECT 'pending', 0 UNION ALL"
-    " SELECT 'processing', 0 UNION ALL SELECT 'completed', 0 UNION ALL"
-    " SELECT 'failed', 0 UNION ALL SELECT 'dead', 0",
-    """CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs
-       BEGIN UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
-    """CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs
-       BEGIN UPDATE counts SET n = n - 1 WHERE state = OLD.state; END""",
-    """CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF state
-       ON jobs WHEN OLD.state <> NEW.state BEGIN
-         UPDATE counts SET n = n - 1 WHERE state = OLD.state;
-         UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
-)
-
-#: Upper bounds (seconds) of the run-duration histogram's buckets.
-DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
-
-# Version 2: when each run was due (for wait times), and totals that only
-# grow, kept by a trigger, for Prometheus counters and the histogram.
-_SCHEMA_V2 = (
-    "ALTER TABLE attempts ADD COLUMN due_at REAL",
-    """CREATE TABLE IF NOT EXISTS totals (
-        name TEXT PRIMARY KEY,
-        value REAL NOT NULL)""",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'success', COUNT(*)"
-    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NULL",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'lost', COUNT(*)"
-    " FROM attempts WHERE error = 'worker lost'",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'timeout', COUNT(*)"
-    " FROM attempts WHERE error LIKE 'timed out%'",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'failure', COUNT(*)"
-    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NOT NULL"
-    " AND error <> 'worker lost' AND error NOT LIKE 'timed out%'",
-    "INSERT OR IGNORE INTO totals (name, value) SELECT 'duration_sum',"
-    " COALESCE(SUM(duration), 0) FROM attempts WHERE ended_at IS NOT NULL",
-    # le is a bucket's upper bound; 9e999 is +Inf.
-    """CREATE TABLE IF NOT EXISTS duration_buckets (
-        le REAL PRIMARY KEY,
-        n INTEGER NOT NULL)""",
-    "INSERT OR IGNORE INTO duration_buckets (le, n) SELECT b.le, (SELECT"
-    " COUNT(*) FROM attempts WHERE ended_at IS NOT NULL AND"
-    " COALESCE(duration, 0) <= b.le) FROM (%s) b" % " UNION ALL ".join(
-        "SELECT %r AS le" % le for le in DURATION_BUCKETS + (9e999,)
-    ).replace("inf", "9e999"),
-    """CREATE TRIGGER IF NOT EXISTS attempts_finish AFTER UPDATE OF ended_at
-       ON attempts WHEN OLD.ended_at IS NULL AND NEW.ended_at IS NOT NULL
-       BEGIN
-         UPDATE totals SET value = value + 1 WHERE name = CASE
-           WHEN NEW.error IS NULL THEN 'success'
-           WHEN NEW.error = 'worker lost' THEN 'lost'
-           WHEN NEW.error LIKE 'timed out%' THEN 'timeout'
-           ELSE 'failure' END;
-         UPDATE totals SET value = value + COALESCE(NEW.duration, 0)
-           WHERE name = 'duration_sum';
-         UPDATE duration_buckets SET n = n + 1
-           WHERE le >= COALESCE(NEW.duration, 0);
-       END""",
-)
-
-#: MIGRATIONS[v] brings a database from user_version v to v + 1.
-MIGRATIONS = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
-
-###############################################################################
 # Job validation ##############################################################
 ###############################################################################
 
@@ -433,9 +335,13 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _finite(value):
+    """False for nan, inf and -inf."""
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
 def _is_number(value):
-    return (_is_int(value) or isinstance(value, float)) and value == value \
-        and value not in (float("inf"), float("-inf"))
+    return (_is_int(value) or isinstance(value, float)) and _finite(value)
 
 
 def _check_id(value, what="id"):
@@ -597,6 +503,140 @@ def parse_jobs_text(text):
                 raise InvalidInput("line %d: invalid JSON: %s" % (number, exc))
     return jobs
 
+
+###############################################################################
+# Schema and migrations #######################################################
+###############################################################################
+
+# Every statement here must run on SQLite 3.7.17: no partial indexes, no
+# RETURNING, no UPSERT, no window functions.
+_SCHEMA_V1 = (
+    # seq is the enqueue order; `ready` is 1 exactly while the job may be
+    # claimed (pending or failed, dependencies met), so one index serves the
+    # claim without scanning finished jobs.
+    """CREATE TABLE IF NOT EXISTS jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        command TEXT NOT NULL,
+        state TEXT NOT NULL,
+        ready INTEGER,
+        priority INTEGER NOT NULL DEFAULT 0,
+        run_at REAL NOT NULL,
+        max_retries INTEGER NOT NULL,
+        timeout REAL,
+        cwd TEXT NOT NULL,
+        env TEXT NOT NULL DEFAULT '{}',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        runs INTEGER NOT NULL DEFAULT 0,
+        waiting INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        worker_id TEXT,
+        attempt_id INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS jobs_claim"
+    " ON jobs (ready, priority DESC, run_at, seq)",
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq)",
+    # One row per execution.  n numbers a job's runs 1, 2, 3... for ever;
+    # jobs.attempts counts the runs since the job was (re)queued.
+    """CREATE TABLE IF NOT EXISTS attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_seq INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        worker_id TEXT,
+        host TEXT,
+        pgid INTEGER,
+        proc_start TEXT,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        duration REAL,
+        exit_code INTEGER,
+        signal INTEGER,
+        error TEXT,
+        output TEXT,
+        output_dropped INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_seq, n)",
+    "CREATE INDEX IF NOT EXISTS attempts_ended ON attempts (ended_at)",
+    # job_seq waits for dep_seq to complete.
+    """CREATE TABLE IF NOT EXISTS deps (
+        job_seq INTEGER NOT NULL,
+        dep_seq INTEGER NOT NULL,
+        PRIMARY KEY (job_seq, dep_seq))""",
+    "CREATE INDEX IF NOT EXISTS deps_dep ON deps (dep_seq)",
+    """CREATE TABLE IF NOT EXISTS workers (
+        id TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat REAL NOT NULL,
+        beat INTEGER NOT NULL DEFAULT 0)""",
+    # User settings, plus internal keys starting with '_' (stop requests,
+    # pause) that workers read in the same query.
+    """CREATE TABLE IF NOT EXISTS config (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+    # Counts per state, kept by triggers, so `status` costs the same with a
+    # million jobs as with ten.
+    """CREATE TABLE IF NOT EXISTS counts (
+        state TEXT PRIMARY KEY,
+        n INTEGER NOT NULL)""",
+    "INSERT OR IGNORE INTO counts (state, n) SELECT 'pending', 0 UNION ALL"
+    " SELECT 'processing', 0 UNION ALL SELECT 'completed', 0 UNION ALL"
+    " SELECT 'failed', 0 UNION ALL SELECT 'dead', 0",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs
+       BEGIN UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs
+       BEGIN UPDATE counts SET n = n - 1 WHERE state = OLD.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF state
+       ON jobs WHEN OLD.state <> NEW.state BEGIN
+         UPDATE counts SET n = n - 1 WHERE state = OLD.state;
+         UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
+)
+
+# Version 2: when each run was due (for wait times), and totals that only
+# grow, kept by a trigger, for Prometheus counters and the histogram.
+_SCHEMA_V2 = (
+    "ALTER TABLE attempts ADD COLUMN due_at REAL",
+    """CREATE TABLE IF NOT EXISTS totals (
+        name TEXT PRIMARY KEY,
+        value REAL NOT NULL)""",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'success', COUNT(*)"
+    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NULL",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'lost', COUNT(*)"
+    " FROM attempts WHERE error = 'worker lost'",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'timeout', COUNT(*)"
+    " FROM attempts WHERE error LIKE 'timed out%'",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'failure', COUNT(*)"
+    " FROM attempts WHERE ended_at IS NOT NULL AND error IS NOT NULL"
+    " AND error <> 'worker lost' AND error NOT LIKE 'timed out%'",
+    "INSERT OR IGNORE INTO totals (name, value) SELECT 'duration_sum',"
+    " COALESCE(SUM(duration), 0) FROM attempts WHERE ended_at IS NOT NULL",
+    # le is a bucket's upper bound; 9e999 is +Inf.
+    """CREATE TABLE IF NOT EXISTS duration_buckets (
+        le REAL PRIMARY KEY,
+        n INTEGER NOT NULL)""",
+    "INSERT OR IGNORE INTO duration_buckets (le, n) SELECT b.le, (SELECT"
+    " COUNT(*) FROM attempts WHERE ended_at IS NOT NULL AND"
+    " COALESCE(duration, 0) <= b.le) FROM (%s) b" % " UNION ALL ".join(
+        "SELECT %r AS le" % le for le in DURATION_BUCKETS + (9e999,)
+    ).replace("inf", "9e999"),
+    """CREATE TRIGGER IF NOT EXISTS attempts_finish AFTER UPDATE OF ended_at
+       ON attempts WHEN OLD.ended_at IS NULL AND NEW.ended_at IS NOT NULL
+       BEGIN
+         UPDATE totals SET value = value + 1 WHERE name = CASE
+           WHEN NEW.error IS NULL THEN 'success'
+           WHEN NEW.error = 'worker lost' THEN 'lost'
+           WHEN NEW.error LIKE 'timed out%' THEN 'timeout'
+           ELSE 'failure' END;
+         UPDATE totals SET value = value + COALESCE(NEW.duration, 0)
+           WHERE name = 'duration_sum';
+         UPDATE duration_buckets SET n = n + 1
+           WHERE le >= COALESCE(NEW.duration, 0);
+       END""",
+)
+
+#: MIGRATIONS[v] brings a database from user_version v to v + 1.
+MIGRATIONS = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 
 ###############################################################################
 # Store: the one place that speaks SQL ########################################
@@ -1354,6 +1394,10 @@ def _move_sql(to_state, sets="", held=False):
 _MOVE_SQL = {}
 
 
+###############################################################################
+# Store: SQLite ###############################################################
+###############################################################################
+
 # Serialises this process's SQLite write transactions: threads of one
 # process queue here instead of sleeping in SQLite's busy handler.  Held
 # only around one BEGIN IMMEDIATE ... COMMIT.
@@ -1643,6 +1687,10 @@ def _migrate(conn, version):
         version += 1
         conn.execute("PRAGMA user_version=%d" % version)
 
+
+###############################################################################
+# Store: PostgreSQL ###########################################################
+###############################################################################
 
 class _PostgresStore(_SQLStore):
     """The queue in a PostgreSQL database (schema `queuectl`), for any
@@ -1975,9 +2023,6 @@ def _redact(url):
     """The URL without its password: what status, logs and errors show."""
     return re.sub(r"^([a-z]+://[^/@:]*):[^/@]*@", r"\1@", url)
 
-
-#: The schema version this code writes in PostgreSQL (meta row).
-PG_SCHEMA_VERSION = 1
 
 _PG_CLAIM_SQL = """
 WITH due AS MATERIALIZED (
@@ -2375,7 +2420,7 @@ def config_value(key, text):
     kind, minimum, exclusive, maximum, what = _CONFIG_RULES[key]
     try:
         value = kind(text) if kind is int else float(text)
-        if value != value or value in (float("inf"), float("-inf")):
+        if not _finite(value):
             raise ValueError
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput("%s must be %s, got %r" % (key, what, text))
@@ -2743,7 +2788,7 @@ def _kill_orphans(host, pgid, start):
         kill_group(pgid)
 
 
-class _Local(object):
+class _ThreadBatch(object):
     """A worker thread's claimed-but-unstarted jobs and unsaved results."""
 
     def __init__(self, retry_delay):
@@ -3035,7 +3080,7 @@ class WorkerPool(object):
                     self._finished.set()
 
     def _loop(self, store, wid):
-        local = _Local(store.retry_first)
+        local = _ThreadBatch(store.retry_first)
         store.listen()
         while True:
             try:
@@ -3292,9 +3337,6 @@ class WorkerPool(object):
 # Dashboard: a web page, JSON endpoints and Prometheus metrics ################
 ###############################################################################
 
-#: Seconds a dashboard connection may sit idle before it is closed.
-HTTP_TIMEOUT = 15
-
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -3496,6 +3538,1313 @@ def _query_number(query, name, default, kind, minimum, maximum=MAX_COUNT):
             name, _number_text(minimum), _number_text(maximum)))
     return value
 
+
+###############################################################################
+# Output formatting ###########################################################
+###############################################################################
+
+_COLOURS = {"pending": "33", "processing": "36", "completed": "32",
+            "failed": "35", "dead": "31"}
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text):
+    """Escape control characters so job text cannot break a table line."""
+    return _CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+
+
+def _use_colour(stream):
+    return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def _paint(state, width, colour):
+    text = state.ljust(width)
+    return "\x1b[%sm%s\x1b[0m" % (_COLOURS[state], text) if colour else text
+
+
+def _clip(text, width):
+    text = _printable(text)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _table(rows, headers, colour=False, state_col=None):
+    """Left-aligned columns; the last column takes what is left of 80."""
+    widths = [max(len(str(r[i])) for r in rows + [headers])
+              for i in range(len(headers) - 1)]
+    last = max(20, 79 - sum(w + 2 for w in widths))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))
+             + "  " + headers[-1]]
+    for row in rows:
+        cells = []
+        for i, w in enumerate(widths):
+            if i == state_col:
+                cells.append(_paint(row[i], w, colour))
+            else:
+                cells.append(str(row[i]).ljust(w))
+        lines.append("  ".join(cells) + "  " + _clip(str(row[-1]), last))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _job_rows(jobs):
+    return [(j["id"], j["state"], "%d/%d" % (j["attempts"], j["max_retries"] + 1),
+             j["priority"], _short_time(j["run_at"] if j["state"] in
+                                        ("pending", "failed") else j["updated_at"]),
+             j["command"]) for j in jobs]
+
+
+def _dlq_table(jobs):
+    """Dead jobs with their last error; command and error share what is
+    left of 80 columns."""
+    if not jobs:
+        return "(no dead jobs)"
+    headers = ("ID", "TRIES", "DIED (UTC)", "COMMAND", "LAST ERROR")
+    rows = [(j["id"], "%d/%d" % (j["attempts"], j["max_retries"] + 1),
+             _short_time(j["updated_at"])[5:16], _printable(j["command"]),
+             j["last_error"] or "-") for j in jobs]
+    used = sum(max(len(r[i]) for r in rows + [headers]) + 2 for i in range(3))
+    room = max(79 - used - 2, 2 * 20)  # for both texts
+    longest = max(len(r[3]) for r in rows + [headers])
+    width = min(longest, max(room // 2, room - max(
+        len(_printable(r[4])) for r in rows + [headers])))
+    rows = [r[:3] + (_clip(r[3], width).ljust(width),) + r[4:] for r in rows]
+    return _table(rows, headers)
+
+
+def _short_time(stamp):
+    return stamp[:19].replace("T", " ") if stamp else "-"
+
+
+def _job_table(jobs, colour):
+    if not jobs:
+        return "(no jobs)"
+    return _table(_job_rows(jobs), ("ID", "STATE", "TRIES", "PRI", "WHEN",
+                                    "COMMAND"), colour, state_col=1)
+
+
+def _show_text(job):
+    fields = [
+        ("id", job["id"]), ("state", job["state"]),
+        ("command", _printable(job["command"])),
+        ("attempts", "%d of %d" % (job["attempts"], job["max_retries"] + 1)),
+        ("priority", job["priority"]), ("run_at", job["run_at"]),
+        ("timeout", _seconds_text(job["timeout"]) if job["timeout"] else "none"),
+        ("cwd", _printable(job["cwd"])),
+        ("env", _printable(json.dumps(job["env"], sort_keys=True))),
+        ("after", ", ".join(job["after"]) or "-"),
+        ("last_error", _printable(job["last_error"] or "-")),
+        ("worker", job["worker"] or "-"),
+        ("created_at", job["created_at"]), ("updated_at", job["updated_at"]),
+    ]
+    lines = ["%-11s %s" % (k + ":", v) for k, v in fields]
+    runs = job["runs"]
+    if runs:
+        lines.append("")
+        rows = [(r["attempt"], _short_time(r["started_at"]),
+                 "%.3fs" % r["duration"] if r["duration"] is not None else "-",
+                 r["exit_code"] if r["exit_code"] is not None else "-",
+                 r["worker"] or "-", r["error"] or ("running" if not
+                                                    r["ended_at"] else "ok"))
+                for r in runs]
+        lines.append(_table(rows, ("#", "STARTED", "TOOK", "EXIT", "WORKER",
+                                   "RESULT")))
+    return "\n".join(lines)
+
+
+def _stats_text(stats):
+    def secs(value):
+        return "-" if value is None else "%.3fs" % value
+    counts = stats["counts"]
+    rate = stats["finished_per_minute"]
+    ratio = stats["success_ratio"]
+    run, wait = stats["run_seconds"], stats["wait_seconds"]
+    lines = [
+        "jobs:         " + "  ".join("%s %d" % (s, counts[s]) for s in STATES),
+        "runs/minute:  last 1m %.1f   5m %.1f   15m %.1f" % (
+            rate["1m"], rate["5m"], rate["15m"]),
+        "since %s:  %d runs, success %s" % (
+            _duration_text(stats["since_seconds"]), stats["runs"],
+            "-" if ratio is None else "%.1f%%" % (100 * ratio)),
+        "run time:     p50 %s   p95 %s   max %s" % (
+            secs(run["p50"]), secs(run["p95"]), secs(run["max"])),
+        "wait time:    p50 %s   p95 %s   (due to started)" % (
+            secs(wait["p50"]), secs(wait["p95"])),
+        "oldest due:   %s" % ("-" if stats["oldest_due_seconds"] is None else
+                              "%s waiting" % secs(stats["oldest_due_seconds"])),
+    ]
+    failing = stats["failing_commands"]
+    lines.append("failing most:" + ("" if failing else " -"))
+    for item in failing:
+        lines.append("  %5d  %s" % (item["failures"],
+                                    _clip(item["command"], 70)))
+    return "\n".join(lines)
+
+
+def _duration_text(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return _seconds_text(seconds)
+
+
+def _status_text(status, colour):
+    lines = ["database: %s" % status["db"]]
+    if status["paused"]:
+        lines.append("paused: workers claim no new jobs (%s resume)" % _PROG)
+    lines.append("")
+    for state in STATES:
+        lines.append("  %s %8d" % (_paint(state, 11, colour),
+                                   status["counts"][state]))
+    lines.append("  %-11s %8d" % ("total", sum(status["counts"].values())))
+    workers = status["workers"]
+    lines.append("")
+    lines.append("workers: %d live" % len(workers))
+    if workers:
+        rows = [(w["id"], w["pid"], _short_time(w["started_at"]),
+                 w["job"] or "-") for w in workers]
+        lines.append(_table(rows, ("WORKER", "PID", "STARTED", "JOB")))
+    return "\n".join(lines)
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+#: The command as the user typed it, for usage lines, examples and hints:
+#: `queuectl`, `./queuectl.py`, `python3 queuectl.py`, `python3 -m queuectl`.
+#: main() sets it; error lines still start `queuectl: error:`.
+_PROG = "queuectl"
+
+
+def _prog_name(argv0):
+    """sys.argv[0] -> how to run this queuectl again from the same shell."""
+    if __name__ == "__main__" and __spec__ is not None:
+        return "python3 -m " + __spec__.name
+    if not argv0 or argv0.startswith("-"):
+        return "queuectl"
+    folder, base = os.path.split(argv0)
+    if not folder:  # a script the shell found on PATH comes with its folder
+        return ("python3 " + argv0) if argv0.endswith(".py") else argv0
+    here = os.path.realpath(folder)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if any(p and os.path.realpath(p) == here for p in path):
+        return base
+    return argv0
+
+
+def _named(text):
+    """Example lines that start `queuectl ` use the name the user typed."""
+    return re.sub(r"(?m)^(\s*(?:\$ )?)queuectl ",
+                  lambda m: m.group(1) + _PROG + " ", text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one `queuectl: error:` line."""
+
+    def error(self, message):
+        raise InvalidInput("%s (see '%s --help')" % (message, self.prog))
+
+
+def _print(text=""):
+    sys.stdout.write(text + "\n")
+
+
+def _print_json(value):
+    _print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _emit(args, value, as_text):
+    """--json prints the value; otherwise as_text(value) does the talking."""
+    if args.json:
+        _print_json(value)
+    else:
+        _print(as_text(value))
+    return 0
+
+
+def cmd_enqueue(args, queue):
+    specs = _enqueue_specs(args)
+    if specs is None:  # one job from a command or a JSON object
+        job_id = queue.enqueue(_enqueue_spec(args))
+        if args.json:
+            _print_json(queue.get(job_id))
+        else:
+            _print(job_id)
+        return 0
+    ids = queue.enqueue_many(specs)
+    if args.json:
+        _print_json(ids)
+    else:
+        _print("\n".join(ids))
+    return 0
+
+
+def _enqueue_arguments(p):
+    p.add_argument("command_or_json", nargs="?", metavar="COMMAND|JSON",
+                   help="a shell command; a JSON object ({...}) or array of"
+                   " them ([...]); or an existing .json/.jsonl file, read"
+                   " like -f")
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help="JSON object, array or JSON Lines ('-' for stdin);"
+                   " all or nothing")
+    p.add_argument("--id")
+    p.add_argument("--max-retries", type=_number_flag(int, "--max-retries"),
+                   metavar="N")
+    p.add_argument("--priority", type=_number_flag(int, "--priority"),
+                   metavar="P", help="higher runs first (default 0)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--run-at", metavar="TIME",
+                      help="ISO 8601, e.g. 2026-12-01T09:00:00Z")
+    when.add_argument("--delay", type=_number_flag(float, "--delay"),
+                      metavar="SECONDS")
+    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
+                   metavar="SECONDS")
+    p.add_argument("--cwd", metavar="DIR", help="run there (default: here)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="add to the job's environment (repeatable)")
+    p.add_argument("--after", metavar="ID[,ID...]",
+                   help="start only after these jobs completed")
+    _add_json(p)
+
+
+def _enqueue_specs(args):
+    """The jobs of `-f FILE`, a job file named as the argument, or a JSON
+    array argument; None when the argument is one command or one object."""
+    text = args.command_or_json
+    if args.file is not None:
+        if text is not None or _field_flags(args):
+            raise InvalidInput("give -f FILE or a command, not both")
+        return _as_list(parse_jobs_text(_read_input(args.file)))
+    if text is None:
+        return None
+    if _is_job_file(text):
+        if _field_flags(args):
+            raise InvalidInput("give job fields in %s or as flags, not both"
+                               % text)
+        return _as_list(parse_jobs_text(_read_input(text)))
+    if not text.lstrip().startswith("["):
+        return None
+    if _field_flags(args):
+        raise InvalidInput("give job fields in the JSON array or as flags,"
+                           " not both")
+    jobs = _json_argument(text)
+    for number, job in enumerate(jobs, 1):
+        if isinstance(job, str):  # '["echo a", "echo b"]'
+            raise InvalidInput("job %d: a JSON array holds job objects, not"
+                               " strings: [{\"command\": %s}, ...]"
+                               % (number, _short_repr(job)))
+    return jobs
+
+
+def _as_list(specs):
+    return [specs] if isinstance(specs, dict) else specs
+
+
+#: A positional enqueue argument ending so names a job file (SPEC 4).
+_JOB_FILE_SUFFIXES = (".json", ".jsonl")
+
+
+def _is_job_file(text):
+    """Is `text` an existing .json/.jsonl file?  A word that looks like one
+    but names nothing is refused: running it as a command never works."""
+    if not text.lower().endswith(_JOB_FILE_SUFFIXES) or text != text.strip():
+        return False
+    if os.path.isfile(text):
+        return True
+    if re.search(r"\s", text):
+        return False  # a command line, e.g. 'jq . in.json > out.json'
+    raise InvalidInput("%s: %s (an argument ending in .json or .jsonl is"
+                       " read as a job file); to run a command named so, %s"
+                       % (text, "not a file" if os.path.exists(text)
+                          else "no such file", _command_hint(text)))
+
+
+def _json_argument(text):
+    """Parse an argument that starts with { or [ (it must be JSON)."""
+    try:
+        return parse_json(text)
+    except json.JSONDecodeError as exc:  # not JSON: maybe a shell command
+        raise InvalidInput("invalid JSON: %s; to enqueue a shell command"
+                           " that starts with %s, %s" % (
+                               exc, text.lstrip()[0], _command_hint(text)))
+    except ValueError as exc:  # JSON, but a duplicate key or too deep
+        raise InvalidInput("invalid JSON: %s" % exc)
+
+
+def _command_hint(command):
+    """How to enqueue a command that looks like JSON: as a JSON object."""
+    wrapped = json.dumps({"command": command})
+    if "'" in wrapped or len(wrapped) > 72:
+        return "give it as a JSON object: {\"command\": \"...\"}"
+    return "give it as a JSON object: %s enqueue '%s'" % (_PROG, wrapped)
+
+
+def _read_input(name):
+    try:
+        if name == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(name, "rb") as handle:
+            return handle.read().decode("utf-8")
+    except OSError as exc:
+        raise InvalidInput("cannot read %s: %s" % (name, _reason(exc)))
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("%s is not UTF-8 text: %s" % (name, exc))
+
+
+_FLAG_FIELDS = (("id", "id"), ("max_retries", "max_retries"),
+                ("priority", "priority"), ("run_at", "run_at"),
+                ("delay", "delay"), ("timeout", "timeout"), ("cwd", "cwd"),
+                ("after", "after"))
+
+
+def _field_flags(args):
+    flags = dict((field, getattr(args, attr)) for attr, field in _FLAG_FIELDS
+                 if getattr(args, attr) is not None)
+    if args.env:
+        flags["env"] = dict(_env_pair(pair) for pair in args.env)
+    return flags
+
+
+def _env_pair(pair):
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise InvalidInput("--env takes KEY=VALUE, got %r" % pair)
+    return key, value
+
+
+def _enqueue_spec(args):
+    text = args.command_or_json
+    if text is None:
+        raise InvalidInput("enqueue needs a command, a JSON object or -f FILE")
+    flags = _field_flags(args)
+    if text.lstrip().startswith("{"):
+        if flags:
+            raise InvalidInput("give job fields in the JSON object or as flags,"
+                               " not both")
+        spec = _json_argument(text)
+        if not isinstance(spec, dict):
+            raise InvalidInput("a job must be a JSON object")
+        return spec
+    flags["command"] = text
+    return flags
+
+
+def _number_flag(kind, name):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%s must be %s, got %r" % (
+                name, "an integer" if kind is int else "a number", text))
+        if not _finite(value):
+            raise argparse.ArgumentTypeError("%s must be finite" % name)
+        return value
+    return parse
+
+
+def cmd_worker_start(args, queue):
+    import signal
+    queue.close()
+    pool = WorkerPool(queue.address, count=args.count,
+                      poll_interval=args.poll_interval,
+                      exit_when_idle=args.exit_when_idle,
+                      idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
+    signals = []
+
+    def on_signal(signum, frame):
+        # Only sets flags: the main thread never holds those events' locks.
+        signals.append(signum)
+        if len(signals) == 1:
+            pool.stop()
+        else:
+            pool.force()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    pool.log("-", "-", "pool", "started %d worker(s) on %s"
+             % (args.count, queue.path))
+    code = pool.run()
+    reason = "forced" if pool.forced.is_set() else pool.exit_reason
+    pool.log("-", "-", "pool", "stopped" + (" (%s)" % reason if reason
+                                           else ""))
+    return code
+
+
+def _worker_start_arguments(p):
+    p.add_argument("--count", type=_positive_int("--count"), default=1,
+                   metavar="N", help="worker threads (default 1)")
+    p.add_argument("--poll-interval", metavar="S",
+                   type=_number_flag(float, "--poll-interval"),
+                   help="seconds between polls when idle (default:"
+                   " config poll-interval)")
+    p.add_argument("--exit-when-idle", action="store_true",
+                   help="exit once no job is due that this process could"
+                   " run")
+    p.add_argument("--idle-timeout", metavar="S",
+                   type=_positive_number("--idle-timeout"),
+                   help="exit after S seconds with nothing to run (a job"
+                   " that falls due meanwhile is run, and the S seconds"
+                   " start again)")
+    p.add_argument("--max-jobs", metavar="N",
+                   type=_positive_int("--max-jobs"),
+                   help="run at most N jobs (each run counts), then exit")
+
+
+def cmd_worker_stop(args, queue):
+    asked = set(w["id"] for w in queue.workers())
+    queue.request_stop()
+    if not args.wait:
+        _print("stop requested; %d worker(s) running" % len(asked))
+        return 0
+    # Wait for the workers that were asked; one started since keeps going.
+    while asked & set(w["id"] for w in queue.workers()):
+        time.sleep(0.1)
+    _print("all workers stopped")
+    return 0
+
+
+def _worker_stop_arguments(p):
+    p.add_argument("--wait", action="store_true",
+                   help="return when no worker is left")
+
+
+#: `worker ACTION`: (name, handler, summary, example, add_arguments).
+_WORKER_ACTIONS = (
+    ("start", cmd_worker_start, "Run N worker threads in the foreground"
+     " until stopped.", "queuectl worker start --count 4 --exit-when-idle",
+     _worker_start_arguments),
+    ("stop", cmd_worker_stop, "Ask running workers to finish their jobs and"
+     " exit.", "queuectl worker stop --wait", _worker_stop_arguments),
+)
+
+
+def _worker_arguments(p):
+    _add_commands(p, "action", _WORKER_ACTIONS)
+
+
+def cmd_status(args, queue):
+    return _emit(args, queue.status(), lambda s: _status_text(
+        s, _use_colour(sys.stdout)))
+
+
+def cmd_list(args, queue):
+    return _print_jobs(args, queue.list(args.state, args.limit, args.offset))
+
+
+def _list_arguments(p):
+    p.add_argument("--state", choices=STATES, metavar="STATE",
+                   help="only jobs in this state: " + ", ".join(STATES))
+    _add_paging(p)
+    _add_json(p)
+
+
+def cmd_dlq_list(args, queue):
+    return _emit(args, queue.list("dead", args.limit, args.offset),
+                 _dlq_table)
+
+
+def _dlq_list_arguments(p):
+    _add_paging(p)
+    _add_json(p)
+
+
+def _print_jobs(args, jobs):
+    return _emit(args, jobs, lambda j: _job_table(j, _use_colour(sys.stdout)))
+
+
+def cmd_show(args, queue):
+    return _emit(args, queue.get(args.id, runs=True), _show_text)
+
+
+def _show_arguments(p):
+    p.add_argument("id", help="job id or unambiguous prefix")
+    _add_json(p)
+
+
+def cmd_logs(args, queue):
+    text, dropped, number = queue.output(args.id, args.attempt)
+    if dropped:
+        sys.stderr.write("queuectl: attempt %d: output truncated, first %d"
+                         " bytes dropped\n" % (number, dropped))
+    sys.stdout.flush()
+    out = getattr(sys.stdout, "buffer", None)
+    if out is not None:
+        out.write(text.encode("utf-8", "replace"))
+        out.flush()
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _logs_arguments(p):
+    p.add_argument("id", help="job id or unambiguous prefix")
+    p.add_argument("--attempt", type=_positive_int("--attempt"), metavar="K")
+
+
+def cmd_dlq_retry(args, queue):
+    if args.all == bool(args.ids):
+        raise InvalidInput("give job ids or --all")
+    ids = queue.retry_all() if args.all else queue.retry(args.ids)
+    _print("\n".join(ids) if ids else "(no dead jobs)")
+    return 0
+
+
+def _dlq_retry_arguments(p):
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--all", action="store_true", help="every dead job")
+
+
+#: `dlq ACTION`: (name, handler, summary, example, add_arguments).
+_DLQ_ACTIONS = (
+    ("list", cmd_dlq_list, "List dead jobs.", "queuectl dlq list --json",
+     _dlq_list_arguments),
+    ("retry", cmd_dlq_retry, "Move dead jobs back to pending with attempts"
+     " reset to 0.", "queuectl dlq retry 3f9a", _dlq_retry_arguments),
+)
+
+
+def _dlq_arguments(p):
+    _add_commands(p, "action", _DLQ_ACTIONS)
+
+
+def cmd_delete(args, queue):
+    _print("\n".join(queue.delete(args.ids)))
+    return 0
+
+
+def _delete_arguments(p):
+    p.add_argument("ids", nargs="+", metavar="ID")
+
+
+def cmd_purge(args, queue):
+    older = _parse_duration_arg(args.older_than, "--older-than")
+    count = queue.purge(args.state, older, args.vacuum)
+    _print("purged %d %s job(s)" % (count, args.state))
+    return 0
+
+
+def _purge_arguments(p):
+    p.add_argument("--state", required=True, choices=("completed", "dead"),
+                   metavar="STATE", help="completed or dead")
+    p.add_argument("--older-than", metavar="AGE",
+                   help="only jobs last updated this long ago (30m, 12h, 7d)")
+    p.add_argument("--vacuum", action="store_true",
+                   help="then give the freed space back to the disk")
+
+
+def _parse_duration_arg(text, name):
+    if text is None:
+        return 0.0
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise InvalidInput("%s: %s" % (name, exc))
+
+
+def cmd_wait(args, queue):
+    if args.timeout is not None and args.timeout < 0:
+        raise InvalidInput("--timeout must be >= 0, got %s" % args.timeout)
+    try:
+        for job_id in args.ids:
+            queue.resolve(job_id)
+    except NotFound as exc:
+        raise InvalidInput(str(exc))
+    try:
+        states = queue.wait(args.ids, args.timeout)
+    except TimeoutError as exc:
+        return _error_exit(str(exc), 124)
+    for job_id, state in states.items():
+        _print("%s %s" % (job_id, state))
+    dead = [job_id for job_id, state in states.items() if state == "dead"]
+    if dead:
+        return _error_exit("%d job(s) dead: %s" % (len(dead), ", ".join(dead)),
+                          1)
+    return 0
+
+
+def _wait_arguments(p):
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
+                   metavar="S", help="give up after S seconds (exit 124)")
+
+
+def cmd_pause(args, queue):
+    queue.set_paused(True)
+    _print("paused: workers finish running jobs and claim no new ones")
+    return 0
+
+
+def cmd_resume(args, queue):
+    queue.set_paused(False)
+    _print("resumed")
+    return 0
+
+
+def cmd_demo(args, queue):
+    """A classroom walkthrough; uses a temporary database, never the user's."""
+    import tempfile
+    import threading
+    with tempfile.TemporaryDirectory(prefix="queuectl-demo-") as folder:
+        path = os.path.join(folder, "demo.db")
+        demo = Queue(path)
+        pool = WorkerPool(path, count=2, poll_interval=0.05, log=_DemoLog())
+        worker = threading.Thread(target=pool.run)
+        try:
+            _demo_script(demo, pool, worker, folder)
+        finally:
+            pool.stop()
+            if worker.is_alive():
+                worker.join()
+            demo.close()
+    return 0
+
+
+class _DemoLog(object):
+    """Shows the worker's log lines indented under the narration."""
+
+    def write(self, text):
+        if text.strip():
+            sys.stdout.write("      worker log | %s\n" % text.strip()[11:])
+
+    def flush(self):
+        sys.stdout.flush()
+
+
+def _demo_step(title, command=None):
+    _print()
+    _print(title)
+    if command:
+        _print("    $ %s %s" % (_PROG, command))
+    sys.stdout.flush()
+
+
+def _demo_script(demo, pool, worker, folder):
+    _print("queuectl demo: a job queue in one SQLite file.")
+    _print("This demo uses a temporary database: %s" % demo.path)
+    _demo_step("1. Queue a job that succeeds. enqueue prints the new job's id.",
+               "enqueue 'echo hello from a job' --id hello")
+    demo.enqueue({"command": "echo hello from a job", "id": "hello",
+                  "cwd": folder})
+    _demo_step("2. Queue a job that fails until a file exists. With"
+               " max_retries 2 it runs\n   at most 3 times. Backoff base 2:"
+               " it waits 2**1 = 2 s after the first failure,\n   2**2 = 4 s"
+               " after the second, then goes to the dead letter queue (DLQ).",
+               "enqueue 'test -f ready.flag' --max-retries 2 --id needs-flag")
+    demo.enqueue({"command": "test -f ready.flag", "id": "needs-flag",
+                  "max_retries": 2, "cwd": folder})
+    _demo_step("3. Start a worker with 2 threads. Each line of its log is one"
+               " event:", "worker start --count 2")
+    worker.start()
+    demo.wait(["hello", "needs-flag"])
+    _demo_step("4. Status: one job completed, one dead after 3 attempts.",
+               "status")
+    _print(_indent(_status_text(demo.status(), False)))
+    _demo_step("5. The dead job and its attempts:", "show needs-flag")
+    _print(_indent(_show_text(demo.get("needs-flag", runs=True))))
+    _demo_step("6. Fix the cause (create ready.flag) and retry the job from"
+               " the DLQ:\n   attempts start again from 0.",
+               "dlq retry needs-flag")
+    open(os.path.join(folder, "ready.flag"), "w").close()
+    demo.retry(["needs-flag"])
+    demo.wait(["needs-flag"])
+    _demo_step("7. Final status: both jobs completed.", "status")
+    _print(_indent(_status_text(demo.status(), False)))
+    _demo_step("Try it on your own queue: %s enqueue 'echo hi', then"
+               " %s worker start." % (_PROG, _PROG))
+
+
+def _indent(text):
+    return "\n".join("    " + line if line else "" for line in text.splitlines())
+
+
+def cmd_smoke_test(args, queue):
+    """A self-check on a temporary database; exit 0 and `ok`, or exit 1
+    naming the step that failed."""
+    import platform
+    import tempfile
+    _print("queuectl %s smoke test: Python %s, SQLite %s" % (
+        __version__, platform.python_version(), sqlite3.sqlite_version))
+    with tempfile.TemporaryDirectory(prefix="queuectl-smoke-") as folder:
+        check = _SmokeTest(folder)
+        try:
+            for number, (title, step) in enumerate(check.steps(), 1):
+                check.run_step(number, title, step)
+        finally:
+            check.close()
+    _print("ok")
+    return 0
+
+
+class _SmokeTest(object):
+    """The steps of `smoke-test`; each raises an exception when it fails."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, "smoke.db")
+        self.queue = self.pool = self.thread = None
+        self.ended = []  # the pool's exit status, or what ended it
+        self.log = _LogLines()
+        self.ok_id = self.failing_id = None
+
+    def steps(self):
+        return [
+            ("create a queue in a temporary database", self.create),
+            ("enqueue a job", self.enqueue),
+            ("start a worker pool with 2 threads", self.start),
+            ("a worker runs the job", self.run),
+            ("a failing job is retried after a short backoff", self.retry),
+            ("after its last retry it is in the DLQ", self.dlq),
+            ("dlq retry runs it again, and now it succeeds", self.dlq_retry),
+            ("status counts 2 completed jobs", self.status),
+            ("the workers stop when asked", self.stop),
+        ]
+
+    def run_step(self, number, title, step):
+        sys.stdout.write("%d. %s ... " % (number, title))
+        sys.stdout.flush()
+        try:
+            step()
+        except Exception as exc:
+            _print("FAILED")
+            for line in self.log.lines[-5:]:
+                _print("   worker log: " + line)
+            detail = str(exc) if isinstance(exc, QueueError) else \
+                "%s: %s" % (type(exc).__name__, exc)
+            raise QueueError("smoke test failed at step %d (%s): %s"
+                             % (number, title, detail))
+        _print("ok")
+
+    def create(self):
+        self.queue = Queue(self.path)
+        self.queue.config_set("backoff-max", "0.05")  # retries come fast
+        if any(self.queue.counts().values()):
+            raise QueueError("a new queue is not empty")
+
+    def enqueue(self):
+        self.ok_id = self.queue.enqueue({"command": "echo smoke-test",
+                                         "cwd": self.folder})
+        if self.queue.get(self.ok_id)["state"] != "pending":
+            raise QueueError("the new job is not pending")
+
+    def start(self):
+        import threading
+        self.pool = WorkerPool(self.path, count=2, poll_interval=0.02,
+                               log=self.log)
+        self.thread = threading.Thread(target=self._run_pool)
+        self.thread.daemon = True
+        self.thread.start()
+        self._until("registered worker", self.queue.workers)
+
+    def _run_pool(self):
+        try:
+            self.ended.append(self.pool.run())
+        except Exception as exc:
+            self.ended.append("%s: %s" % (type(exc).__name__, exc))
+
+    def run(self):
+        job = self._finished(self.ok_id)
+        if job["state"] != "completed":
+            raise QueueError("the job ended %s: %s" % (job["state"],
+                                                       job["last_error"]))
+        output = self.queue.output(self.ok_id)[0]
+        if output != "smoke-test\n":
+            raise QueueError("the job printed %r, not 'smoke-test'" % output)
+
+    def retry(self):
+        self.failing_id = self.queue.enqueue({
+            "command": "test -f ready", "max_retries": 1, "cwd": self.folder})
+
+        def retried():
+            runs = self.queue.get(self.failing_id, runs=True)["runs"]
+            return runs if len(runs) >= 2 else None
+        runs = self._until("second attempt", retried)
+        if runs[0]["error"] != "exit code 1":
+            raise QueueError("attempt 1 ended %r, not 'exit code 1'"
+                             % runs[0]["error"])
+
+    def dlq(self):
+        job = self._finished(self.failing_id)
+        dead = [j["id"] for j in self.queue.list("dead")]
+        if job["state"] != "dead" or dead != [self.failing_id]:
+            raise QueueError("the job is %s; the DLQ holds %s"
+                             % (job["state"], dead or "nothing"))
+        if (job["attempts"], job["last_error"]) != (2, "exit code 1"):
+            raise QueueError("%d attempts, last error %r" % (
+                job["attempts"], job["last_error"]))
+
+    def dlq_retry(self):
+        open(os.path.join(self.folder, "ready"), "w").close()
+        self.queue.retry([self.failing_id])
+        job = self._finished(self.failing_id)
+        if job["state"] != "completed":
+            raise QueueError("the job ended %s: %s" % (job["state"],
+                                                       job["last_error"]))
+
+    def status(self):
+        counts = self.queue.status()["counts"]
+        if counts != dict(dict.fromkeys(STATES, 0), completed=2):
+            raise QueueError("counts are %s" % json.dumps(counts,
+                                                         sort_keys=True))
+
+    def stop(self):
+        self.pool.stop()
+        self.thread.join(SMOKE_STEP_TIMEOUT)
+        if self.ended != [0]:
+            raise QueueError("the pool ended with %s" % (
+                self.ended[0] if self.ended else "nothing: still running"))
+
+    def _finished(self, job_id):
+        self._until("finished job", lambda: self.queue.get(job_id)["state"]
+                    in ("completed", "dead"))
+        return self.queue.get(job_id)
+
+    def _until(self, what, predicate):
+        deadline = time.monotonic() + SMOKE_STEP_TIMEOUT
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if self.ended:
+                raise QueueError("the worker pool ended: %s" % self.ended[0])
+            if time.monotonic() > deadline:
+                raise QueueError("no %s after %s" % (
+                    what, _seconds_text(SMOKE_STEP_TIMEOUT)))
+            time.sleep(0.02)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.stop()
+            self.thread.join(SMOKE_STEP_TIMEOUT)
+            if self.thread.is_alive():
+                self.pool.force()
+                self.thread.join(SMOKE_STEP_TIMEOUT)
+        if self.queue is not None:
+            self.queue.close()
+
+
+class _LogLines(object):
+    """A worker log kept in memory (the smoke test shows it on failure)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        self.lines.extend(line for line in text.splitlines() if line)
+
+    def flush(self):
+        pass
+
+
+def cmd_bench(args, queue):
+    def progress(text):
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    results = run_bench(args.quick, progress)
+    if args.json:
+        _print_json(results)
+        return 0
+    _print("queuectl %s bench on Python %s, SQLite %s, %d CPUs%s" % (
+        __version__, sys.version.split()[0], sqlite3.sqlite_version,
+        os.cpu_count() or 0, " (--quick)" if args.quick else ""))
+    rows = []
+    for r in results:
+        rows.append((r["name"], "%.1f %s" % (r["value"], r["unit"]),
+                     "%.1f" % r["baseline"] if r["baseline"] else "-",
+                     "%.2fx" % r["ratio"] if r["ratio"] else "-",
+                     r["target"] or ""))
+    _print(_table(rows, ("MEASURE", "VALUE", "BASELINE", "RATIO", "TARGET")))
+    for r in results:
+        if r["note"]:
+            _print("  %s: %s" % (r["name"], r["note"]))
+    return 0
+
+
+def _bench_arguments(p):
+    p.add_argument("--quick", action="store_true", help="small sizes, a few"
+                   " seconds")
+    _add_json(p)
+    _no_database(p)
+
+
+def cmd_copy(args, queue):
+    copied = queue.copy_to(args.to)
+    _print("copied %d job(s) to %s" % (copied, _redact(args.to)))
+    return 0
+
+
+def _copy_arguments(p):
+    p.add_argument("--to", required=True, metavar="DEST", help="an empty"
+                   " database: a file path or a postgresql:// URL")
+
+
+def cmd_stats(args, queue):
+    since = _parse_duration_arg(args.since, "--since") if args.since else 3600
+    return _emit(args, queue.stats(since), _stats_text)
+
+
+def _stats_arguments(p):
+    p.add_argument("--since", metavar="DURATION", help="the window for ratios"
+                   " and times (default 1h; e.g. 15m, 24h, 7d)")
+    _add_json(p)
+
+
+def cmd_dashboard(args, queue):
+    if args.port > 65535:
+        raise InvalidInput("--port must be 0-65535, got %d" % args.port)
+    queue.close()
+
+    def ready(url):
+        mode = " (read-only)" if args.read_only else ""
+        _print("queuectl dashboard%s: %s  (Ctrl-C stops it)" % (mode, url))
+        sys.stdout.flush()
+    try:
+        serve_dashboard(queue.address, args.host, args.port, args.read_only,
+                        ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _dashboard_arguments(p):
+    p.add_argument("--host", default="127.0.0.1", help="address to bind"
+                   " (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_non_negative_int("--port"), default=8765,
+                   help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--read-only", action="store_true",
+                   help="serve no retry or delete")
+
+
+def cmd_config(args, queue):
+    _config_options(args)
+    if args.action == "list":
+        if args.key is not None or args.value is not None:
+            raise InvalidInput("config list takes no arguments")
+        values = queue.config()
+        if args.json:
+            _print_json(values)
+        else:
+            for key in sorted(values):
+                _print("%-14s %s" % (key, _number_text(values[key])))
+        return 0
+    if args.key is None:
+        raise InvalidInput("config %s needs a KEY" % args.action)
+    if args.action == "get":
+        if args.value is not None:
+            raise InvalidInput("config get takes one KEY")
+        _print(_number_text(queue.config_get(args.key)))
+        return 0
+    if args.value is None:
+        raise InvalidInput("config set needs KEY and VALUE")
+    _print(_number_text(queue.config_set(args.key, args.value)))
+    return 0
+
+
+def _config_arguments(p):
+    p.add_argument("action", nargs="?", choices=("list", "get", "set"),
+                   metavar="ACTION", help="list (the default), get KEY, or"
+                   " set KEY VALUE")
+    p.add_argument("key", nargs="?", metavar="KEY")
+    p.add_argument("value", nargs="?", metavar="VALUE")
+    p.add_argument("--key", dest="option_key", help=argparse.SUPPRESS)
+    p.add_argument("--value", dest="option_value", help=argparse.SUPPRESS)
+    _add_json(p)
+
+
+def _config_options(args):
+    """A bare `config` lists; `config --key K [--value V]` (hidden, a form
+    other queues use) is `config get K` or `config set K V`."""
+    if args.option_key is None and args.option_value is None:
+        args.action = args.action or "list"
+        return
+    if args.key is not None or args.value is not None:
+        raise InvalidInput("give KEY and VALUE as arguments or as --key and"
+                           " --value, not both")
+    if args.option_key is None:
+        raise InvalidInput("--value needs --key (or: %s config set KEY VALUE)"
+                           % _PROG)
+    args.key, args.value = args.option_key, args.option_value
+    args.action = args.action or ("get" if args.value is None else "set")
+
+
+###############################################################################
+# The table of commands, the parser and main ##################################
+###############################################################################
+
+def _add_json(parser):
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON instead of a table")
+
+
+def _add_paging(parser):
+    parser.add_argument("--limit", type=_positive_int("--limit"), default=100,
+                        help="at most N jobs (default 100)")
+    parser.add_argument("--offset", type=_non_negative_int("--offset"),
+                        default=0, help="skip the first N jobs")
+
+
+def _positive_int(name):
+    return _bounded_int(name, 1)
+
+
+def _positive_number(name):
+    parse = _number_flag(float, name)
+
+    def check(text):
+        value = parse(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError("%s must be > 0, got %s"
+                                             % (name, text))
+        return value
+    return check
+
+
+def _non_negative_int(name):
+    return _bounded_int(name, 0)
+
+
+def _bounded_int(name, minimum):
+    parse = _number_flag(int, name)
+
+    def check(text):
+        value = parse(text)
+        if not minimum <= value <= MAX_COUNT:
+            raise argparse.ArgumentTypeError(
+                "%s must be >= %d and <= %d, got %s" % (name, minimum,
+                                                        MAX_COUNT, text))
+        return value
+    return check
+
+
+def _no_database(p):
+    p.set_defaults(no_database=True)
+
+
+def _add_commands(parser, dest, table, only=None):
+    """Give parser a subcommand per row of table, or only the one named
+    only: building every command's parser costs each call a few ms."""
+    sub = parser.add_subparsers(dest=dest, metavar=dest.upper(),
+                                parser_class=_Parser)
+    sub.required = True
+    for name, handler, summary, example, add_arguments in table:
+        if only not in (None, name):
+            continue
+        p = sub.add_parser(
+            name, help=summary, description=summary,
+            epilog=_named("example:\n  " + example),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if handler is not None:
+            p.set_defaults(func=handler)
+        if add_arguments is not None:
+            add_arguments(p)
+
+
+#: Every command, in --help order: (name, handler, summary, example,
+#: add_arguments).  Each add_arguments sits right after its handler;
+#: `worker` and `dlq` add their actions from _WORKER_ACTIONS and
+#: _DLQ_ACTIONS.
+_COMMANDS = (
+    ("enqueue", cmd_enqueue, "Add a job: a shell command, a JSON object, or"
+     " many from a file.", "queuectl enqueue 'make test' --max-retries 2\n"
+     "  queuectl enqueue '{\"command\": \"sleep 1\", \"priority\": 5}'\n"
+     "  queuectl enqueue -f jobs.jsonl", _enqueue_arguments),
+    ("worker", None, "Start or stop workers.",
+     "queuectl worker start --count 4", _worker_arguments),
+    ("status", cmd_status, "Show job counts per state and live workers.",
+     "queuectl status --json", _add_json),
+    ("list", cmd_list, "List jobs in enqueue order.",
+     "queuectl list --state failed --limit 20", _list_arguments),
+    ("show", cmd_show, "Show one job and all its attempts.",
+     "queuectl show 3f9a", _show_arguments),
+    ("logs", cmd_logs, "Print the output of a job's last (or K-th) attempt.",
+     "queuectl logs 3f9a --attempt 1", _logs_arguments),
+    ("dlq", None, "The dead letter queue: list or retry dead jobs.",
+     "queuectl dlq retry --all", _dlq_arguments),
+    ("wait", cmd_wait, "Block until jobs are completed or dead (exit 0 all"
+     " completed, 1 any dead, 124 timeout).",
+     "queuectl wait 3f9a 77c0 --timeout 600", _wait_arguments),
+    ("pause", cmd_pause, "Workers finish what runs and claim nothing new"
+     " until resume.", "queuectl pause", None),
+    ("resume", cmd_resume, "Let paused workers claim jobs again.",
+     "queuectl resume", None),
+    ("stats", cmd_stats, "Throughput, success ratio, run and wait times, the"
+     " commands that fail most.", "queuectl stats --since 24h",
+     _stats_arguments),
+    ("dashboard", cmd_dashboard, "Serve a live web dashboard, its JSON API"
+     " and /metrics.", "queuectl dashboard --port 8765",
+     _dashboard_arguments),
+    ("bench", cmd_bench, "Measure throughput, latency, memory and scale on a"
+     " temporary database.", "queuectl bench --quick", _bench_arguments),
+    ("demo", cmd_demo, "A narrated walkthrough on a temporary database"
+     " (about 7 seconds).", "queuectl demo", _no_database),
+    ("smoke-test", cmd_smoke_test, "A quick self-check on a temporary"
+     " database: enqueue, run, retry, DLQ.", "queuectl smoke-test",
+     _no_database),
+    ("copy", cmd_copy, "Copy the whole queue into an empty database (SQLite"
+     " or PostgreSQL).", "queuectl copy --to postgresql://jobs@db.internal/jobs",
+     _copy_arguments),
+    ("delete", cmd_delete, "Delete jobs that are not processing.",
+     "queuectl delete 3f9a 77c0", _delete_arguments),
+    ("purge", cmd_purge, "Delete old completed or dead jobs.",
+     "queuectl purge --state completed --older-than 7d --vacuum",
+     _purge_arguments),
+    ("config", cmd_config, "List, get or set settings.",
+     "queuectl config set max-retries 5", _config_arguments),
+)
+
+
+_COMMAND_GROUPS = """\
+commands by what you need them for:
+  add and run jobs   enqueue, worker start, worker stop
+  see what happens   status, list, show, logs, wait, stats, dashboard
+  when jobs fail     dlq list, dlq retry, delete, purge
+  control            pause, resume, config, copy
+  learn and check    demo, smoke-test, bench
+
+start here:
+  queuectl enqueue 'echo hello'
+  queuectl worker start --exit-when-idle
+  queuectl status"""
+
+
+def _command_in(argv):
+    """The command argv names, or None when it names none (or asks help)."""
+    index = _command_index(argv)
+    return None if index is None else argv[index]
+
+
+def _command_index(argv):
+    """Where the command is in argv (after --db PATH), or None."""
+    index = 0
+    while argv and index < len(argv):
+        arg = argv[index]
+        if arg == "--db":
+            index += 2
+        elif not arg.startswith("-"):
+            return index
+        elif arg.startswith("--db="):
+            index += 1
+        else:
+            return None
+    return None
+
+
+#: Spellings users bring from other job queues, and the queuectl argv for
+#: them; hidden from --help (SPEC 11).
+_ALIASES = {("enqueue-file",): ["enqueue", "-f"],
+            ("config", "show"): ["config", "list"]}
+
+#: Commands that exist under another name: an error names the right form.
+_MISPLACED = {"start": "worker start", "stop": "worker stop"}
+
+
+def _other_spellings(argv):
+    """Rewrite an alias into its queuectl form; refuse a misplaced command
+    with a hint that names the right one."""
+    index = _command_index(argv)
+    if index is None:
+        return argv
+    head, rest = argv[:index], argv[index:]
+    for alias, replacement in _ALIASES.items():
+        if tuple(rest[:len(alias)]) == alias:
+            return head + replacement + rest[len(alias):]
+    if rest[0] in _MISPLACED:
+        import shlex
+        hint = " ".join(shlex.quote(arg) for arg in head + _MISPLACED[
+            rest[0]].split() + rest[1:])
+        raise InvalidInput("there is no '%s' command; did you mean: %s %s"
+                           % (rest[0], _PROG, hint))
+    return argv
+
+
+def build_parser(argv=None):
+    """The CLI's parser; given argv naming a command, only that one's."""
+    only = _command_in(argv) if argv is not None else None
+    if only not in [row[0] for row in _COMMANDS]:
+        only = None  # none, or a typo: list every command
+    parser = _Parser(
+        prog=_PROG, description="A background job queue for shell"
+        " commands, stored in one SQLite file or in PostgreSQL.",
+        epilog=_named(_COMMAND_GROUPS),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", metavar="PATH|URL", help="database file or"
+                        " postgresql:// URL (default: $QUEUECTL_DB, else"
+                        " ~/.queuectl/queue.db)")
+    parser.add_argument("--version", action="version",
+                        version="queuectl " + __version__)
+    _add_commands(parser, "command", _COMMANDS, only)
+    return parser
+
+
+def _safe_streams():
+    """Under LANG=C, print unencodable text escaped instead of crashing."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        encoding = (getattr(stream, "encoding", None) or "").lower()
+        if "utf" in encoding or not hasattr(stream, "buffer"):
+            continue
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+        else:
+            import io
+            setattr(sys, name, io.TextIOWrapper(
+                stream.buffer, encoding=stream.encoding,
+                errors="backslashreplace", line_buffering=stream.line_buffering))
+
+
+def main(argv=None):
+    """Run the CLI; return the exit status."""
+    global _PROG
+    _safe_streams()
+    try:
+        _PROG = "queuectl" if argv is not None else _prog_name(sys.argv[0])
+        if argv is None:
+            argv = _decoded_argv(sys.argv[1:])
+        argv = _other_spellings(argv)
+        args = build_parser(argv).parse_args(argv)
+        if getattr(args, "no_database", False):
+            return args.func(args, None)
+        queue = Queue(args.db or None)
+        try:
+            return args.func(args, queue)
+        finally:
+            queue.close()
+    except QueueError as exc:
+        return _error_exit(str(exc), exc.exit_code)
+    except BrokenPipeError:
+        # `queuectl list | head`: the reader left; end quietly.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return _error_exit("interrupted", 130)
+    except OSError as exc:
+        return _error_exit("%s" % exc, 1)
+    except Exception as exc:  # never a traceback; QUEUECTL_DEBUG=1 shows one
+        if os.environ.get("QUEUECTL_DEBUG"):
+            raise
+        return _error_exit("internal error: %s: %s" % (type(exc).__name__, exc), 1)
+
+
+def _decoded_argv(argv):
+    """Python 3.6 under LANG=C decodes arguments as ASCII: redo it as UTF-8."""
+    try:
+        return [os.fsencode(arg).decode("utf-8") for arg in argv]
+    except UnicodeDecodeError:
+        raise InvalidInput("arguments must be UTF-8 text")
+
+
+def _error_exit(message, code):
+    """Print `queuectl: error: MESSAGE` on stderr; return the exit code."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    line = "queuectl: error: %s\n" % _printable(message)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    return code
+
+
+###############################################################################
+# Dashboard page: the HTML, CSS and script served at / ########################
+###############################################################################
 
 # Everything the page needs is inline; nothing may load from elsewhere.
 # Only the page's own script (by nonce) runs: even markup that slipped into
@@ -4052,1267 +5401,6 @@ def run_bench(quick=False, progress=lambda text: None):
     import tempfile
     with tempfile.TemporaryDirectory(prefix="queuectl-bench-") as folder:
         return _Bench(folder, quick, progress).run()
-
-
-###############################################################################
-# Output formatting ###########################################################
-###############################################################################
-
-_COLOURS = {"pending": "33", "processing": "36", "completed": "32",
-            "failed": "35", "dead": "31"}
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _printable(text):
-    """Escape control characters so job text cannot break a table line."""
-    return _CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()), text)
-
-
-def _use_colour(stream):
-    return stream.isatty() and "NO_COLOR" not in os.environ
-
-
-def _paint(state, width, colour):
-    text = state.ljust(width)
-    return "\x1b[%sm%s\x1b[0m" % (_COLOURS[state], text) if colour else text
-
-
-def _clip(text, width):
-    text = _printable(text)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _table(rows, headers, colour=False, state_col=None):
-    """Left-aligned columns; the last column takes what is left of 80."""
-    widths = [max(len(str(r[i])) for r in rows + [headers])
-              for i in range(len(headers) - 1)]
-    last = max(20, 79 - sum(w + 2 for w in widths))
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))
-             + "  " + headers[-1]]
-    for row in rows:
-        cells = []
-        for i, w in enumerate(widths):
-            if i == state_col:
-                cells.append(_paint(row[i], w, colour))
-            else:
-                cells.append(str(row[i]).ljust(w))
-        lines.append("  ".join(cells) + "  " + _clip(str(row[-1]), last))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _job_rows(jobs):
-    return [(j["id"], j["state"], "%d/%d" % (j["attempts"], j["max_retries"] + 1),
-             j["priority"], _short_time(j["run_at"] if j["state"] in
-                                        ("pending", "failed") else j["updated_at"]),
-             j["command"]) for j in jobs]
-
-
-def _dlq_table(jobs):
-    """Dead jobs with their last error; command and error share what is
-    left of 80 columns."""
-    if not jobs:
-        return "(no dead jobs)"
-    headers = ("ID", "TRIES", "DIED (UTC)", "COMMAND", "LAST ERROR")
-    rows = [(j["id"], "%d/%d" % (j["attempts"], j["max_retries"] + 1),
-             _short_time(j["updated_at"])[5:16], _printable(j["command"]),
-             j["last_error"] or "-") for j in jobs]
-    used = sum(max(len(r[i]) for r in rows + [headers]) + 2 for i in range(3))
-    room = max(79 - used - 2, 2 * 20)  # for both texts
-    longest = max(len(r[3]) for r in rows + [headers])
-    width = min(longest, max(room // 2, room - max(
-        len(_printable(r[4])) for r in rows + [headers])))
-    rows = [r[:3] + (_clip(r[3], width).ljust(width),) + r[4:] for r in rows]
-    return _table(rows, headers)
-
-
-def _short_time(stamp):
-    return stamp[:19].replace("T", " ") if stamp else "-"
-
-
-def _job_table(jobs, colour):
-    if not jobs:
-        return "(no jobs)"
-    return _table(_job_rows(jobs), ("ID", "STATE", "TRIES", "PRI", "WHEN",
-                                    "COMMAND"), colour, state_col=1)
-
-
-def _show_text(job):
-    fields = [
-        ("id", job["id"]), ("state", job["state"]),
-        ("command", _printable(job["command"])),
-        ("attempts", "%d of %d" % (job["attempts"], job["max_retries"] + 1)),
-        ("priority", job["priority"]), ("run_at", job["run_at"]),
-        ("timeout", _seconds_text(job["timeout"]) if job["timeout"] else "none"),
-        ("cwd", _printable(job["cwd"])),
-        ("env", _printable(json.dumps(job["env"], sort_keys=True))),
-        ("after", ", ".join(job["after"]) or "-"),
-        ("last_error", _printable(job["last_error"] or "-")),
-        ("worker", job["worker"] or "-"),
-        ("created_at", job["created_at"]), ("updated_at", job["updated_at"]),
-    ]
-    lines = ["%-11s %s" % (k + ":", v) for k, v in fields]
-    runs = job["runs"]
-    if runs:
-        lines.append("")
-        rows = [(r["attempt"], _short_time(r["started_at"]),
-                 "%.3fs" % r["duration"] if r["duration"] is not None else "-",
-                 r["exit_code"] if r["exit_code"] is not None else "-",
-                 r["worker"] or "-", r["error"] or ("running" if not
-                                                    r["ended_at"] else "ok"))
-                for r in runs]
-        lines.append(_table(rows, ("#", "STARTED", "TOOK", "EXIT", "WORKER",
-                                   "RESULT")))
-    return "\n".join(lines)
-
-
-def _stats_text(stats):
-    def secs(value):
-        return "-" if value is None else "%.3fs" % value
-    counts = stats["counts"]
-    rate = stats["finished_per_minute"]
-    ratio = stats["success_ratio"]
-    run, wait = stats["run_seconds"], stats["wait_seconds"]
-    lines = [
-        "jobs:         " + "  ".join("%s %d" % (s, counts[s]) for s in STATES),
-        "runs/minute:  last 1m %.1f   5m %.1f   15m %.1f" % (
-            rate["1m"], rate["5m"], rate["15m"]),
-        "since %s:  %d runs, success %s" % (
-            _duration_text(stats["since_seconds"]), stats["runs"],
-            "-" if ratio is None else "%.1f%%" % (100 * ratio)),
-        "run time:     p50 %s   p95 %s   max %s" % (
-            secs(run["p50"]), secs(run["p95"]), secs(run["max"])),
-        "wait time:    p50 %s   p95 %s   (due to started)" % (
-            secs(wait["p50"]), secs(wait["p95"])),
-        "oldest due:   %s" % ("-" if stats["oldest_due_seconds"] is None else
-                              "%s waiting" % secs(stats["oldest_due_seconds"])),
-    ]
-    failing = stats["failing_commands"]
-    lines.append("failing most:" + ("" if failing else " -"))
-    for item in failing:
-        lines.append("  %5d  %s" % (item["failures"],
-                                    _clip(item["command"], 70)))
-    return "\n".join(lines)
-
-
-def _duration_text(seconds):
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return "%d%s" % (seconds // size, unit)
-    return _seconds_text(seconds)
-
-
-def _status_text(status, colour):
-    lines = ["database: %s" % status["db"]]
-    if status["paused"]:
-        lines.append("paused: workers claim no new jobs (%s resume)" % _PROG)
-    lines.append("")
-    for state in STATES:
-        lines.append("  %s %8d" % (_paint(state, 11, colour),
-                                   status["counts"][state]))
-    lines.append("  %-11s %8d" % ("total", sum(status["counts"].values())))
-    workers = status["workers"]
-    lines.append("")
-    lines.append("workers: %d live" % len(workers))
-    if workers:
-        rows = [(w["id"], w["pid"], _short_time(w["started_at"]),
-                 w["job"] or "-") for w in workers]
-        lines.append(_table(rows, ("WORKER", "PID", "STARTED", "JOB")))
-    return "\n".join(lines)
-
-
-###############################################################################
-# CLI #########################################################################
-###############################################################################
-
-#: The command as the user typed it, for usage lines, examples and hints:
-#: `queuectl`, `./queuectl.py`, `python3 queuectl.py`, `python3 -m queuectl`.
-#: main() sets it; error lines still start `queuectl: error:`.
-_PROG = "queuectl"
-
-
-def _prog_name(argv0):
-    """sys.argv[0] -> how to run this queuectl again from the same shell."""
-    if __name__ == "__main__" and __spec__ is not None:
-        return "python3 -m " + __spec__.name
-    if not argv0 or argv0.startswith("-"):
-        return "queuectl"
-    folder, base = os.path.split(argv0)
-    if not folder:  # a script the shell found on PATH comes with its folder
-        return ("python3 " + argv0) if argv0.endswith(".py") else argv0
-    here = os.path.realpath(folder)
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    if any(p and os.path.realpath(p) == here for p in path):
-        return base
-    return argv0
-
-
-def _named(text):
-    """Example lines that start `queuectl ` use the name the user typed."""
-    return re.sub(r"(?m)^(\s*(?:\$ )?)queuectl ",
-                  lambda m: m.group(1) + _PROG + " ", text)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one `queuectl: error:` line."""
-
-    def error(self, message):
-        raise InvalidInput("%s (see '%s --help')" % (message, self.prog))
-
-
-def _print(text=""):
-    sys.stdout.write(text + "\n")
-
-
-def _print_json(value):
-    _print(json.dumps(value, indent=2, sort_keys=True))
-
-
-def _emit(args, value, as_text):
-    """--json prints the value; otherwise as_text(value) does the talking."""
-    if args.json:
-        _print_json(value)
-    else:
-        _print(as_text(value))
-    return 0
-
-
-def cmd_enqueue(args, queue):
-    specs = _enqueue_specs(args)
-    if specs is None:  # one job from a command or a JSON object
-        job_id = queue.enqueue(_enqueue_spec(args))
-        if args.json:
-            _print_json(queue.get(job_id))
-        else:
-            _print(job_id)
-        return 0
-    ids = queue.enqueue_many(specs)
-    if args.json:
-        _print_json(ids)
-    else:
-        _print("\n".join(ids))
-    return 0
-
-
-def _enqueue_specs(args):
-    """The jobs of `-f FILE`, a job file named as the argument, or a JSON
-    array argument; None when the argument is one command or one object."""
-    text = args.command_or_json
-    if args.file is not None:
-        if text is not None or _field_flags(args):
-            raise InvalidInput("give -f FILE or a command, not both")
-        return _as_list(parse_jobs_text(_read_input(args.file)))
-    if text is None:
-        return None
-    if _is_job_file(text):
-        if _field_flags(args):
-            raise InvalidInput("give job fields in %s or as flags, not both"
-                               % text)
-        return _as_list(parse_jobs_text(_read_input(text)))
-    if not text.lstrip().startswith("["):
-        return None
-    if _field_flags(args):
-        raise InvalidInput("give job fields in the JSON array or as flags,"
-                           " not both")
-    jobs = _json_argument(text)
-    for number, job in enumerate(jobs, 1):
-        if isinstance(job, str):  # '["echo a", "echo b"]'
-            raise InvalidInput("job %d: a JSON array holds job objects, not"
-                               " strings: [{\"command\": %s}, ...]"
-                               % (number, _short_repr(job)))
-    return jobs
-
-
-def _as_list(specs):
-    return [specs] if isinstance(specs, dict) else specs
-
-
-#: A positional enqueue argument ending so names a job file (SPEC 4).
-_JOB_FILE_SUFFIXES = (".json", ".jsonl")
-
-
-def _is_job_file(text):
-    """Is `text` an existing .json/.jsonl file?  A word that looks like one
-    but names nothing is refused: running it as a command never works."""
-    if not text.lower().endswith(_JOB_FILE_SUFFIXES) or text != text.strip():
-        return False
-    if os.path.isfile(text):
-        return True
-    if re.search(r"\s", text):
-        return False  # a command line, e.g. 'jq . in.json > out.json'
-    raise InvalidInput("%s: %s (an argument ending in .json or .jsonl is"
-                       " read as a job file); to run a command named so, %s"
-                       % (text, "not a file" if os.path.exists(text)
-                          else "no such file", _command_hint(text)))
-
-
-def _json_argument(text):
-    """Parse an argument that starts with { or [ (it must be JSON)."""
-    try:
-        return parse_json(text)
-    except json.JSONDecodeError as exc:  # not JSON: maybe a shell command
-        raise InvalidInput("invalid JSON: %s; to enqueue a shell command"
-                           " that starts with %s, %s" % (
-                               exc, text.lstrip()[0], _command_hint(text)))
-    except ValueError as exc:  # JSON, but a duplicate key or too deep
-        raise InvalidInput("invalid JSON: %s" % exc)
-
-
-def _command_hint(command):
-    """How to enqueue a command that looks like JSON: as a JSON object."""
-    wrapped = json.dumps({"command": command})
-    if "'" in wrapped or len(wrapped) > 72:
-        return "give it as a JSON object: {\"command\": \"...\"}"
-    return "give it as a JSON object: %s enqueue '%s'" % (_PROG, wrapped)
-
-
-def _read_input(name):
-    try:
-        if name == "-":
-            return sys.stdin.buffer.read().decode("utf-8")
-        with open(name, "rb") as handle:
-            return handle.read().decode("utf-8")
-    except OSError as exc:
-        raise InvalidInput("cannot read %s: %s" % (name, _reason(exc)))
-    except UnicodeDecodeError as exc:
-        raise InvalidInput("%s is not UTF-8 text: %s" % (name, exc))
-
-
-_FLAG_FIELDS = (("id", "id"), ("max_retries", "max_retries"),
-                ("priority", "priority"), ("run_at", "run_at"),
-                ("delay", "delay"), ("timeout", "timeout"), ("cwd", "cwd"),
-                ("after", "after"))
-
-
-def _field_flags(args):
-    flags = dict((field, getattr(args, attr)) for attr, field in _FLAG_FIELDS
-                 if getattr(args, attr) is not None)
-    if args.env:
-        flags["env"] = dict(_env_pair(pair) for pair in args.env)
-    return flags
-
-
-def _env_pair(pair):
-    key, sep, value = pair.partition("=")
-    if not sep or not key:
-        raise InvalidInput("--env takes KEY=VALUE, got %r" % pair)
-    return key, value
-
-
-def _enqueue_spec(args):
-    text = args.command_or_json
-    if text is None:
-        raise InvalidInput("enqueue needs a command, a JSON object or -f FILE")
-    flags = _field_flags(args)
-    if text.lstrip().startswith("{"):
-        if flags:
-            raise InvalidInput("give job fields in the JSON object or as flags,"
-                               " not both")
-        spec = _json_argument(text)
-        if not isinstance(spec, dict):
-            raise InvalidInput("a job must be a JSON object")
-        return spec
-    flags["command"] = text
-    return flags
-
-
-def _number_flag(kind, name):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%s must be %s, got %r" % (
-                name, "an integer" if kind is int else "a number", text))
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError("%s must be finite" % name)
-        return value
-    return parse
-
-
-def cmd_worker_start(args, queue):
-    import signal
-    queue.close()
-    pool = WorkerPool(queue.address, count=args.count,
-                      poll_interval=args.poll_interval,
-                      exit_when_idle=args.exit_when_idle,
-                      idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
-    signals = []
-
-    def on_signal(signum, frame):
-        # Only sets flags: the main thread never holds those events' locks.
-        signals.append(signum)
-        if len(signals) == 1:
-            pool.stop()
-        else:
-            pool.force()
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    pool.log("-", "-", "pool", "started %d worker(s) on %s"
-             % (args.count, queue.path))
-    code = pool.run()
-    reason = "forced" if pool.forced.is_set() else pool.exit_reason
-    pool.log("-", "-", "pool", "stopped" + (" (%s)" % reason if reason
-                                           else ""))
-    return code
-
-
-def cmd_worker_stop(args, queue):
-    asked = set(w["id"] for w in queue.workers())
-    queue.request_stop()
-    if not args.wait:
-        _print("stop requested; %d worker(s) running" % len(asked))
-        return 0
-    # Wait for the workers that were asked; one started since keeps going.
-    while asked & set(w["id"] for w in queue.workers()):
-        time.sleep(0.1)
-    _print("all workers stopped")
-    return 0
-
-
-def cmd_status(args, queue):
-    return _emit(args, queue.status(), lambda s: _status_text(
-        s, _use_colour(sys.stdout)))
-
-
-def cmd_list(args, queue):
-    return _print_jobs(args, queue.list(args.state, args.limit, args.offset))
-
-
-def cmd_dlq_list(args, queue):
-    return _emit(args, queue.list("dead", args.limit, args.offset),
-                 _dlq_table)
-
-
-def _print_jobs(args, jobs):
-    return _emit(args, jobs, lambda j: _job_table(j, _use_colour(sys.stdout)))
-
-
-def cmd_show(args, queue):
-    return _emit(args, queue.get(args.id, runs=True), _show_text)
-
-
-def cmd_logs(args, queue):
-    text, dropped, number = queue.output(args.id, args.attempt)
-    if dropped:
-        sys.stderr.write("queuectl: attempt %d: output truncated, first %d"
-                         " bytes dropped\n" % (number, dropped))
-    sys.stdout.flush()
-    out = getattr(sys.stdout, "buffer", None)
-    if out is not None:
-        out.write(text.encode("utf-8", "replace"))
-        out.flush()
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-def cmd_dlq_retry(args, queue):
-    if args.all == bool(args.ids):
-        raise InvalidInput("give job ids or --all")
-    ids = queue.retry_all() if args.all else queue.retry(args.ids)
-    _print("\n".join(ids) if ids else "(no dead jobs)")
-    return 0
-
-
-def cmd_delete(args, queue):
-    _print("\n".join(queue.delete(args.ids)))
-    return 0
-
-
-def cmd_purge(args, queue):
-    older = _parse_duration_arg(args.older_than, "--older-than")
-    count = queue.purge(args.state, older, args.vacuum)
-    _print("purged %d %s job(s)" % (count, args.state))
-    return 0
-
-
-def _parse_duration_arg(text, name):
-    if text is None:
-        return 0.0
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise InvalidInput("%s: %s" % (name, exc))
-
-
-def cmd_wait(args, queue):
-    if args.timeout is not None and args.timeout < 0:
-        raise InvalidInput("--timeout must be >= 0, got %s" % args.timeout)
-    try:
-        for job_id in args.ids:
-            queue.resolve(job_id)
-    except NotFound as exc:
-        raise InvalidInput(str(exc))
-    try:
-        states = queue.wait(args.ids, args.timeout)
-    except TimeoutError as exc:
-        return _fail_with(str(exc), 124)
-    for job_id, state in states.items():
-        _print("%s %s" % (job_id, state))
-    dead = [job_id for job_id, state in states.items() if state == "dead"]
-    if dead:
-        return _fail_with("%d job(s) dead: %s" % (len(dead), ", ".join(dead)),
-                          1)
-    return 0
-
-
-def cmd_pause(args, queue):
-    queue.set_paused(True)
-    _print("paused: workers finish running jobs and claim no new ones")
-    return 0
-
-
-def cmd_resume(args, queue):
-    queue.set_paused(False)
-    _print("resumed")
-    return 0
-
-
-def cmd_demo(args, queue):
-    """A classroom walkthrough; uses a temporary database, never the user's."""
-    import tempfile
-    import threading
-    with tempfile.TemporaryDirectory(prefix="queuectl-demo-") as folder:
-        path = os.path.join(folder, "demo.db")
-        demo = Queue(path)
-        pool = WorkerPool(path, count=2, poll_interval=0.05, log=_DemoLog())
-        worker = threading.Thread(target=pool.run)
-        try:
-            _demo_script(demo, pool, worker, folder)
-        finally:
-            pool.stop()
-            if worker.is_alive():
-                worker.join()
-            demo.close()
-    return 0
-
-
-class _DemoLog(object):
-    """Shows the worker's log lines indented under the narration."""
-
-    def write(self, text):
-        if text.strip():
-            sys.stdout.write("      worker log | %s\n" % text.strip()[11:])
-
-    def flush(self):
-        sys.stdout.flush()
-
-
-def _demo_step(title, command=None):
-    _print()
-    _print(title)
-    if command:
-        _print("    $ %s %s" % (_PROG, command))
-    sys.stdout.flush()
-
-
-def _demo_script(demo, pool, worker, folder):
-    _print("queuectl demo: a job queue in one SQLite file.")
-    _print("This demo uses a temporary database: %s" % demo.path)
-    _demo_step("1. Queue a job that succeeds. enqueue prints the new job's id.",
-               "enqueue 'echo hello from a job' --id hello")
-    demo.enqueue({"command": "echo hello from a job", "id": "hello",
-                  "cwd": folder})
-    _demo_step("2. Queue a job that fails until a file exists. With"
-               " max_retries 2 it runs\n   at most 3 times. Backoff base 2:"
-               " it waits 2**1 = 2 s after the first failure,\n   2**2 = 4 s"
-               " after the second, then goes to the dead letter queue (DLQ).",
-               "enqueue 'test -f ready.flag' --max-retries 2 --id needs-flag")
-    demo.enqueue({"command": "test -f ready.flag", "id": "needs-flag",
-                  "max_retries": 2, "cwd": folder})
-    _demo_step("3. Start a worker with 2 threads. Each line of its log is one"
-               " event:", "worker start --count 2")
-    worker.start()
-    demo.wait(["hello", "needs-flag"])
-    _demo_step("4. Status: one job completed, one dead after 3 attempts.",
-               "status")
-    _print(_indent(_status_text(demo.status(), False)))
-    _demo_step("5. The dead job and its attempts:", "show needs-flag")
-    _print(_indent(_show_text(demo.get("needs-flag", runs=True))))
-    _demo_step("6. Fix the cause (create ready.flag) and retry the job from"
-               " the DLQ:\n   attempts start again from 0.",
-               "dlq retry needs-flag")
-    open(os.path.join(folder, "ready.flag"), "w").close()
-    demo.retry(["needs-flag"])
-    demo.wait(["needs-flag"])
-    _demo_step("7. Final status: both jobs completed.", "status")
-    _print(_indent(_status_text(demo.status(), False)))
-    _demo_step("Try it on your own queue: %s enqueue 'echo hi', then"
-               " %s worker start." % (_PROG, _PROG))
-
-
-def _indent(text):
-    return "\n".join("    " + line if line else "" for line in text.splitlines())
-
-
-#: Seconds `smoke-test` gives any one step before it calls it failed.
-SMOKE_STEP_TIMEOUT = 60.0
-
-
-def cmd_smoke_test(args, queue):
-    """A self-check on a temporary database; exit 0 and `ok`, or exit 1
-    naming the step that failed."""
-    import platform
-    import tempfile
-    _print("queuectl %s smoke test: Python %s, SQLite %s" % (
-        __version__, platform.python_version(), sqlite3.sqlite_version))
-    with tempfile.TemporaryDirectory(prefix="queuectl-smoke-") as folder:
-        check = _SmokeTest(folder)
-        try:
-            for number, (title, step) in enumerate(check.steps(), 1):
-                check.run_step(number, title, step)
-        finally:
-            check.close()
-    _print("ok")
-    return 0
-
-
-class _SmokeTest(object):
-    """The steps of `smoke-test`; each raises an exception when it fails."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.path = os.path.join(folder, "smoke.db")
-        self.queue = self.pool = self.thread = None
-        self.ended = []  # the pool's exit status, or what ended it
-        self.log = _LogLines()
-        self.ok_id = self.failing_id = None
-
-    def steps(self):
-        return [
-            ("create a queue in a temporary database", self.create),
-            ("enqueue a job", self.enqueue),
-            ("start a worker pool with 2 threads", self.start),
-            ("a worker runs the job", self.run),
-            ("a failing job is retried after a short backoff", self.retry),
-            ("after its last retry it is in the DLQ", self.dlq),
-            ("dlq retry runs it again, and now it succeeds", self.dlq_retry),
-            ("status counts 2 completed jobs", self.status),
-            ("the workers stop when asked", self.stop),
-        ]
-
-    def run_step(self, number, title, step):
-        sys.stdout.write("%d. %s ... " % (number, title))
-        sys.stdout.flush()
-        try:
-            step()
-        except Exception as exc:
-            _print("FAILED")
-            for line in self.log.lines[-5:]:
-                _print("   worker log: " + line)
-            detail = str(exc) if isinstance(exc, QueueError) else \
-                "%s: %s" % (type(exc).__name__, exc)
-            raise QueueError("smoke test failed at step %d (%s): %s"
-                             % (number, title, detail))
-        _print("ok")
-
-    def create(self):
-        self.queue = Queue(self.path)
-        self.queue.config_set("backoff-max", "0.05")  # retries come fast
-        if any(self.queue.counts().values()):
-            raise QueueError("a new queue is not empty")
-
-    def enqueue(self):
-        self.ok_id = self.queue.enqueue({"command": "echo smoke-test",
-                                         "cwd": self.folder})
-        if self.queue.get(self.ok_id)["state"] != "pending":
-            raise QueueError("the new job is not pending")
-
-    def start(self):
-        import threading
-        self.pool = WorkerPool(self.path, count=2, poll_interval=0.02,
-                               log=self.log)
-        self.thread = threading.Thread(target=self._run_pool)
-        self.thread.daemon = True
-        self.thread.start()
-        self._until("registered worker", self.queue.workers)
-
-    def _run_pool(self):
-        try:
-            self.ended.append(self.pool.run())
-        except Exception as exc:
-            self.ended.append("%s: %s" % (type(exc).__name__, exc))
-
-    def run(self):
-        job = self._finished(self.ok_id)
-        if job["state"] != "completed":
-            raise QueueError("the job ended %s: %s" % (job["state"],
-                                                       job["last_error"]))
-        output = self.queue.output(self.ok_id)[0]
-        if output != "smoke-test\n":
-            raise QueueError("the job printed %r, not 'smoke-test'" % output)
-
-    def retry(self):
-        self.failing_id = self.queue.enqueue({
-            "command": "test -f ready", "max_retries": 1, "cwd": self.folder})
-
-        def retried():
-            runs = self.queue.get(self.failing_id, runs=True)["runs"]
-            return runs if len(runs) >= 2 else None
-        runs = self._until("second attempt", retried)
-        if runs[0]["error"] != "exit code 1":
-            raise QueueError("attempt 1 ended %r, not 'exit code 1'"
-                             % runs[0]["error"])
-
-    def dlq(self):
-        job = self._finished(self.failing_id)
-        dead = [j["id"] for j in self.queue.list("dead")]
-        if job["state"] != "dead" or dead != [self.failing_id]:
-            raise QueueError("the job is %s; the DLQ holds %s"
-                             % (job["state"], dead or "nothing"))
-        if (job["attempts"], job["last_error"]) != (2, "exit code 1"):
-            raise QueueError("%d attempts, last error %r" % (
-                job["attempts"], job["last_error"]))
-
-    def dlq_retry(self):
-        open(os.path.join(self.folder, "ready"), "w").close()
-        self.queue.retry([self.failing_id])
-        job = self._finished(self.failing_id)
-        if job["state"] != "completed":
-            raise QueueError("the job ended %s: %s" % (job["state"],
-                                                       job["last_error"]))
-
-    def status(self):
-        counts = self.queue.status()["counts"]
-        if counts != dict(dict.fromkeys(STATES, 0), completed=2):
-            raise QueueError("counts are %s" % json.dumps(counts,
-                                                         sort_keys=True))
-
-    def stop(self):
-        self.pool.stop()
-        self.thread.join(SMOKE_STEP_TIMEOUT)
-        if self.ended != [0]:
-            raise QueueError("the pool ended with %s" % (
-                self.ended[0] if self.ended else "nothing: still running"))
-
-    def _finished(self, job_id):
-        self._until("finished job", lambda: self.queue.get(job_id)["state"]
-                    in ("completed", "dead"))
-        return self.queue.get(job_id)
-
-    def _until(self, what, predicate):
-        deadline = time.monotonic() + SMOKE_STEP_TIMEOUT
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if self.ended:
-                raise QueueError("the worker pool ended: %s" % self.ended[0])
-            if time.monotonic() > deadline:
-                raise QueueError("no %s after %s" % (
-                    what, _seconds_text(SMOKE_STEP_TIMEOUT)))
-            time.sleep(0.02)
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.stop()
-            self.thread.join(SMOKE_STEP_TIMEOUT)
-            if self.thread.is_alive():
-                self.pool.force()
-                self.thread.join(SMOKE_STEP_TIMEOUT)
-        if self.queue is not None:
-            self.queue.close()
-
-
-class _LogLines(object):
-    """A worker log kept in memory (the smoke test shows it on failure)."""
-
-    def __init__(self):
-        self.lines = []
-
-    def write(self, text):
-        self.lines.extend(line for line in text.splitlines() if line)
-
-    def flush(self):
-        pass
-
-
-def cmd_bench(args, queue):
-    def progress(text):
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-    results = run_bench(args.quick, progress)
-    if args.json:
-        _print_json(results)
-        return 0
-    _print("queuectl %s bench on Python %s, SQLite %s, %d CPUs%s" % (
-        __version__, sys.version.split()[0], sqlite3.sqlite_version,
-        os.cpu_count() or 0, " (--quick)" if args.quick else ""))
-    rows = []
-    for r in results:
-        rows.append((r["name"], "%.1f %s" % (r["value"], r["unit"]),
-                     "%.1f" % r["baseline"] if r["baseline"] else "-",
-                     "%.2fx" % r["ratio"] if r["ratio"] else "-",
-                     r["target"] or ""))
-    _print(_table(rows, ("MEASURE", "VALUE", "BASELINE", "RATIO", "TARGET")))
-    for r in results:
-        if r["note"]:
-            _print("  %s: %s" % (r["name"], r["note"]))
-    return 0
-
-
-def cmd_copy(args, queue):
-    copied = queue.copy_to(args.to)
-    _print("copied %d job(s) to %s" % (copied, _redact(args.to)))
-    return 0
-
-
-def cmd_stats(args, queue):
-    since = _parse_duration_arg(args.since, "--since") if args.since else 3600
-    return _emit(args, queue.stats(since), _stats_text)
-
-
-def cmd_dashboard(args, queue):
-    if args.port > 65535:
-        raise InvalidInput("--port must be 0-65535, got %d" % args.port)
-    queue.close()
-
-    def ready(url):
-        mode = " (read-only)" if args.read_only else ""
-        _print("queuectl dashboard%s: %s  (Ctrl-C stops it)" % (mode, url))
-        sys.stdout.flush()
-    try:
-        serve_dashboard(queue.address, args.host, args.port, args.read_only,
-                        ready)
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def cmd_config(args, queue):
-    _config_options(args)
-    if args.action == "list":
-        if args.key is not None or args.value is not None:
-            raise InvalidInput("config list takes no arguments")
-        values = queue.config()
-        if args.json:
-            _print_json(values)
-        else:
-            for key in sorted(values):
-                _print("%-14s %s" % (key, _number_text(values[key])))
-        return 0
-    if args.key is None:
-        raise InvalidInput("config %s needs a KEY" % args.action)
-    if args.action == "get":
-        if args.value is not None:
-            raise InvalidInput("config get takes one KEY")
-        _print(_number_text(queue.config_get(args.key)))
-        return 0
-    if args.value is None:
-        raise InvalidInput("config set needs KEY and VALUE")
-    _print(_number_text(queue.config_set(args.key, args.value)))
-    return 0
-
-
-def _config_options(args):
-    """A bare `config` lists; `config --key K [--value V]` (hidden, a form
-    other queues use) is `config get K` or `config set K V`."""
-    if args.option_key is None and args.option_value is None:
-        args.action = args.action or "list"
-        return
-    if args.key is not None or args.value is not None:
-        raise InvalidInput("give KEY and VALUE as arguments or as --key and"
-                           " --value, not both")
-    if args.option_key is None:
-        raise InvalidInput("--value needs --key (or: %s config set KEY VALUE)"
-                           % _PROG)
-    args.key, args.value = args.option_key, args.option_value
-    args.action = args.action or ("get" if args.value is None else "set")
-
-
-class _Skipped(object):
-    """Stands in for the parser of a command this run does not use."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: self
-
-
-def _add_command(sub, name, func, summary, example, **kwargs):
-    if isinstance(sub, _Skipped):
-        return sub
-    if getattr(sub, "only", None) not in (None, name):
-        # Building every command's parser costs each call a few ms.
-        return _Skipped()
-    parser = sub.add_parser(name, help=summary, description=summary,
-                            epilog=_named("example:\n  " + example),
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            **kwargs)
-    if func is not None:
-        parser.set_defaults(func=func)
-    return parser
-
-
-def _add_json(parser):
-    parser.add_argument("--json", action="store_true",
-                        help="print JSON instead of a table")
-
-
-def _add_paging(parser):
-    parser.add_argument("--limit", type=_positive_int("--limit"), default=100,
-                        help="at most N jobs (default 100)")
-    parser.add_argument("--offset", type=_non_negative_int("--offset"),
-                        default=0, help="skip the first N jobs")
-
-
-def _positive_int(name):
-    return _bounded_int(name, 1)
-
-
-def _positive_number(name):
-    parse = _number_flag(float, name)
-
-    def check(text):
-        value = parse(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError("%s must be > 0, got %s"
-                                             % (name, text))
-        return value
-    return check
-
-
-def _non_negative_int(name):
-    return _bounded_int(name, 0)
-
-
-def _bounded_int(name, minimum):
-    parse = _number_flag(int, name)
-
-    def check(text):
-        value = parse(text)
-        if not minimum <= value <= MAX_COUNT:
-            raise argparse.ArgumentTypeError(
-                "%s must be >= %d and <= %d, got %s" % (name, minimum,
-                                                        MAX_COUNT, text))
-        return value
-    return check
-
-
-_COMMAND_GROUPS = """\
-commands by what you need them for:
-  add and run jobs   enqueue, worker start, worker stop
-  see what happens   status, list, show, logs, wait, stats, dashboard
-  when jobs fail     dlq list, dlq retry, delete, purge
-  control            pause, resume, config, copy
-  learn and check    demo, smoke-test, bench
-
-start here:
-  queuectl enqueue 'echo hello'
-  queuectl worker start --exit-when-idle
-  queuectl status"""
-
-
-def _command_in(argv):
-    """The command argv names, or None when it names none (or asks help)."""
-    index = _command_index(argv)
-    return None if index is None else argv[index]
-
-
-def _command_index(argv):
-    """Where the command is in argv (after --db PATH), or None."""
-    index = 0
-    while argv and index < len(argv):
-        arg = argv[index]
-        if arg == "--db":
-            index += 2
-        elif not arg.startswith("-"):
-            return index
-        elif arg.startswith("--db="):
-            index += 1
-        else:
-            return None
-    return None
-
-
-#: Spellings users bring from other job queues, and the queuectl argv for
-#: them; hidden from --help (SPEC 11).
-_ALIASES = {("enqueue-file",): ["enqueue", "-f"],
-            ("config", "show"): ["config", "list"]}
-
-#: Commands that exist under another name: an error names the right form.
-_MISPLACED = {"start": "worker start", "stop": "worker stop"}
-
-
-def _other_spellings(argv):
-    """Rewrite an alias into its queuectl form; refuse a misplaced command
-    with a hint that names the right one."""
-    index = _command_index(argv)
-    if index is None:
-        return argv
-    head, rest = argv[:index], argv[index:]
-    for alias, replacement in _ALIASES.items():
-        if tuple(rest[:len(alias)]) == alias:
-            return head + replacement + rest[len(alias):]
-    if rest[0] in _MISPLACED:
-        import shlex
-        hint = " ".join(shlex.quote(arg) for arg in head + _MISPLACED[
-            rest[0]].split() + rest[1:])
-        raise InvalidInput("there is no '%s' command; did you mean: %s %s"
-                           % (rest[0], _PROG, hint))
-    return argv
-
-
-def build_parser(argv=None):
-    """The CLI's parser; given argv naming a command, only that one's."""
-    only = _command_in(argv) if argv is not None else None
-    parser, commands = _build_parser(only)
-    if only is not None and only not in commands.choices:
-        parser, commands = _build_parser(None)  # a typo: list every command
-    return parser
-
-
-def _build_parser(only):
-    parser = _Parser(
-        prog=_PROG, description="A background job queue for shell"
-        " commands, stored in one SQLite file or in PostgreSQL.",
-        epilog=_named(_COMMAND_GROUPS),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", metavar="PATH|URL", help="database file or"
-                        " postgresql:// URL (default: $QUEUECTL_DB, else"
-                        " ~/.queuectl/queue.db)")
-    parser.add_argument("--version", action="version",
-                        version="queuectl " + __version__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                parser_class=_Parser)
-    sub.required = True
-    sub.only = only or None
-    _add_enqueue(sub)
-    _add_worker(sub)
-    p = _add_command(sub, "status", cmd_status, "Show job counts per state"
-                     " and live workers.", "queuectl status --json")
-    _add_json(p)
-    p = _add_command(sub, "list", cmd_list, "List jobs in enqueue order.",
-                     "queuectl list --state failed --limit 20")
-    p.add_argument("--state", choices=STATES, metavar="STATE",
-                   help="only jobs in this state: " + ", ".join(STATES))
-    _add_paging(p)
-    _add_json(p)
-    p = _add_command(sub, "show", cmd_show, "Show one job and all its"
-                     " attempts.", "queuectl show 3f9a")
-    p.add_argument("id", help="job id or unambiguous prefix")
-    _add_json(p)
-    p = _add_command(sub, "logs", cmd_logs, "Print the output of a job's"
-                     " last (or K-th) attempt.", "queuectl logs 3f9a"
-                     " --attempt 1")
-    p.add_argument("id", help="job id or unambiguous prefix")
-    p.add_argument("--attempt", type=_positive_int("--attempt"), metavar="K")
-    _add_dlq(sub)
-    p = _add_command(sub, "wait", cmd_wait, "Block until jobs are completed"
-                     " or dead (exit 0 all completed, 1 any dead, 124 timeout).",
-                     "queuectl wait 3f9a 77c0 --timeout 600")
-    p.add_argument("ids", nargs="+", metavar="ID")
-    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
-                   metavar="S", help="give up after S seconds (exit 124)")
-    _add_command(sub, "pause", cmd_pause, "Workers finish what runs and claim"
-                 " nothing new until resume.", "queuectl pause")
-    _add_command(sub, "resume", cmd_resume, "Let paused workers claim jobs"
-                 " again.", "queuectl resume")
-    p = _add_command(sub, "stats", cmd_stats, "Throughput, success ratio, run"
-                     " and wait times, the commands that fail most.",
-                     "queuectl stats --since 24h")
-    p.add_argument("--since", metavar="DURATION", help="the window for ratios"
-                   " and times (default 1h; e.g. 15m, 24h, 7d)")
-    _add_json(p)
-    p = _add_command(sub, "dashboard", cmd_dashboard, "Serve a live web"
-                     " dashboard, its JSON API and /metrics.",
-                     "queuectl dashboard --port 8765")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind"
-                   " (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_non_negative_int("--port"), default=8765,
-                   help="port (default 8765; 0 picks a free one)")
-    p.add_argument("--read-only", action="store_true",
-                   help="serve no retry or delete")
-    p = _add_command(sub, "bench", cmd_bench, "Measure throughput, latency,"
-                     " memory and scale on a temporary database.",
-                     "queuectl bench --quick")
-    p.add_argument("--quick", action="store_true", help="small sizes, a few"
-                   " seconds")
-    _add_json(p)
-    p.set_defaults(no_database=True)
-    p = _add_command(sub, "demo", cmd_demo, "A narrated walkthrough on a"
-                     " temporary database (about 7 seconds).", "queuectl demo")
-    p.set_defaults(no_database=True)
-    p = _add_command(sub, "smoke-test", cmd_smoke_test, "A quick self-check"
-                     " on a temporary database: enqueue, run, retry, DLQ.",
-                     "queuectl smoke-test")
-    p.set_defaults(no_database=True)
-    p = _add_command(sub, "copy", cmd_copy, "Copy the whole queue into an"
-                     " empty database (SQLite or PostgreSQL).",
-                     "queuectl copy --to postgresql://jobs@db.internal/jobs")
-    p.add_argument("--to", required=True, metavar="DEST", help="an empty"
-                   " database: a file path or a postgresql:// URL")
-    p = _add_command(sub, "delete", cmd_delete, "Delete jobs that are not"
-                     " processing.", "queuectl delete 3f9a 77c0")
-    p.add_argument("ids", nargs="+", metavar="ID")
-    p = _add_command(sub, "purge", cmd_purge, "Delete old completed or dead"
-                     " jobs.", "queuectl purge --state completed"
-                     " --older-than 7d --vacuum")
-    p.add_argument("--state", required=True, choices=("completed", "dead"),
-                   metavar="STATE", help="completed or dead")
-    p.add_argument("--older-than", metavar="AGE",
-                   help="only jobs last updated this long ago (30m, 12h, 7d)")
-    p.add_argument("--vacuum", action="store_true",
-                   help="then give the freed space back to the disk")
-    p = _add_command(sub, "config", cmd_config, "List, get or set settings.",
-                     "queuectl config set max-retries 5")
-    p.add_argument("action", nargs="?", choices=("list", "get", "set"),
-                   metavar="ACTION", help="list (the default), get KEY, or"
-                   " set KEY VALUE")
-    p.add_argument("key", nargs="?", metavar="KEY")
-    p.add_argument("value", nargs="?", metavar="VALUE")
-    p.add_argument("--key", dest="option_key", help=argparse.SUPPRESS)
-    p.add_argument("--value", dest="option_value", help=argparse.SUPPRESS)
-    _add_json(p)
-    return parser, sub
-
-
-def _add_enqueue(sub):
-    p = _add_command(sub, "enqueue", cmd_enqueue, "Add a job: a shell command,"
-                     " a JSON object, or many from a file.",
-                     "queuectl enqueue 'make test' --max-retries 2\n"
-                     "  queuectl enqueue '{\"command\": \"sleep 1\","
-                     " \"priority\": 5}'\n  queuectl enqueue -f jobs.jsonl")
-    p.add_argument("command_or_json", nargs="?", metavar="COMMAND|JSON",
-                   help="a shell command; a JSON object ({...}) or array of"
-                   " them ([...]); or an existing .json/.jsonl file, read"
-                   " like -f")
-    p.add_argument("-f", "--file", metavar="FILE",
-                   help="JSON object, array or JSON Lines ('-' for stdin);"
-                   " all or nothing")
-    p.add_argument("--id")
-    p.add_argument("--max-retries", type=_number_flag(int, "--max-retries"),
-                   metavar="N")
-    p.add_argument("--priority", type=_number_flag(int, "--priority"),
-                   metavar="P", help="higher runs first (default 0)")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--run-at", metavar="TIME",
-                      help="ISO 8601, e.g. 2026-12-01T09:00:00Z")
-    when.add_argument("--delay", type=_number_flag(float, "--delay"),
-                      metavar="SECONDS")
-    p.add_argument("--timeout", type=_number_flag(float, "--timeout"),
-                   metavar="SECONDS")
-    p.add_argument("--cwd", metavar="DIR", help="run there (default: here)")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE",
-                   help="add to the job's environment (repeatable)")
-    p.add_argument("--after", metavar="ID[,ID...]",
-                   help="start only after these jobs completed")
-    _add_json(p)
-
-
-def _add_worker(sub):
-    p = _add_command(sub, "worker", None, "Start or stop workers.",
-                     "queuectl worker start --count 4")
-    wsub = p.add_subparsers(dest="action", metavar="ACTION",
-                            parser_class=_Parser)
-    wsub.required = True
-    start = _add_command(wsub, "start", cmd_worker_start, "Run N worker"
-                         " threads in the foreground until stopped.",
-                         "queuectl worker start --count 4 --exit-when-idle")
-    start.add_argument("--count", type=_positive_int("--count"), default=1,
-                       metavar="N", help="worker threads (default 1)")
-    start.add_argument("--poll-interval", metavar="S",
-                       type=_number_flag(float, "--poll-interval"),
-                       help="seconds between polls when idle (default:"
-                       " config poll-interval)")
-    start.add_argument("--exit-when-idle", action="store_true",
-                       help="exit once no job is due that this process could"
-                       " run")
-    start.add_argument("--idle-timeout", metavar="S",
-                       type=_positive_number("--idle-timeout"),
-                       help="exit after S seconds with nothing to run (a job"
-                       " that falls due meanwhile is run, and the S seconds"
-                       " start again)")
-    start.add_argument("--max-jobs", metavar="N",
-                       type=_positive_int("--max-jobs"),
-                       help="run at most N jobs (each run counts), then exit")
-    stop = _add_command(wsub, "stop", cmd_worker_stop, "Ask running workers"
-                        " to finish their jobs and exit.",
-                        "queuectl worker stop --wait")
-    stop.add_argument("--wait", action="store_true",
-                      help="return when no worker is left")
-
-
-def _add_dlq(sub):
-    p = _add_command(sub, "dlq", None, "The dead letter queue: list or retry"
-                     " dead jobs.", "queuectl dlq retry --all")
-    dsub = p.add_subparsers(dest="action", metavar="ACTION",
-                            parser_class=_Parser)
-    dsub.required = True
-    lst = _add_command(dsub, "list", cmd_dlq_list, "List dead jobs.",
-                       "queuectl dlq list --json")
-    _add_paging(lst)
-    _add_json(lst)
-    retry = _add_command(dsub, "retry", cmd_dlq_retry, "Move dead jobs back"
-                         " to pending with attempts reset to 0.",
-                         "queuectl dlq retry 3f9a")
-    retry.add_argument("ids", nargs="*", metavar="ID")
-    retry.add_argument("--all", action="store_true", help="every dead job")
-
-
-def _safe_streams():
-    """Under LANG=C, print unencodable text escaped instead of crashing."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        encoding = (getattr(stream, "encoding", None) or "").lower()
-        if "utf" in encoding or not hasattr(stream, "buffer"):
-            continue
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-        else:
-            import io
-            setattr(sys, name, io.TextIOWrapper(
-                stream.buffer, encoding=stream.encoding,
-                errors="backslashreplace", line_buffering=stream.line_buffering))
-
-
-def main(argv=None):
-    """Run the CLI; return the exit status."""
-    global _PROG
-    _safe_streams()
-    try:
-        _PROG = "queuectl" if argv is not None else _prog_name(sys.argv[0])
-        if argv is None:
-            argv = _decoded_argv(sys.argv[1:])
-        argv = _other_spellings(argv)
-        args = build_parser(argv).parse_args(argv)
-        if getattr(args, "no_database", False):
-            return args.func(args, None)
-        queue = Queue(args.db or None)
-        try:
-            return args.func(args, queue)
-        finally:
-            queue.close()
-    except QueueError as exc:
-        return _fail_with(str(exc), exc.exit_code)
-    except BrokenPipeError:
-        # `queuectl list | head`: the reader left; end quietly.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except KeyboardInterrupt:
-        return _fail_with("interrupted", 130)
-    except OSError as exc:
-        return _fail_with("%s" % exc, 1)
-    except Exception as exc:  # never a traceback; QUEUECTL_DEBUG=1 shows one
-        if os.environ.get("QUEUECTL_DEBUG"):
-            raise
-        return _fail_with("internal error: %s: %s" % (type(exc).__name__, exc), 1)
-
-
-def _decoded_argv(argv):
-    """Python 3.6 under LANG=C decodes arguments as ASCII: redo it as UTF-8."""
-    try:
-        return [os.fsencode(arg).decode("utf-8") for arg in argv]
-    except UnicodeDecodeError:
-        raise InvalidInput("arguments must be UTF-8 text")
-
-
-def _fail_with(message, code):
-    with contextlib.suppress(OSError, ValueError):
-        sys.stdout.flush()
-    line = "queuectl: error: %s\n" % _printable(message)
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(line)
-        sys.stderr.flush()
-    return code
 
 
 if __name__ == "__main__":
