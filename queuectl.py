@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # queuectl - a background job queue for shell commands in one file.
 # MIT License. Copyright (c) 2026 the queuectl developers.
-"""queuectl: queue shell commands in one SQLite file and run them with workers.
+"""queuectl: queue shell commands in SQLite or PostgreSQL; run them with workers.
 
     python3 queuectl.py enqueue 'echo hello'
     python3 queuectl.py worker start --count 4
@@ -63,7 +63,7 @@ import time
 __version__ = "1.0.0"
 __all__ = [
     "Queue", "WorkerPool", "QueueError", "InvalidInput", "NotFound",
-    "Conflict", "CONFIG_DEFAULTS", "STATES", "backoff_delay", "parse_time",
+    "Conflict", "StoreError", "CONFIG_DEFAULTS", "STATES", "backoff_delay", "parse_time",
     "parse_duration", "serve_dashboard", "run_bench", "main",
 ]
 
@@ -1164,6 +1164,11 @@ class _SQLStore(object):
 
     # -- moving a queue between stores (copy --to) --------------------------
 
+    def run_span(self):
+        """(first start, last end) of every attempt (bench)."""
+        return tuple(self._one("SELECT MIN(started_at), MAX(ended_at)"
+                               " FROM attempts"))
+
     def is_empty(self):
         """No job, attempt or setting yet: a fit target for copy --to."""
         return not any(self._one("SELECT 1 FROM %s LIMIT 1" % table)
@@ -1548,6 +1553,10 @@ class _SQLiteStore(_SQLStore):
                 " max_retries, cwd, created_at, updated_at) VALUES"
                 " (?, 'true', ?, ?, ?, 3, '/', ?, ?)", rows)
 
+    @staticmethod
+    def describe():
+        return "SQLite %s" % sqlite3.sqlite_version
+
     def claim_and_roll_back(self, host, now):
         """One claim transaction whose effects are undone (bench)."""
         with self._translated():
@@ -1556,11 +1565,6 @@ class _SQLiteStore(_SQLStore):
                 self.claim("bench", host, now, 1)
             finally:
                 self._run("ROLLBACK")
-
-    def run_span(self):
-        """(first start, last end) of every attempt (bench)."""
-        return tuple(self._one("SELECT MIN(started_at), MAX(ended_at)"
-                               " FROM attempts"))
 
 
 def _sqlite_open(path):
@@ -1920,6 +1924,38 @@ class _PostgresStore(_SQLStore):
         with self._translated():
             for table in ("jobs", "attempts", "deps"):
                 self.conn.execute("VACUUM queuectl.%s" % table)
+
+    # -- for the benchmark --------------------------------------------------
+
+    def drop_queue(self):
+        """Drop schema queuectl and everything in it (bench only: its
+        figures are taken on a fresh queue)."""
+        with self._translated():
+            self.conn.execute("DROP SCHEMA IF EXISTS queuectl CASCADE")
+
+    def fill_for_bench(self, total, pending, now):
+        """`total` jobs, the last `pending` due and the rest completed."""
+        with self.write():
+            self._run(
+                "INSERT INTO jobs (id, command, state, ready, run_at,"
+                " max_retries, cwd, created_at, updated_at) SELECT"
+                " 'b' || LPAD(CAST(i AS TEXT), 7, '0'), 'true', CASE WHEN"
+                " i >= ? THEN 'pending' ELSE 'completed' END, CASE WHEN"
+                " i >= ? THEN 1 END, ?, 3, '/', ?, ? FROM generate_series(0,"
+                " ? - 1) AS g (i)", (total - pending, total - pending, now,
+                                     now, now, total))
+
+    def claim_and_roll_back(self, host, now):
+        """One claim transaction whose effects are undone (bench)."""
+        with self._translated():
+            self.conn.execute("BEGIN")
+            try:
+                self.claim("bench", host, now, 1, 1)
+            finally:
+                self.conn.execute("ROLLBACK")
+
+    def describe(self):
+        return "PostgreSQL %s" % self._one("SHOW server_version")[0]
 
     # -- the claim ----------------------------------------------------------
 
@@ -4437,12 +4473,19 @@ def cmd_bench(args, queue):
     def progress(text):
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
-    results = run_bench(args.quick, progress)
+    results = run_bench(args.quick, progress, args.db)
     if args.json:
         _print_json(results)
         return 0
-    _print("queuectl %s bench on Python %s, SQLite %s, %d CPUs%s" % (
-        __version__, sys.version.split()[0], sqlite3.sqlite_version,
+    engine = _SQLiteStore.describe()
+    if args.db:
+        store = open_store(args.db)
+        try:
+            engine = store.describe()
+        finally:
+            store.close()
+    _print("queuectl %s bench on Python %s, %s, %d CPUs%s" % (
+        __version__, sys.version.split()[0], engine,
         os.cpu_count() or 0, " (--quick)" if args.quick else ""))
     rows = []
     for r in results:
@@ -5150,10 +5193,11 @@ def _percentile(values, fraction):
 class _Bench(object):
     """Runs each measurement; results is a list of (name, figures dict)."""
 
-    def __init__(self, folder, quick, progress):
+    def __init__(self, folder, quick, progress, url=None):
         self.folder = folder
         self.quick = quick
         self.progress = progress
+        self.url = url  # a PostgreSQL database to measure on, or None
         self.script = os.path.abspath(__file__)
         self.results = []
 
@@ -5166,9 +5210,18 @@ class _Bench(object):
         return time.perf_counter() - started
 
     def db(self, name):
-        path = os.path.join(self.folder, name + ".db")
-        Queue(path).close()
-        return path
+        """A new, empty queue: a file, or the PostgreSQL database emptied."""
+        if self.url is None:
+            path = os.path.join(self.folder, name + ".db")
+            Queue(path).close()
+            return path
+        store = open_store(self.url)
+        try:
+            store.drop_queue()
+        finally:
+            store.close()
+        Queue(self.url).close()
+        return self.url
 
     def add(self, name, value, unit, baseline=None, target=None, note=""):
         ratio = value / baseline if baseline else None
@@ -5260,6 +5313,8 @@ class _Bench(object):
         try:
             while len(queue.workers()) < 2:
                 time.sleep(0.02)
+            if self.url:  # NOTIFY, not polling, must start the jobs
+                queue.config_set("poll-interval", "5")
             time.sleep(0.1)
             latencies = []
             for _ in range(3 if self.quick else 30):
@@ -5311,17 +5366,26 @@ class _Bench(object):
 
     def scale(self):
         big = 20000 if self.quick else 1000000
-        small = self._scaled_db("small", 1000)
-        large = self._scaled_db("large", big)
         rounds = 2 if self.quick else 5
-        status, listing = {}, {}
-        for name, db in (("small", small), ("large", large)):
+        status, listing, claims = {}, {}, {}
+        # Both files side by side, claims measured alternately; one
+        # PostgreSQL database holds one queue: filled, measured, replaced.
+        sizes = (("small", 1000), ("large", big))
+        dbs = {} if self.url else dict(
+            (name, self._scaled_db(name, total)) for name, total in sizes)
+        for name, total in sizes:
+            db = dbs.get(name) or self._scaled_db(name, total)
             status[name] = _median([self.cli(db, "status")
                                     for _ in range(rounds)])
             listing[name] = _median([self.cli(
                 db, "list", "--state", "pending", "--limit", "100",
                 "--offset", "500") for _ in range(rounds)])
-        small_claim, large_claim = _claim_costs(small, large)
+            if self.url:
+                claims[name] = _claim_costs(db)[0]
+        if not self.url:
+            claims["small"], claims["large"] = _claim_costs(dbs["small"],
+                                                            dbs["large"])
+        small_claim, large_claim = claims["small"], claims["large"]
         self.add("claim with %d jobs" % big, large_claim * 1e6, "us",
                  small_claim * 1e6, "<= 1.5x", "baseline: 1,000 jobs")
         self.add("status with %d jobs (CLI)" % big, status["large"] * 1000,
@@ -5396,11 +5460,37 @@ def _peak_rss_kb(pid):
         return None
 
 
-def run_bench(quick=False, progress=lambda text: None):
-    """Run every measurement on a temporary database; return the figures."""
+def run_bench(quick=False, progress=lambda text: None, db=None):
+    """Run every measurement on temporary databases, or on the PostgreSQL
+    database `db` (a URL; it must hold no jobs: bench empties it for each
+    measure and drops its schema at the end); return the figures."""
     import tempfile
+    if db is not None:
+        _check_bench_target(db)
     with tempfile.TemporaryDirectory(prefix="queuectl-bench-") as folder:
-        return _Bench(folder, quick, progress).run()
+        try:
+            return _Bench(folder, quick, progress, db).run()
+        finally:
+            if db is not None:
+                store = open_store(db)
+                try:
+                    store.drop_queue()
+                finally:
+                    store.close()
+
+
+def _check_bench_target(url):
+    if not re.match(r"^postgres(ql)?://", url, re.IGNORECASE):
+        raise InvalidInput("bench --db takes a postgresql:// URL (SQLite is"
+                           " measured on temporary files)")
+    store = open_store(url)
+    try:
+        if not store.is_empty():
+            raise Conflict("%s holds a queue; bench empties the database it"
+                           " measures on, so give it one of its own"
+                           % store.display)
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":
