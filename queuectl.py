@@ -4296,8 +4296,8 @@ def cmd_smoke_test(args, queue):
     naming the step that failed."""
     import platform
     import tempfile
-    _print("queuectl %s smoke test: Python %s, SQLite %s" % (
-        __version__, platform.python_version(), sqlite3.sqlite_version))
+    _print("queuectl %s smoke test: Python %s, %s" % (
+        __version__, platform.python_version(), _SQLiteStore.describe()))
     with tempfile.TemporaryDirectory(prefix="queuectl-smoke-") as folder:
         check = _SmokeTest(folder)
         try:
