@@ -2159,43 +2159,66 @@ _PG_SCHEMA = (
     "INSERT INTO duration_buckets SELECT le, 0, 0 FROM (VALUES %s) AS b (le)"
     % ", ".join("(CAST('%r' AS DOUBLE PRECISION))" % le
                 for le in DURATION_BUCKETS + (float("inf"),)),
+    # Statement-level triggers with transition tables: a claim of 8 jobs,
+    # or an enqueue of 100,000, adds to each state's counter once.
     """CREATE FUNCTION count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-      IF TG_OP = 'UPDATE' AND OLD.state = NEW.state THEN RETURN NULL; END IF;
-      IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        INSERT INTO queuectl.counts AS c VALUES (OLD.state, %(stripe)s, -1)
-          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n - 1;
-      END IF;
-      IF TG_OP IN ('UPDATE', 'INSERT') THEN
-        INSERT INTO queuectl.counts AS c VALUES (NEW.state, %(stripe)s, 1)
-          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + 1;
+      IF TG_OP = 'INSERT' THEN
+        INSERT INTO queuectl.counts AS c SELECT state, %(stripe)s, COUNT(*)
+          FROM new_rows GROUP BY state
+          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + EXCLUDED.n;
+      ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO queuectl.counts AS c SELECT state, %(stripe)s, -COUNT(*)
+          FROM old_rows GROUP BY state
+          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + EXCLUDED.n;
+      ELSE
+        INSERT INTO queuectl.counts AS c SELECT state, %(stripe)s, SUM(d)
+          FROM (SELECT o.state, -1 AS d FROM old_rows o JOIN new_rows n
+                ON n.seq = o.seq WHERE n.state <> o.state
+                UNION ALL
+                SELECT n.state, 1 FROM old_rows o JOIN new_rows n
+                ON n.seq = o.seq WHERE n.state <> o.state) AS moves
+          GROUP BY state
+          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + EXCLUDED.n;
       END IF;
       RETURN NULL;
     END $$""" % {"stripe": _PG_STRIPE},
-    "CREATE TRIGGER jobs_count AFTER INSERT OR DELETE OR UPDATE OF state"
-    " ON jobs FOR EACH ROW EXECUTE FUNCTION count_jobs()",
-    """CREATE FUNCTION count_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
-    DECLARE
-      result TEXT := CASE
-        WHEN NEW.error IS NULL THEN 'success'
-        WHEN NEW.error = 'worker lost' THEN 'lost'
-        WHEN NEW.error LIKE 'timed out%%' THEN 'timeout'
-        ELSE 'failure' END;
+    "CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs REFERENCING"
+    " NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION count_jobs()",
+    "CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs REFERENCING"
+    " OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION count_jobs()",
+    "CREATE TRIGGER jobs_count_update AFTER UPDATE ON jobs REFERENCING"
+    " OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT"
+    " EXECUTE FUNCTION count_jobs()",
+    # Runs that just ended: their results, durations and buckets (each run
+    # in its own bucket; readers add up the smaller ones).
+    """CREATE FUNCTION count_attempts() RETURNS trigger LANGUAGE plpgsql
+    AS $$
     BEGIN
-      INSERT INTO queuectl.totals AS t VALUES (result, %(stripe)s, 1),
-          ('duration_sum', %(stripe)s, COALESCE(NEW.duration, 0))
-        ON CONFLICT (name, stripe) DO UPDATE
-        SET value = t.value + EXCLUDED.value;
-      -- One row per run: its own bucket; readers add up the smaller ones.
+      INSERT INTO queuectl.totals AS t
+        SELECT CASE WHEN n.error IS NULL THEN 'success'
+                    WHEN n.error = 'worker lost' THEN 'lost'
+                    WHEN n.error LIKE 'timed out%%' THEN 'timeout'
+                    ELSE 'failure' END, %(stripe)s, COUNT(*)
+        FROM old_rows o JOIN new_rows n ON n.id = o.id
+        WHERE o.ended_at IS NULL AND n.ended_at IS NOT NULL GROUP BY 1
+        UNION ALL
+        SELECT 'duration_sum', %(stripe)s, SUM(COALESCE(n.duration, 0))
+        FROM old_rows o JOIN new_rows n ON n.id = o.id
+        WHERE o.ended_at IS NULL AND n.ended_at IS NOT NULL HAVING COUNT(*) > 0
+        ON CONFLICT (name, stripe) DO UPDATE SET value = t.value + EXCLUDED.value;
       INSERT INTO queuectl.duration_buckets AS b
-        SELECT MIN(le), %(stripe)s, 1 FROM queuectl.duration_buckets
-        WHERE stripe = 0 AND le >= COALESCE(NEW.duration, 0)
-        ON CONFLICT (le, stripe) DO UPDATE SET n = b.n + 1;
+        SELECT (SELECT MIN(le) FROM queuectl.duration_buckets k
+                WHERE k.stripe = 0 AND k.le >= COALESCE(n.duration, 0)),
+               %(stripe)s, COUNT(*)
+        FROM old_rows o JOIN new_rows n ON n.id = o.id
+        WHERE o.ended_at IS NULL AND n.ended_at IS NOT NULL GROUP BY 1
+        ON CONFLICT (le, stripe) DO UPDATE SET n = b.n + EXCLUDED.n;
       RETURN NULL;
     END $$""" % {"stripe": _PG_STRIPE},
-    "CREATE TRIGGER attempts_finish AFTER UPDATE OF ended_at ON attempts"
-    " FOR EACH ROW WHEN (OLD.ended_at IS NULL AND NEW.ended_at IS NOT NULL)"
-    " EXECUTE FUNCTION count_attempt()",
+    "CREATE TRIGGER attempts_finish AFTER UPDATE ON attempts REFERENCING"
+    " OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT"
+    " EXECUTE FUNCTION count_attempts()",
 )
 
 
