@@ -1546,16 +1546,20 @@ class TestFaults(CLITestCase):
 
     def test_kill_9_another_live_worker_recovers(self):
         # A live worker recovers a killed worker's job: 'worker lost', the
-        # orphaned job group is killed, and the retry completes.
+        # orphaned job group is killed, and the retry completes.  (The
+        # survivor is frozen while the victim dies, so the job is seen to
+        # outlive its worker before anyone may recover it.)
         survivors = []
 
         def start_survivor():
             survivors.append(self.start_worker())
             wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
                      what="the survivor to register")
+            survivors[0].send_signal(signal.SIGSTOP)
         job_id, pgid = self._job_killed_with_its_worker(start_survivor)
-        self._assert_recovered(job_id)
         (survivor,) = survivors
+        survivor.send_signal(signal.SIGCONT)
+        self._assert_recovered(job_id)
         survivor.terminate()
         self.assertEqual(survivor.wait(timeout=60), 0)
 
