@@ -1963,8 +1963,10 @@ class _PostgresStore(_SQLStore):
         """One statement: lock due rows that no one else holds (SKIP
         LOCKED), open their attempts, mark them processing.  Due means due
         by the server's clock, whatever this host's says."""
-        rows = self._run(_PG_CLAIM_SQL, (deep_at, deep_at, batch, worker_id,
-                                         host, worker_id)).fetchall()
+        # `now` is the server's clock as this session measured it: the same
+        # clock that set every run_at, so "due" means the same everywhere.
+        rows = self._run(_PG_CLAIM_SQL, (now, deep_at, deep_at, batch,
+                                         worker_id, host, worker_id)).fetchall()
         return [_Claim(*row[1:]) for row in sorted(rows)]
 
     # -- listening ----------------------------------------------------------
@@ -2063,7 +2065,7 @@ def _redact(url):
 _PG_CLAIM_SQL = """
 WITH due AS MATERIALIZED (
     SELECT seq, priority, run_at FROM jobs
-    WHERE ready = 1 AND run_at <= EXTRACT(EPOCH FROM clock_timestamp())
+    WHERE ready = 1 AND run_at <= ?
     ORDER BY priority DESC, run_at, seq LIMIT ? FOR UPDATE SKIP LOCKED),
 picked AS (
     SELECT seq, ROW_NUMBER() OVER (ORDER BY priority DESC, run_at, seq) AS k

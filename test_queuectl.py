@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import unittest
+import warnings
 
 import queuectl
 
@@ -174,7 +175,11 @@ class CLITestCase(unittest.TestCase):
         sys.stdin = io.TextIOWrapper(io.BytesIO((stdin or "").encode()))
         try:
             with contextlib.redirect_stdout(out), \
-                    contextlib.redirect_stderr(err):
+                    contextlib.redirect_stderr(err), \
+                    warnings.catch_warnings():
+                # A Popen of an earlier test, collected now, must not write
+                # its ResourceWarning into this command's stderr.
+                warnings.simplefilter("ignore", ResourceWarning)
                 code = queuectl.main((["--db", db] if db else []) + list(args))
         finally:
             sys.stdin = saved
