@@ -2586,6 +2586,27 @@ class TestPostgres(CLITestCase):
         self.expect_failure(1, "not queuectl's; left untouched", "status")
         self.assertEqual(self.dump(), before)
 
+    def test_old_schema_is_migrated_in_place(self):
+        # A version-1 schema gains what later versions add and keeps its jobs.
+        conn = _pg_connect(PG_URL)
+        try:
+            cursor = conn.cursor()
+            cursor.execute("SET search_path = queuectl")
+            for statement in queuectl._PG_SCHEMA:
+                cursor.execute(statement)
+            cursor.execute("INSERT INTO jobs (id, command, state, run_at,"
+                           " max_retries, cwd, created_at, updated_at) VALUES"
+                           " ('old1', 'true', 'pending', 0, 3, '/', 0, 0)")
+        finally:
+            conn.close()
+        self.assertEqual(self.sql("SELECT value FROM queuectl.meta WHERE key"
+                                  " = 'schema_version'"), [("1",)])
+        self.drain()
+        self.assertEqual(self.job("old1")["state"], "completed")
+        self.assertEqual(self.sql("SELECT value FROM queuectl.meta WHERE key"
+                                  " = 'schema_version'"),
+                         [(str(queuectl.PG_SCHEMA_VERSION),)])
+
     def test_newer_schema_is_refused_untouched(self):
         self.ok("status")
         self.sql("UPDATE queuectl.meta SET value = '99' WHERE key ="
