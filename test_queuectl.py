@@ -2594,9 +2594,10 @@ class TestPostgres(CLITestCase):
             cursor.execute("SET search_path = queuectl")
             for statement in queuectl._PG_SCHEMA:
                 cursor.execute(statement)
-            cursor.execute("INSERT INTO jobs (id, command, state, run_at,"
-                           " max_retries, cwd, created_at, updated_at) VALUES"
-                           " ('old1', 'true', 'pending', 0, 3, '/', 0, 0)")
+            cursor.execute("INSERT INTO jobs (id, command, state, ready,"
+                           " run_at, max_retries, cwd, created_at,"
+                           " updated_at) VALUES ('old1', 'true', 'pending',"
+                           " 1, 0, 3, '/', 0, 0)")
         finally:
             conn.close()
         self.assertEqual(self.sql("SELECT value FROM queuectl.meta WHERE key"
