@@ -741,6 +741,11 @@ _CONTROL_SQL = (
     " END), 0), COALESCE(MAX(CASE key WHEN '_paused' THEN CAST(value AS"
     " INTEGER) END), 0) FROM config WHERE key IN ('_stop_seq', '_paused')")
 
+# No unfinished job waits on this one (retention keeps those).
+_UNAWAITED = ("NOT EXISTS (SELECT 1 FROM deps d JOIN jobs w ON w.seq ="
+              " d.job_seq WHERE d.dep_seq = jobs.seq AND w.state NOT IN"
+              " ('completed', 'dead'))")
+
 # A worker's update of its own job: only while its claim still holds.
 _CLAIM_HELD = " AND attempt_id = ?"
 
@@ -1230,17 +1235,21 @@ class _SQLStore(object):
 
     def clean_up(self, state, cutoff, limit=CLEANUP_BATCH):
         """Delete up to `limit` jobs of a finished state last updated at or
-        before cutoff that no unfinished job waits on, in one short
-        transaction; how many."""
+        before cutoff that no unfinished job waits on.  They are looked for
+        with a plain read (the scan holds no lock) and deleted, checked
+        again, in one short transaction.  Returns (found, deleted)."""
+        found = [r[0] for r in self._all(
+            "SELECT seq FROM jobs WHERE state = ? AND updated_at <= ? AND "
+            + _UNAWAITED + " ORDER BY seq LIMIT ?", (state, cutoff, limit))]
+        if not found:
+            return 0, 0
         with self.write():
             seqs = [r[0] for r in self._run(
-                "SELECT seq FROM jobs WHERE state = ? AND updated_at <= ?"
-                " AND NOT EXISTS (SELECT 1 FROM deps d JOIN jobs w ON w.seq ="
-                " d.job_seq WHERE d.dep_seq = jobs.seq AND w.state NOT IN"
-                " ('completed', 'dead')) ORDER BY seq LIMIT ?",
-                (state, cutoff, limit))]
+                "SELECT seq FROM jobs WHERE seq IN (%s) AND state = ? AND"
+                " updated_at <= ? AND %s" % (_marks(found), _UNAWAITED),
+                found + [state, cutoff])]
             self._delete_seqs(seqs)
-        return len(seqs)
+        return len(found), len(seqs)
 
     def mark_clean_up(self, now, removed, took):
         """When the last clean-up ran, what it removed, how long it took."""
@@ -3386,9 +3395,9 @@ class WorkerPool(object):
                            ("dead", "keep-dead")):
             keep = config[key]
             while keep and not self.stopping.is_set():
-                count = store.clean_up(state, now - keep)
-                removed += count
-                if count < CLEANUP_BATCH:
+                found, deleted = store.clean_up(state, now - keep)
+                removed += deleted
+                if found < CLEANUP_BATCH:
                     break
                 self.stopping.wait(0.005)  # let a waiting claim in first
         store.mark_clean_up(now, removed, time.monotonic() - started)

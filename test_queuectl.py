@@ -2565,7 +2565,14 @@ class TestControl(CLITestCase):
         """logs --follow in the background; its stdout lines gather in a
         list as they come."""
         import threading
-        proc = self.spawn("logs", *flags)
+        # SIGINT as in a terminal, even when the tests run in the background
+        # (a background shell job starts with SIGINT ignored).
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db, "logs"] + list(flags),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+            cwd=self.dir, preexec_fn=lambda: signal.signal(
+                signal.SIGINT, signal.SIG_DFL))
+        self.procs.append(proc)
         lines = []
 
         def read():
@@ -2618,12 +2625,15 @@ class TestControl(CLITestCase):
                          ["attempt", "output", "end"])
         self.assertEqual((events[1]["text"], events[2]["state"]),
                          ("bye\n", "dead"))
-        waiting = self.enqueue("true", "--delay", "3600")
-        proc = self.follow(waiting, "-f")
-        time.sleep(0.5)  # let it start polling; its exit is what we check
+        self.start_worker()
+        running = self.enqueue(self.hold())
+        self.wait_started()
+        proc = self.follow(running, "-f")
+        wait_for(lambda: proc.lines, what="the attempt's separator line")
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.wait(timeout=60), 130)
         self.assertEqual(proc.stderr.read(), b"")
+        waiting = self.enqueue("true", "--delay", "3600")
         self.expect_failure(2, "takes no --attempt", "logs", waiting, "-f",
                             "--attempt", "1")
         self.expect_failure(2, "--json goes with --follow", "logs", dead,
