@@ -2625,6 +2625,12 @@ class TestControl(CLITestCase):
                          ["attempt", "output", "end"])
         self.assertEqual((events[1]["text"], events[2]["state"]),
                          ("bye\n", "dead"))
+        waiting = self.enqueue("true", "--delay", "3600")
+        self.expect_failure(2, "takes no --attempt", "logs", waiting, "-f",
+                            "--attempt", "1")
+        self.expect_failure(2, "--json goes with --follow", "logs", dead,
+                            "--json")
+        self.expect_failure(1, "no job with id", "logs", "nope", "-f")
         self.start_worker()
         running = self.enqueue(self.hold())
         self.wait_started()
@@ -2633,12 +2639,6 @@ class TestControl(CLITestCase):
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.wait(timeout=60), 130)
         self.assertEqual(proc.stderr.read(), b"")
-        waiting = self.enqueue("true", "--delay", "3600")
-        self.expect_failure(2, "takes no --attempt", "logs", waiting, "-f",
-                            "--attempt", "1")
-        self.expect_failure(2, "--json goes with --follow", "logs", dead,
-                            "--json")
-        self.expect_failure(1, "no job with id", "logs", "nope", "-f")
 
     def test_running_tail_is_saved_bounded(self):
         # The saved tail of a running job stays within output-limit, and is
