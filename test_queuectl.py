@@ -3066,6 +3066,38 @@ class TestManyHosts(CLITestCase):
                     self.dir, "%s.log" % h.hostname))) for h in hosts))
         self.assertEqual(_processes_with("sleep 6"), [])
 
+    def test_cancel_and_follow_across_hosts(self):
+        # logs --follow on one host prints the output of a job running on
+        # another as it comes; cancel from that host makes the worker on
+        # the other kill the job; the follow ends with exit 1 (dead).
+        hosts = _start_hosts(self, 2)
+        runner, controller = hosts
+        self.start_on(runner, "--count", "1")
+        job_id = self.enqueue("echo from-$(hostname); " + self.hold(),
+                              "--max-retries", "3")
+        self.wait_started()
+        follow = controller.popen(
+            [sys.executable, SCRIPT, "--db", controller.pg_url(self.db),
+             "logs", job_id, "--follow"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=self.env, cwd=self.dir)
+        self.procs.append(follow)
+        first = follow.stdout.readline().decode()
+        self.assertIn("--- attempt 1 (worker ", first)
+        self.assertIn(" on %s) ---" % runner.hostname, first)
+        self.assertEqual(follow.stdout.readline().decode(),
+                         "from-%s\n" % runner.hostname)
+        code, out = controller.run([sys.executable, SCRIPT, "--db",
+                                    controller.pg_url(self.db), "cancel",
+                                    job_id], env=self.env, cwd=self.dir)
+        self.assertEqual((code, out.split()[:2]), (0, [job_id, "stopping:"]),
+                         out)
+        self.assertEqual(follow.wait(timeout=60), 1)
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["last_error"]),
+                         ("dead", "cancelled"))
+        self.assertEqual([(r["host"], r["error"]) for r in job["runs"]],
+                         [(runner.hostname, "cancelled")])
+
 
 def _overlaps(path):
     """Pairs of runs of one job that were alive at the same time, from a log
