@@ -87,6 +87,9 @@ PG_SCHEMA_VERSION = 2
 #: Job states, in the order status shows them.
 STATES = ("pending", "processing", "completed", "failed", "dead")
 
+#: The largest duration a config value may give, in seconds.
+MAX_SECONDS_CONFIG = 10 ** 9
+
 #: Config keys, their defaults, and what a value must be.
 CONFIG_DEFAULTS = {
     "max-retries": 3,
@@ -96,6 +99,8 @@ CONFIG_DEFAULTS = {
     "job-timeout": 0,
     "lease-timeout": 30,
     "output-limit": 65536,
+    "keep-completed": 604800,
+    "keep-dead": 0,
 }
 _CONFIG_RULES = {
     # key: (type, minimum, minimum is exclusive, maximum, what a value must be)
@@ -112,7 +117,25 @@ _CONFIG_RULES = {
                       "a number of seconds > 0 and <= 86400"),
     "output-limit": (int, 0, False, 1 << 30,
                      "a number of bytes >= 0 and <= 1073741824"),
+    "keep-completed": ("duration", 0, False, MAX_SECONDS_CONFIG,
+                       "a duration such as 30m, 12h or 7d (0 = for ever)"),
+    "keep-dead": ("duration", 0, False, MAX_SECONDS_CONFIG,
+                  "a duration such as 30m, 12h or 7d (0 = for ever)"),
 }
+
+#: Seconds between saves of a running job's output tail (logs --follow);
+#: a job that prints nothing new is not saved.
+TAIL_SAVE_EVERY = 1.0
+
+#: Seconds between a worker process's clean-ups of old finished jobs
+#: (keep-completed, keep-dead); the first runs when the worker starts.
+CLEANUP_EVERY = 60.0
+
+#: Finished jobs deleted per clean-up transaction: claims wait for no more.
+CLEANUP_BATCH = 200
+
+#: Seconds between reads of `logs --follow`.
+FOLLOW_INTERVAL = 0.25
 
 #: Seconds a command waits for the database lock before it gives up.
 LOCK_WAIT = 60.0
@@ -637,7 +660,14 @@ _SCHEMA_V2 = (
 )
 
 # Version 3: SPEC 10 (long-lived queues), in three parts.
-_SCHEMA_V3_CONTROL = ()     # cancel, retry, logs --follow, retention
+_SCHEMA_V3_CONTROL = (     # cancel, retry, logs --follow, retention
+    # Cancel requests for processing jobs, by the claim (attempt) they
+    # stop: workers read this (usually empty) table with every heartbeat.
+    """CREATE TABLE IF NOT EXISTS cancels (
+        attempt_id INTEGER PRIMARY KEY,
+        job_seq INTEGER NOT NULL,
+        requested_at REAL NOT NULL)""",
+)
 _SCHEMA_V3_QUEUES = ()      # named queues with caps, unique jobs
 _SCHEMA_V3_SCHEDULES = ()   # recurring jobs
 
@@ -664,7 +694,7 @@ class _Claim(object):
     """A job as a worker claims it.  `started` and `forced` are the worker's."""
 
     __slots__ = ("seq", "id", "command", "timeout", "cwd", "env", "attempts",
-                 "attempt_id", "started", "forced")
+                 "attempt_id", "started", "forced", "cancelled")
 
     def __init__(self, seq, job_id, command, timeout, cwd, env, attempts,
                  attempt_id, started):
@@ -672,6 +702,7 @@ class _Claim(object):
                                                          timeout)
         self.cwd, self.env, self.attempts = cwd, env, attempts
         self.attempt_id, self.started, self.forced = attempt_id, started, False
+        self.cancelled = False  # the worker killed it for a cancel request
 
 
 #: What one run of a job's command came to.
@@ -690,7 +721,7 @@ _MOVES = {
     "completed": ("processing",),                 # exit 0
     "failed": ("processing",),                    # a retry is scheduled
     "dead": ("processing", "pending", "failed"),  # no retries left, or buried
-    "pending": ("processing", "dead"),            # handed back, or retried
+    "pending": ("processing", "dead", "completed"),  # handed back, retried
 }
 
 # Claim order: highest priority, then earliest run_at, then enqueue order.
@@ -709,6 +740,11 @@ _CONTROL_SQL = (
     "SELECT COALESCE(MAX(CASE key WHEN '_stop_seq' THEN CAST(value AS INTEGER)"
     " END), 0), COALESCE(MAX(CASE key WHEN '_paused' THEN CAST(value AS"
     " INTEGER) END), 0) FROM config WHERE key IN ('_stop_seq', '_paused')")
+
+# No unfinished job waits on this one (retention keeps those).
+_UNAWAITED = ("NOT EXISTS (SELECT 1 FROM deps d JOIN jobs w ON w.seq ="
+              " d.job_seq WHERE d.dep_seq = jobs.seq AND w.state NOT IN"
+              " ('completed', 'dead'))")
 
 # A worker's update of its own job: only while its claim still holds.
 _CLAIM_HELD = " AND attempt_id = ?"
@@ -1128,6 +1164,100 @@ class _SQLStore(object):
         self._wake_workers()
         return [self._id(seq) for seq in seqs]
 
+    def retry_finished(self, prefixes, now):
+        """Completed or dead jobs run again (attempts reset, due now,
+        attempt history kept), all or none; their ids."""
+        with self.write():
+            rows = [self.resolve(p) for p in prefixes]
+            states = self.states([seq for seq, _ in rows])
+            for seq, job_id in rows:
+                if states[seq] not in ("completed", "dead"):
+                    raise Conflict("job '%s' is %s; only completed or dead"
+                                   " jobs can be retried" % (job_id,
+                                                             states[seq]))
+            return self._requeue([seq for seq, _ in rows], now)
+
+    def cancel(self, prefixes, now):
+        """Cancel jobs, all or none: pending or failed ones are dead at once
+        ('cancelled'); for processing ones a request is left that their
+        worker reads with its next heartbeat.  Returns (dead ids, requested
+        ids)."""
+        with self.write():
+            rows = [self.resolve(p) for p in prefixes]
+            states = self.states([seq for seq, _ in rows])
+            for seq, job_id in rows:
+                if states[seq] in ("completed", "dead"):
+                    raise Conflict("job '%s' is %s; only pending, failed or"
+                                   " processing jobs can be cancelled"
+                                   % (job_id, states[seq]))
+            now_dead, requested = [], []
+            for seq, job_id in rows:
+                if states[seq] == "processing":
+                    self._request_cancel(seq, now)
+                    requested.append(job_id)
+                elif self._move("dead", [(now, seq)],
+                                "last_error = 'cancelled'"):
+                    self._bury_dependents(seq, now)
+                    now_dead.append(job_id)
+            return now_dead, requested
+
+    def _request_cancel(self, seq, now):
+        self._run("DELETE FROM cancels WHERE attempt_id NOT IN (SELECT"
+                  " attempt_id FROM jobs WHERE state = 'processing' AND"
+                  " attempt_id IS NOT NULL)")
+        self._run("DELETE FROM cancels WHERE job_seq = ?", (seq,))
+        self._run("INSERT INTO cancels (attempt_id, job_seq, requested_at)"
+                  " SELECT attempt_id, seq, ? FROM jobs WHERE seq = ?",
+                  (now, seq))
+
+    def cancel_requests(self):
+        """The claims (attempt ids) whose jobs were asked to stop."""
+        return set(r[0] for r in self._all("SELECT attempt_id FROM cancels"))
+
+    def save_tail(self, claim, output, dropped):
+        """A running job's output so far (logs --follow), while its claim
+        holds and the attempt is open."""
+        with self.write():
+            self._run("UPDATE attempts SET output = ?, output_dropped = ?"
+                      " WHERE id = ? AND ended_at IS NULL",
+                      (output, dropped, claim.attempt_id))
+
+    def follow(self, seq):
+        """(job state or None if deleted, last attempt row) in one snapshot:
+        attempt (n, worker_id, host, ended_at, output, output_dropped)."""
+        with self.read():
+            row = self._one("SELECT state FROM jobs WHERE seq = ?", (seq,))
+            attempt = self._one(
+                "SELECT n, worker_id, host, ended_at, output, output_dropped"
+                " FROM attempts WHERE job_seq = ? ORDER BY n DESC LIMIT 1",
+                (seq,))
+        return (row[0] if row else None), attempt
+
+    def clean_up(self, state, cutoff, limit=CLEANUP_BATCH):
+        """Delete up to `limit` jobs of a finished state last updated at or
+        before cutoff that no unfinished job waits on.  They are looked for
+        with a plain read (the scan holds no lock) and deleted, checked
+        again, in one short transaction.  Returns (found, deleted)."""
+        found = [r[0] for r in self._all(
+            "SELECT seq FROM jobs WHERE state = ? AND updated_at <= ? AND "
+            + _UNAWAITED + " ORDER BY seq LIMIT ?", (state, cutoff, limit))]
+        if not found:
+            return 0, 0
+        with self.write():
+            seqs = [r[0] for r in self._run(
+                "SELECT seq FROM jobs WHERE seq IN (%s) AND state = ? AND"
+                " updated_at <= ? AND %s" % (_marks(found), _UNAWAITED),
+                found + [state, cutoff])]
+            self._delete_seqs(seqs)
+        return len(found), len(seqs)
+
+    def mark_clean_up(self, now, removed, took):
+        """When the last clean-up ran, what it removed, how long it took."""
+        with self.write():
+            self._upsert_config("_cleanup_at", repr(float(now)))
+            self._upsert_config("_cleanup_removed", str(int(removed)))
+            self._upsert_config("_cleanup_took", repr(round(took, 3)))
+
     def delete(self, prefixes):
         """Delete jobs (and their attempts) that are not processing."""
         with self.write():
@@ -1327,7 +1457,12 @@ class _SQLStore(object):
         if row is None:
             return None, None
         failures, max_retries = row
-        if failures <= max_retries:
+        if error != "cancelled" and self._cancel_asked(claim):
+            error = "cancelled"  # asked to stop, then lost: no retry either
+        if error == "cancelled":
+            self._run("DELETE FROM cancels WHERE attempt_id = ?",
+                      (claim.attempt_id,))
+        elif failures <= max_retries:
             run_at = now + backoff_delay(failures, config["backoff-base"],
                                          config["backoff-max"])
             self._move("failed", [(now, run_at, error, claim.seq,
@@ -1339,6 +1474,10 @@ class _SQLStore(object):
                    "last_error = ?, worker_id = NULL", held=True)
         self._bury_dependents(claim.seq, now)
         return "dead", None
+
+    def _cancel_asked(self, claim):
+        return self._run("SELECT 1 FROM cancels WHERE attempt_id = ?",
+                         (claim.attempt_id,)).fetchone() is not None
 
     def _bury_dependents(self, seq, now):
         """A dead job takes everything that waits on it, transitively."""
@@ -1357,7 +1496,13 @@ class _SQLStore(object):
     def hand_back(self, claim, now):
         """A run that does not count (forced stop, or claimed but never
         started): the job is pending again, in its old place.  False if the
-        claim was lost meanwhile (recovered elsewhere)."""
+        claim was lost meanwhile (recovered elsewhere).  A job asked to
+        stop (cancel) is not handed back: it is dead, 'cancelled'."""
+        if self._cancel_asked(claim):
+            self._run("UPDATE attempts SET ended_at = ?, duration = ? -"
+                      " started_at, error = 'cancelled' WHERE id = ? AND"
+                      " ended_at IS NULL", (now, now, claim.attempt_id))
+            return self._fail(claim, "cancelled", None, now)[0] is not None
         if self._move("pending", [(now, claim.seq, claim.attempt_id)],
                       "attempts = attempts - 1, runs = runs - 1,"
                       " worker_id = NULL, attempt_id = NULL", held=True):
@@ -2243,7 +2388,12 @@ _PG_SCHEMA = (
 )
 
 # Version 2: SPEC 10 (long-lived queues), in three parts, as in SQLite.
-_PG_V2_CONTROL = ()     # cancel, retry, logs --follow, retention
+_PG_V2_CONTROL = (     # cancel, retry, logs --follow, retention
+    """CREATE TABLE cancels (
+        attempt_id BIGINT PRIMARY KEY,
+        job_seq BIGINT NOT NULL,
+        requested_at DOUBLE PRECISION NOT NULL)""",
+)
 _PG_V2_QUEUES = ()      # named queues with caps, unique jobs
 _PG_V2_SCHEDULES = ()   # recurring jobs
 
@@ -2394,10 +2544,18 @@ class Queue(object):
         return _metrics_text(self.store.metric_samples(), self.now())
 
     def status(self):
-        """Counts, live workers, the pause flag and the path (`status`)."""
+        """Counts, live workers, the pause flag, the path and the last
+        clean-up of old finished jobs (`status`)."""
         with self.store.read():
+            config = self.store.config()
+            at = config.get("_cleanup_at")
             return {"counts": self.counts(), "workers": self.workers(),
-                    "paused": self.is_paused(), "db": self.path}
+                    "paused": self.is_paused(), "db": self.path,
+                    "cleanup": {"last": iso(at) if at else None,
+                                "deleted": config.get("_cleanup_removed"),
+                                "took_seconds": config.get("_cleanup_took"),
+                                "keep_completed": config["keep-completed"],
+                                "keep_dead": config["keep-dead"]}}
 
     def is_paused(self):
         return bool(self.store.control()[1])
@@ -2415,6 +2573,48 @@ class Queue(object):
     def delete(self, job_ids):
         """Delete jobs (and their attempts) that are not processing."""
         return self.store.delete(job_ids)
+
+    def retry_finished(self, job_ids):
+        """Completed or dead jobs run again, due now, attempts reset to 0,
+        their attempt history kept (`retry`); returns the ids."""
+        return self.store.retry_finished(job_ids, self.now())
+
+    def cancel(self, job_ids):
+        """Cancel jobs, all or none.  Pending or failed ones become dead
+        ('cancelled') at once; processing ones are killed by their worker
+        within about a second.  Returns {"cancelled": ids, "stopping": ids}.
+        A completed or dead job raises Conflict."""
+        dead, stopping = self.store.cancel(job_ids, self.now())
+        return {"cancelled": dead, "stopping": stopping}
+
+    def follow(self, job_id, interval=FOLLOW_INTERVAL):
+        """Yield a job's output as its attempts produce it, until it is
+        completed or dead: ("attempt", n, worker, host) when an attempt
+        starts, ("output", text) as text arrives, ("skipped", count) when
+        the saved tail moved past unread characters, ("end", state)."""
+        seq = self.store.resolve(job_id)[0]
+        shown_n, shown = None, 0  # attempt shown, characters printed of it
+        while True:
+            state, attempt = self.store.follow(seq)
+            if state is None:
+                raise NotFound("job '%s' was deleted" % job_id)
+            if attempt is not None:
+                n, worker, host, ended, output, dropped = attempt
+                if n != shown_n:
+                    if shown_n is not None:  # the rest of the one before
+                        last = self.store.output(job_id, shown_n)
+                        for event in _new_output(last, shown):
+                            yield event
+                    shown_n, shown = n, 0
+                    yield ("attempt", n, worker, host)
+                for event in _new_output((output, dropped), shown):
+                    yield event
+                shown = max(shown, (dropped or 0) + len(output or ""))
+            if state in ("completed", "dead") and (
+                    attempt is None or attempt[3] is not None):
+                yield ("end", state)
+                return
+            time.sleep(interval)
 
     def purge(self, state, older_than=0.0, vacuum=False):
         """Delete completed or dead jobs last updated `older_than` s ago."""
@@ -2493,6 +2693,21 @@ class Queue(object):
             time.sleep(interval)
 
 
+def _new_output(row, shown):
+    """Events for the part of a saved tail (output, dropped bytes) past the
+    `shown` characters already printed of that attempt."""
+    if row is None:
+        return []
+    output, dropped = row[0] or "", row[1] or 0
+    events = []
+    if shown < dropped:
+        events.append(("skipped", dropped - shown))
+        shown = dropped
+    if dropped + len(output) > shown:
+        events.append(("output", output[shown - dropped:]))
+    return events
+
+
 def config_key(key):
 
     """Accept 'max_retries' or 'max-retries'; refuse unknown keys."""
@@ -2507,7 +2722,10 @@ def config_value(key, text):
     """Parse and check a config value given as text."""
     kind, minimum, exclusive, maximum, what = _CONFIG_RULES[key]
     try:
-        value = kind(text) if kind is int else float(text)
+        if kind == "duration":
+            value = parse_duration(text)
+        else:
+            value = kind(text) if kind is int else float(text)
         if not _finite(value):
             raise ValueError
     except (ValueError, TypeError, OverflowError):
@@ -2674,10 +2892,14 @@ def signal_name(number):
 class _Execution(object):
     """One run of a job's command: spawn, read a bounded tail, wait."""
 
-    def __init__(self, job, output_limit, on_long_run, base_env=None):
+    def __init__(self, job, output_limit, on_long_run, base_env=None,
+                 on_output=None):
         self.job = job
         self.output_limit = output_limit
         self.on_long_run = on_long_run  # called once with the process
+        # Called with (tail, dropped) at most every TAIL_SAVE_EVERY seconds
+        # while new output came, never in the first such interval.
+        self.on_output = on_output
         self.base_env = base_env if base_env is not None else os.environb
         self.proc = None
 
@@ -2744,12 +2966,19 @@ class _Execution(object):
         started = time.monotonic()
         deadline = started + self.job.timeout if self.job.timeout else None
         tail, dropped, reported, pipe_open = bytearray(), 0, False, True
+        saved_at, unsaved = started, False
         while True:
             now = time.monotonic()
             if not reported and now - started >= RECORD_GROUP_AFTER:
                 reported = True
                 self.on_long_run(proc)
             wait = RECORD_GROUP_AFTER if not reported else 1.0
+            if unsaved and self.on_output is not None:
+                if now - saved_at >= TAIL_SAVE_EVERY:
+                    self.on_output(tail, dropped)
+                    saved_at, unsaved = time.monotonic(), False
+                else:
+                    wait = min(wait, saved_at + TAIL_SAVE_EVERY - now)
             if deadline is not None:
                 if now >= deadline:
                     kill_group(proc.pid, proc=proc)
@@ -2763,6 +2992,7 @@ class _Execution(object):
                 chunk = os.read(fd, 65536)
                 if chunk:
                     dropped += _keep_tail(tail, chunk, limit)
+                    unsaved = True
                     continue
                 pipe_open = False  # EOF: now follow the process itself
                 poller.unregister(fd)
@@ -2946,6 +3176,8 @@ class WorkerPool(object):
         self.beat_ok = time.monotonic()     # the last beat that was written
         self.fenced = False                 # no job may start (see _fence_watch)
         self.lease_lost = False             # others recovered our jobs
+        self.cancel_ids = frozenset()       # claims asked to stop (cancel),
+                                            # replaced with every beat
         self._slots = max_jobs              # claims --max-jobs has left
         self._busy = 0                      # threads holding claimed jobs
         self._idle_since = time.monotonic()  # when _busy last became 0
@@ -3003,6 +3235,8 @@ class WorkerPool(object):
             if store.shared_by_hosts:
                 threads.append(threading.Thread(target=self._fence_watch,
                                                 name="fence"))
+            threads.append(threading.Thread(target=self._clean_up_loop,
+                                            name="clean-up"))
             for thread in threads:
                 thread.daemon = True
                 thread.start()
@@ -3111,6 +3345,65 @@ class WorkerPool(object):
                 self.lease_lost = True
                 store.register(self.ids, self.pid, self.host, now)
         self.settings = store.config()
+        self.cancel_ids = frozenset(store.cancel_requests())
+        if self.cancel_ids:
+            self._cancel_running()
+
+    def _cancel_running(self):
+        """Kill the running jobs someone cancelled (TERM, grace, KILL), each
+        from its own thread so that beats go on."""
+        import threading
+        with self._lock:
+            doomed = [(proc, claim) for proc, claim in self._running.values()
+                      if claim.attempt_id in self.cancel_ids
+                      and not claim.cancelled]
+            for _, claim in doomed:
+                claim.cancelled = True
+        for proc, claim in doomed:
+            self.log("-", claim.id, "cancelling", "killing its process group")
+            killer = threading.Thread(target=kill_group, args=(proc.pid,),
+                                      kwargs={"proc": proc}, name="cancel")
+            killer.daemon = True
+            killer.start()
+
+    # -- retention ----------------------------------------------------------
+
+    def _clean_up_loop(self):
+        """Delete old finished jobs (keep-completed, keep-dead) when the
+        pool starts and then every CLEANUP_EVERY seconds, in batches of
+        CLEANUP_BATCH, each its own short transaction.  The first pass runs
+        to its end even if the pool is done (--exit-when-idle) meanwhile; a
+        stop request ends a pass between two batches."""
+        store = None
+        try:
+            store = self._open_store()
+            while True:
+                self._guard(self._clean_up, store)
+                if self._finished.wait(CLEANUP_EVERY):
+                    break
+        except Exception as exc:  # never fails the pool; logged
+            self.log("-", "-", "error", "clean-up: %s: %s"
+                     % (type(exc).__name__, exc))
+        finally:
+            if store is not None:
+                store.close()
+
+    def _clean_up(self, store):
+        config, now, removed = self.settings, store.now(), 0
+        started = time.monotonic()
+        for state, key in (("completed", "keep-completed"),
+                           ("dead", "keep-dead")):
+            keep = config[key]
+            while keep and not self.stopping.is_set():
+                found, deleted = store.clean_up(state, now - keep)
+                removed += deleted
+                if found < CLEANUP_BATCH:
+                    break
+                self.stopping.wait(0.005)  # let a waiting claim in first
+        store.mark_clean_up(now, removed, time.monotonic() - started)
+        if removed:
+            self.log("-", "-", "cleaned", "deleted %d finished job(s) older"
+                     " than keep-completed / keep-dead" % removed)
 
     def _guard(self, fn, *args):
         """Run fn; a database error is logged, not raised.  True if it ran."""
@@ -3363,16 +3656,35 @@ class WorkerPool(object):
     def _execute(self, store, wid, claim, local):
         """Run one job; returns (claim, _Result) for the next transaction."""
         claim.started = store.now()
+        if claim.attempt_id in self.cancel_ids:
+            self.log(wid, claim.id, "cancelled", "before it started")
+            return claim, _Result(None, None, "cancelled", "", 0, None,
+                                  claim.started)
         self.log(wid, claim.id, "started", "attempt %d" % claim.attempts)
+        limit = int(self.settings["output-limit"])
         try:
-            run = _Execution(claim, int(self.settings["output-limit"]),
+            run = _Execution(claim, limit,
                              lambda proc: self._on_long_run(
                                  store, wid, claim, local, proc),
-                             self.base_env).run()
+                             self.base_env,
+                             lambda tail, dropped: self._save_tail(
+                                 store, claim, limit, tail, dropped)).run()
         finally:
             with self._lock:
                 self._running.pop(wid, None)
+        if claim.cancelled and run[2] is not None:
+            run = run[:2] + ("cancelled",) + run[3:]
         return claim, _Result(*(run + (store.now(),)))
+
+    def _save_tail(self, store, claim, limit, tail, dropped):
+        """A running job's output so far, for logs --follow on any host."""
+        output, more = _decode_output(tail, limit)
+        try:
+            store.save_tail(claim, output, dropped + more)
+        except StoreError as exc:
+            if not exc.transient:
+                raise
+            self._store_failed(exc)  # the job runs on; saved at its end
 
     def _on_long_run(self, store, wid, claim, local, proc):
         """A job ran past RECORD_GROUP_AFTER: now a write is worth it.
@@ -3399,7 +3711,8 @@ class WorkerPool(object):
         with self._lock:
             self._running[wid] = (proc, claim)
             claim.forced = self.forced.is_set()
-        if claim.forced:
+            claim.cancelled = claim.attempt_id in self.cancel_ids
+        if claim.forced or claim.cancelled:
             kill_group(proc.pid, proc=proc)
 
     def log(self, wid, job_id, event, detail):
@@ -3480,7 +3793,7 @@ class _HTTPError(Exception):
 
 
 class _DashboardRoutes(object):
-    """GET: the page, /api/..., /metrics.  POST: retry or delete a job.
+    """GET: the page, /api/..., /metrics.  POST: retry, delete or cancel a job.
 
     Mixed into http.server's handler when the dashboard starts, so that
     other commands never import the HTTP modules.
@@ -3613,6 +3926,8 @@ class _DashboardRoutes(object):
                 return 200, "json", {"retried": queue.retry([parts[2]])}
             if parts[3] == "delete":
                 return 200, "json", {"deleted": queue.delete([parts[2]])}
+            if parts[3] == "cancel":
+                return 200, "json", queue.cancel([parts[2]])
         raise _HTTPError(404, "no such action: %s" % path)
 
 
@@ -3790,7 +4105,20 @@ def _status_text(status, colour):
         rows = [(w["id"], w["pid"], _short_time(w["started_at"]),
                  w["job"] or "-") for w in workers]
         lines.append(_table(rows, ("WORKER", "PID", "STARTED", "JOB")))
+    lines.append("")
+    lines.append(_cleanup_text(status["cleanup"]))
     return "\n".join(lines)
+
+
+def _cleanup_text(cleanup):
+    def keep(seconds):
+        return _duration_text(seconds) if seconds else "for ever"
+    policy = "keep-completed %s, keep-dead %s" % (
+        keep(cleanup["keep_completed"]), keep(cleanup["keep_dead"]))
+    if cleanup["last"] is None:
+        return "clean-up: not run yet (%s)" % policy
+    return "clean-up: %s, deleted %d (%s)" % (
+        _short_time(cleanup["last"]), cleanup["deleted"] or 0, policy)
 
 
 ###############################################################################
@@ -4148,6 +4476,10 @@ def _show_arguments(p):
 
 
 def cmd_logs(args, queue):
+    if args.follow:
+        return _follow_logs(args, queue)
+    if args.json:
+        raise InvalidInput("--json goes with --follow (JSON lines)")
     text, dropped, number = queue.output(args.id, args.attempt)
     if dropped:
         sys.stderr.write("queuectl: attempt %d: output truncated, first %d"
@@ -4165,6 +4497,57 @@ def cmd_logs(args, queue):
 def _logs_arguments(p):
     p.add_argument("id", help="job id or unambiguous prefix")
     p.add_argument("--attempt", type=_positive_int("--attempt"), metavar="K")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="print the running attempt's output as it comes (from"
+                   " any host, within about a second), a separator line per"
+                   " attempt; exit 0 when the job completes, 1 when it is"
+                   " dead")
+    p.add_argument("--json", action="store_true",
+                   help="with --follow: one JSON object per line")
+
+
+def _follow_logs(args, queue):
+    """logs --follow: stream until the job is completed (0) or dead (1);
+    Ctrl-C ends it quietly with 130."""
+    if args.attempt is not None:
+        raise InvalidInput("--follow shows the running attempt; it takes no"
+                           " --attempt")
+    queue.resolve(args.id)
+    out = getattr(sys.stdout, "buffer", None)
+    try:
+        for event in queue.follow(args.id):
+            _print_follow_event(event, args.json, out)
+            if event[0] == "end":
+                return 0 if event[1] == "completed" else 1
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _print_follow_event(event, as_json, out):
+    kind = event[0]
+    if as_json:
+        names = {"attempt": ("attempt", "worker", "host"),
+                 "output": ("text",), "skipped": ("characters",),
+                 "end": ("state",)}[kind]
+        record = {"event": kind}
+        record.update(zip(names, event[1:]))
+        text = json.dumps(record) + "\n"
+    elif kind == "attempt":
+        text = "--- attempt %d (worker %s on %s) ---\n" % event[1:]
+    elif kind == "skipped":
+        text = "[... %d characters not shown: the saved tail moved on ...]\n" % (
+            event[1])
+    elif kind == "output":
+        text = event[1]
+    else:
+        text = ""
+    if out is not None:
+        out.write(text.encode("utf-8", "replace"))
+        out.flush()
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def cmd_dlq_retry(args, queue):
@@ -4191,6 +4574,37 @@ _DLQ_ACTIONS = (
 
 def _dlq_arguments(p):
     _add_commands(p, "action", _DLQ_ACTIONS)
+
+
+def cmd_cancel(args, queue):
+    result = queue.cancel(args.ids)
+    if args.json:
+        _print_json(result)
+        return 0
+    lines = ["%s cancelled" % i for i in result["cancelled"]]
+    lines += ["%s stopping: its worker kills it within about a second" % i
+              for i in result["stopping"]]
+    _print("\n".join(lines))
+    return 0
+
+
+def _cancel_arguments(p):
+    p.add_argument("ids", nargs="+", metavar="ID")
+    _add_json(p)
+
+
+def cmd_retry(args, queue):
+    ids = queue.retry_finished(args.ids)
+    if args.json:
+        _print_json({"retried": ids})
+    else:
+        _print("\n".join(ids))
+    return 0
+
+
+def _retry_arguments(p):
+    p.add_argument("ids", nargs="+", metavar="ID")
+    _add_json(p)
 
 
 def cmd_delete(args, queue):
@@ -4748,8 +5162,10 @@ _COMMANDS = (
      "queuectl list --state failed --limit 20", _list_arguments),
     ("show", cmd_show, "Show one job and all its attempts.",
      "queuectl show 3f9a", _show_arguments),
-    ("logs", cmd_logs, "Print the output of a job's last (or K-th) attempt.",
-     "queuectl logs 3f9a --attempt 1", _logs_arguments),
+    ("logs", cmd_logs, "Print the output of a job's last (or K-th) attempt,"
+     " or follow it live (-f).",
+     "queuectl logs 3f9a --attempt 1\n  queuectl logs 3f9a --follow",
+     _logs_arguments),
     ("dlq", None, "The dead letter queue: list or retry dead jobs.",
      "queuectl dlq retry --all", _dlq_arguments),
     ("wait", cmd_wait, "Block until jobs are completed or dead (exit 0 all"
@@ -4775,6 +5191,11 @@ _COMMANDS = (
     ("copy", cmd_copy, "Copy the whole queue into an empty database (SQLite"
      " or PostgreSQL).", "queuectl copy --to postgresql://jobs@db.internal/jobs",
      _copy_arguments),
+    ("cancel", cmd_cancel, "Stop jobs: pending or failed ones become dead"
+     " ('cancelled'); processing ones are killed by their worker.",
+     "queuectl cancel 3f9a 77c0", _cancel_arguments),
+    ("retry", cmd_retry, "Run completed or dead jobs again (attempts reset,"
+     " due now, history kept).", "queuectl retry 3f9a", _retry_arguments),
     ("delete", cmd_delete, "Delete jobs that are not processing.",
      "queuectl delete 3f9a 77c0", _delete_arguments),
     ("purge", cmd_purge, "Delete old completed or dead jobs.",
@@ -4789,8 +5210,8 @@ _COMMAND_GROUPS = """\
 commands by what you need them for:
   add and run jobs   enqueue, worker start, worker stop
   see what happens   status, list, show, logs, wait, stats, dashboard
-  when jobs fail     dlq list, dlq retry, delete, purge
-  control            pause, resume, config, copy
+  when jobs fail     dlq list, dlq retry, retry, delete, purge
+  control            pause, resume, cancel, config, copy
   learn and check    demo, smoke-test, bench
 
 start here:
@@ -5179,6 +5600,10 @@ async function showJob() {
     buttons.push(el("button", {id: "retry", text: "Retry", onclick: () => act("retry")}));
     buttons.push(el("button", {id: "delete", cls: "danger", text: "Delete",
                                onclick: () => act("delete")}));
+  }
+  if (["pending", "failed", "processing"].includes(job.state) && !SETTINGS.readOnly) {
+    buttons.push(el("button", {id: "cancel", cls: "danger", text: "Cancel",
+                               onclick: () => act("cancel")}));
   }
   const runs = job.runs.map(r => el("tr", {}, [
     el("td", {text: String(r.attempt)}), el("td", {text: when(r.started_at)}),

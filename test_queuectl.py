@@ -838,7 +838,10 @@ class TestOutput(CLITestCase):
 
     def test_status_shape(self):
         status = self.ok_json("status")
-        self.assertEqual(set(status), {"counts", "workers", "paused", "db"})
+        self.assertEqual(set(status), {"counts", "workers", "paused", "db",
+                                       "cleanup"})
+        self.assertEqual(set(status["cleanup"]), {
+            "last", "deleted", "took_seconds", "keep_completed", "keep_dead"})
         self.assertEqual(set(status["counts"]), set(queuectl.STATES))
         self.assertEqual(status["db"], self.db)
         self.assertIn("pending", self.ok("status"))
@@ -2293,13 +2296,37 @@ class TestDashboard(CLITestCase):
                                      {"X-Queuectl-Token": token})
         self.assertEqual(code, 404, body)
 
+    def test_cancel_button_action(self):
+        # POST /api/jobs/ID/cancel: the same token, Host and Origin rules as
+        # retry and delete; a pending job becomes dead 'cancelled'; a dead
+        # one is refused (409) and stays as it was.
+        self.start()
+        token = self.token()
+        path = "/api/jobs/%s/cancel" % self.waiting
+        code, _, body = self.request(path, "POST", {
+            "X-Queuectl-Token": token, "Origin": "http://evil.example"})
+        self.assertEqual(code, 403, body)
+        code, _, body = self.request(path, "POST")
+        self.assertEqual(code, 403, body)
+        self.assertEqual(self.state(self.waiting), "pending")
+        code, _, body = self.request(path, "POST", {"X-Queuectl-Token": token})
+        self.assertEqual((code, json.loads(body)),
+                         (200, {"cancelled": [self.waiting], "stopping": []}))
+        self.assertEqual(self.job(self.waiting)["last_error"], "cancelled")
+        code, _, body = self.request("/api/jobs/evil/cancel", "POST",
+                                     {"X-Queuectl-Token": token})
+        self.assertEqual(code, 409, body)
+        self.assertIn("is dead", json.loads(body)["error"])
+        self.assertIn('"cancel"', self.request("/")[2])
+
     def test_read_only_serves_no_writes(self):
         self.start("--read-only")
         self.assertEqual(self.token(), "")
-        code, _, body = self.request("/api/jobs/evil/retry", "POST",
-                                     {"X-Queuectl-Token": ""})
-        self.assertEqual(code, 403)
-        self.assertIn("read-only", body)
+        for action in ("retry", "cancel"):
+            code, _, body = self.request("/api/jobs/evil/" + action, "POST",
+                                         {"X-Queuectl-Token": ""})
+            self.assertEqual(code, 403)
+            self.assertIn("read-only", body)
         self.assertEqual(self.state("evil"), "dead")
 
     def test_metrics_format(self):
@@ -2403,6 +2430,321 @@ class TestDashboard(CLITestCase):
                                        status=400)["error"],
                          "offset must be from 0 to 2147483647")
         self.assertEqual(self.state("evil"), "dead")  # nothing retried
+
+
+class TestControl(CLITestCase):
+    """SPEC 10's control of a running queue: cancel, retry, logs --follow,
+    retention."""
+
+    def attempts(self, job_id):
+        return self.job(job_id)["runs"]
+
+    def test_cancel_pending_and_failed_buries_dependents(self):
+        # A pending or failed job becomes dead 'cancelled' at once, is not
+        # retried, takes its dependents with it, and dlq retry revives it.
+        self.config(backoff_base=1000)
+        later = self.enqueue("true", "--delay", "3600")
+        child = self.enqueue("true", "--after", later)
+        failing = self.enqueue("exit 1", "--max-retries", "3")
+        self.drain()
+        self.assertEqual(self.state(failing), "failed")
+        out = self.ok("cancel", later, failing)
+        self.assertEqual(out, "%s cancelled\n%s cancelled\n" % (later, failing))
+        for job_id in (later, failing):
+            job = self.job(job_id)
+            self.assertEqual((job["state"], job["last_error"]),
+                             ("dead", "cancelled"))
+        self.assertEqual(self.job(child)["state"], "dead")
+        self.assertIn("dependency %s failed" % later,
+                      self.job(child)["last_error"])
+        self.assertEqual(len(self.attempts(failing)), 1)
+        self.ok("dlq", "retry", later)
+        self.assertEqual(self.state(later), "pending")
+
+    def test_cancel_refuses_finished_all_or_nothing(self):
+        # completed or dead: exit 1 and nothing changes, for any of the ids.
+        done = self.enqueue("true")
+        self.drain()
+        waiting = self.enqueue("true", "--delay", "3600")
+        self.expect_failure(1, "job '%s' is completed" % done, "cancel",
+                            waiting, done)
+        self.assertEqual(self.state(waiting), "pending")
+        self.expect_failure(1, "no job with id 'nope'", "cancel", waiting,
+                            "nope")
+        self.expect_failure(2, "not a valid job id", "cancel", "a b")
+        self.expect_failure(2, "the following arguments are required",
+                            "cancel")
+        self.ok("cancel", waiting)
+        self.expect_failure(1, "is dead", "cancel", waiting)
+
+    def test_cancel_kills_a_running_job_and_does_not_retry_it(self):
+        # A processing job: its worker kills the whole process group (a
+        # child that ignores TERM too), records the attempt 'cancelled', and
+        # the job is dead, not retried.
+        self.start_worker("--count", "2")
+        job_id = self.enqueue("sh -c 'trap \"\" TERM; sleep 3600' & "
+                              + self.hold(), "--max-retries", "5")
+        self.wait_started()
+        pgid = wait_for(lambda: self.pgid(job_id), what="the job's group")
+        data = self.ok_json("cancel", job_id)
+        self.assertEqual(data, {"cancelled": [], "stopping": [job_id]})
+        self.wait_state(job_id, "dead")
+        job = self.job(job_id)
+        self.assertEqual(job["last_error"], "cancelled")
+        self.assertEqual([r["error"] for r in job["runs"]], ["cancelled"])
+        wait_for(lambda: not queuectl.group_alive(pgid),
+                 what="the job's process group to be gone")
+        # The worker goes on with other jobs.
+        self.wait_state(self.enqueue("true"), "completed")
+        self.assertEqual(len(self.attempts(job_id)), 1)
+
+    def test_cancel_racing_completion_is_one_or_the_other(self):
+        # cancel at the moment the job ends: it is either completed (the
+        # attempt succeeded) or dead 'cancelled', never both.
+        self.start_worker("--count", "4")
+        jobs = []
+        for n in range(4):
+            jobs.append(self.enqueue(self.hold("r%d" % n), "--max-retries",
+                                     "3"))
+        for n in range(4):
+            self.wait_started("r%d" % n)
+        for n, job_id in enumerate(jobs):
+            if n % 2:
+                self.release("r%d" % n)
+            cancel = self.spawn("cancel", job_id)
+            self.release("r%d" % n)
+            code, err = cancel.wait(timeout=60), cancel.stderr.read().decode()
+            self.assertIn(code, (0, 1), err)
+            if code == 1:
+                self.assertIn("is completed", err)
+        seen = set()
+        for job_id in jobs:
+            wait_for(lambda: self.state(job_id) in ("completed", "dead"),
+                     what="job %s to end" % job_id)
+            job = self.job(job_id)
+            errors = [r["error"] for r in job["runs"]]
+            self.assertEqual(len(errors), 1, job)
+            if job["state"] == "completed":
+                self.assertEqual((job["last_error"], errors), (None, [None]))
+            else:
+                self.assertEqual((job["last_error"], errors),
+                                 ("cancelled", ["cancelled"]))
+            seen.add(job["state"])
+
+    def test_retry_runs_finished_jobs_again_keeping_history(self):
+        # retry: completed or dead -> pending, attempts 0, due now, the
+        # attempt history kept and numbered on; pending or processing: exit 1.
+        self.config(backoff_max=0)
+        done = self.enqueue("echo run $QUEUECTL_ATTEMPT")
+        dead = self.enqueue("exit 4", "--max-retries", "0")
+        self.drain()
+        self.assertEqual(self.ok_json("retry", done, dead),
+                         {"retried": [done, dead]})
+        for job_id in (done, dead):
+            job = self.job(job_id)
+            self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.drain()
+        self.assertEqual([r["attempt"] for r in self.attempts(done)], [1, 2])
+        self.assertEqual(self.ok("logs", done), "run 1\n")
+        self.assertEqual(self.ok("logs", done, "--attempt", "1"), "run 1\n")
+        self.assertEqual(self.state(done), "completed")
+        self.assertEqual(len(self.attempts(dead)), 2)
+        waiting = self.enqueue("true", "--delay", "3600")
+        self.expect_failure(1, "job '%s' is pending" % waiting, "retry", done,
+                            waiting)
+        self.start_worker()
+        running = self.enqueue(self.hold())
+        self.wait_started()
+        # (A running worker beats: the data changes, so no expect_failure.)
+        code, out, err = self.cli("retry", running)
+        self.assertEqual((code, out), (1, ""))
+        self.assertRegex(err, r"^queuectl: error: .*is processing[^\n]*\n$")
+        self.assertEqual(self.job(running)["attempts"], 1)
+
+    def follow(self, *flags):
+        """logs --follow in the background; its stdout lines gather in a
+        list as they come."""
+        import threading
+        # SIGINT as in a terminal, even when the tests run in the background
+        # (a background shell job starts with SIGINT ignored).
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db, "logs"] + list(flags),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+            cwd=self.dir, preexec_fn=lambda: signal.signal(
+                signal.SIGINT, signal.SIG_DFL))
+        self.procs.append(proc)
+        lines = []
+
+        def read():
+            for line in iter(proc.stdout.readline, b""):
+                lines.append(line.decode("utf-8", "replace"))
+        reader = threading.Thread(target=read)
+        reader.daemon = True
+        reader.start()
+        proc.lines, proc.reader = lines, reader
+        return proc
+
+    def test_logs_follow_prints_live_output_and_each_attempt(self):
+        # Output appears while the job runs (it is held), a separator per
+        # attempt, and follow exits 0 once the job completes.
+        self.config(backoff_max=0)
+        self.start_worker()
+        job_id = self.enqueue(
+            'echo "start $QUEUECTL_ATTEMPT"; if [ "$QUEUECTL_ATTEMPT" = 1 ];'
+            ' then %s; exit 1; fi; %s; echo end' % (self.hold("a"),
+                                                    self.hold("b")),
+            "--max-retries", "1")
+        self.wait_started("a")
+        proc = self.follow(job_id, "-f")
+        wait_for(lambda: "start 1\n" in proc.lines,
+                 what="live output of the held first attempt")
+        self.release("a")
+        self.wait_started("b")
+        wait_for(lambda: "start 2\n" in proc.lines,
+                 what="live output of the held second attempt")
+        self.assertIsNone(proc.poll())
+        self.release("b")
+        self.assertEqual(proc.wait(timeout=60), 0)
+        proc.reader.join(10)
+        text = "".join(proc.lines)
+        self.assertRegex(text, r"^--- attempt 1 \(worker \S+ on \S+\) ---\n"
+                         r"start 1\n--- attempt 2 \(worker \S+ on \S+\) ---\n"
+                         r"start 2\nend\n$")
+        self.assertEqual(proc.stderr.read(), b"")
+
+    def test_logs_follow_json_dead_and_ctrl_c(self):
+        # --json: one object per line; exit 1 when the job ends dead; Ctrl-C
+        # ends a follow with 130 and nothing on stderr.
+        dead = self.enqueue("echo bye; exit 2", "--max-retries", "0")
+        self.drain()
+        proc = self.follow(dead, "--follow", "--json")
+        self.assertEqual(proc.wait(timeout=60), 1)
+        proc.reader.join(10)
+        events = [json.loads(line) for line in proc.lines]
+        self.assertEqual([e["event"] for e in events],
+                         ["attempt", "output", "end"])
+        self.assertEqual((events[1]["text"], events[2]["state"]),
+                         ("bye\n", "dead"))
+        waiting = self.enqueue("true", "--delay", "3600")
+        self.expect_failure(2, "takes no --attempt", "logs", waiting, "-f",
+                            "--attempt", "1")
+        self.expect_failure(2, "--json goes with --follow", "logs", dead,
+                            "--json")
+        self.expect_failure(1, "no job with id", "logs", "nope", "-f")
+        self.start_worker()
+        running = self.enqueue(self.hold())
+        self.wait_started()
+        proc = self.follow(running, "-f")
+        wait_for(lambda: proc.lines, what="the attempt's separator line")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(timeout=60), 130)
+        self.assertEqual(proc.stderr.read(), b"")
+
+    def test_running_tail_is_saved_bounded(self):
+        # The saved tail of a running job stays within output-limit, and is
+        # one row updated in place.
+        self.config(output_limit=1000)
+        self.start_worker()
+        job_id = self.enqueue("head -c 300000 /dev/zero | tr '\\0' x; echo;"
+                              " echo last-line; " + self.hold())
+        self.wait_started()
+        out = wait_for(lambda: (lambda o: o if "last-line" in o else None)(
+            self.cli("logs", job_id)[1]), what="the saved tail")
+        self.assertLessEqual(len(out.encode()), 1000)
+        rows = self.sql("SELECT output_dropped, ended_at FROM attempts")
+        self.assertEqual(len(rows), 1)
+        self.assertGreater(rows[0][0], 298000)
+        self.assertIsNone(rows[0][1])
+
+    def test_retention_config_is_validated(self):
+        # keep-completed / keep-dead take durations; bad ones are exit 2
+        # naming the key.
+        self.assertEqual(self.ok("config", "set", "keep-completed", "2h"),
+                         "7200\n")
+        self.assertEqual(self.ok("config", "get", "keep-dead"), "0\n")
+        for value in ("soon", "-1", "", "1e10"):
+            self.expect_failure(2, "keep-completed", "config", "set",
+                                "keep-completed", value)
+        self.expect_failure(2, "keep-dead", "config", "set", "keep-dead", "x")
+
+    def test_retention_deletes_old_finished_jobs_but_not_awaited_ones(self):
+        # A starting worker deletes finished jobs older than keep-completed
+        # / keep-dead, with their attempts, but never one an unfinished job
+        # still waits on; counters stay; status says when it ran.
+        self.config(keep_completed="1s", keep_dead="1s")
+        blocker = self.enqueue("true", "--delay", "3600")
+        awaited = self.enqueue("true")
+        waiter = self.enqueue("true", "--after", "%s,%s" % (awaited, blocker))
+        done = self.enqueue("echo old")
+        dead = self.enqueue("exit 3", "--max-retries", "0")
+        self.drain()
+        before = self.dashboard_free_metrics()
+        self.sql("UPDATE jobs SET updated_at = updated_at - 100")
+        status = self.ok_json("status")
+        self.drain()
+        ids = [r[0] for r in self.sql("SELECT id FROM jobs ORDER BY seq")]
+        self.assertEqual(ids, [blocker, awaited, waiter])
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(1,)])
+        status = self.ok_json("status")
+        self.assertEqual(status["cleanup"]["deleted"], 2)
+        self.assertIsNotNone(status["cleanup"]["last"])
+        self.assertEqual(status["counts"]["completed"], 1)
+        self.assertIn("clean-up: ", self.ok("status"))
+        after = self.dashboard_free_metrics()
+        for line in before.splitlines():
+            if line.startswith("queuectl_attempts_total"):
+                self.assertIn(line, after)
+        self.assertEqual(self.job(awaited)["state"], "completed")
+
+    def dashboard_free_metrics(self):
+        queue = queuectl.Queue(self.db)
+        try:
+            return queue.metrics()
+        finally:
+            queue.close()
+
+    @sqlite_only("file size and WAL checkpoints")
+    def test_retention_keeps_a_busy_queue_bounded(self):
+        # 50,000 jobs through a queue with keep-completed 1s: after each
+        # round the rows are gone and the file (after a WAL checkpoint)
+        # does not grow; claims go on while a clean-up runs.
+        self.config(keep_completed="1s")
+        rounds, per_round, sizes = 5, 10000, []
+        path = os.path.join(self.dir, "jobs.jsonl")
+        for n in range(rounds):
+            with open(path, "w") as handle:
+                for k in range(per_round):
+                    handle.write('{"command": "true", "id": "r%d-%d"}\n'
+                                 % (n, k))
+            self.ok("enqueue", "-f", path)
+            # They ran long ago (running 50,000 shells would take minutes);
+            # each left an attempt with some output.
+            self.sql("INSERT INTO attempts (job_seq, n, started_at, ended_at,"
+                     " duration, output) SELECT seq, 1, 1, 2, 1, 'some output'"
+                     " FROM jobs WHERE state = 'pending' AND id LIKE ?",
+                     "r%d-%%" % n)
+            self.sql("UPDATE jobs SET state = 'completed', ready = NULL,"
+                     " runs = 1, attempts = 1, updated_at = 2 WHERE state ="
+                     " 'pending' AND id LIKE ?", "r%d-%%" % n)
+            quick = [self.enqueue("true") for _ in range(4)]
+            self.drain("--count", "2")
+            self.assertEqual(self.sql("SELECT COUNT(*) FROM jobs"), [(4,)])
+            self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(4,)])
+            status = self.ok_json("status")["cleanup"]
+            self.assertGreaterEqual(status["deleted"], per_round)
+            # Claims were not held up until the clean-up ended: the first
+            # quick job started while it ran.
+            end = queuectl.parse_time(status["last"]) + status["took_seconds"]
+            started = self.sql("SELECT MIN(started_at) FROM attempts"
+                               " WHERE ended_at > 100")[0][0]
+            self.assertLess(started, end, status)
+            self.sql("DELETE FROM jobs")  # the quick jobs: clean for next round
+            self.sql("DELETE FROM attempts")
+            self.sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            sizes.append(os.path.getsize(self.db) + os.path.getsize(
+                self.db + "-wal") if os.path.exists(self.db + "-wal")
+                else os.path.getsize(self.db))
+        self.assertLessEqual(max(sizes[1:]), sizes[0] * 1.3, sizes)
 
 
 class TestPerformanceStructure(CLITestCase):
@@ -2746,6 +3088,38 @@ class TestManyHosts(CLITestCase):
                     self.dir, "%s.log" % h.hostname))) for h in hosts))
         self.assertEqual(_processes_with("sleep 6"), [])
 
+    def test_cancel_and_follow_across_hosts(self):
+        # logs --follow on one host prints the output of a job running on
+        # another as it comes; cancel from that host makes the worker on
+        # the other kill the job; the follow ends with exit 1 (dead).
+        hosts = _start_hosts(self, 2)
+        runner, controller = hosts
+        self.start_on(runner, "--count", "1")
+        job_id = self.enqueue("echo from-$(hostname); " + self.hold(),
+                              "--max-retries", "3")
+        self.wait_started()
+        follow = controller.popen(
+            [sys.executable, SCRIPT, "--db", controller.pg_url(self.db),
+             "logs", job_id, "--follow"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=self.env, cwd=self.dir)
+        self.procs.append(follow)
+        first = follow.stdout.readline().decode()
+        self.assertIn("--- attempt 1 (worker ", first)
+        self.assertIn(" on %s) ---" % runner.hostname, first)
+        self.assertEqual(follow.stdout.readline().decode(),
+                         "from-%s\n" % runner.hostname)
+        code, out = controller.run([sys.executable, SCRIPT, "--db",
+                                    controller.pg_url(self.db), "cancel",
+                                    job_id], env=self.env, cwd=self.dir)
+        self.assertEqual((code, out.split()[:2]), (0, [job_id, "stopping:"]),
+                         out)
+        self.assertEqual(follow.wait(timeout=60), 1)
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["last_error"]),
+                         ("dead", "cancelled"))
+        self.assertEqual([(r["host"], r["error"]) for r in job["runs"]],
+                         [(runner.hostname, "cancelled")])
+
 
 def _overlaps(path):
     """Pairs of runs of one job that were alive at the same time, from a log
@@ -2776,7 +3150,7 @@ def _overlaps(path):
 if PG_URL:
     for _base in (TestEnqueue, TestBadInput, TestLifecycle, TestOutput,
                   TestWorkers, TestScripting, TestFaults, TestHeldPromises,
-                  TestStats, TestDashboard):
+                  TestStats, TestDashboard, TestControl):
         _name = _base.__name__ + "OnPostgres"
         globals()[_name] = type(_name, (_base,), {"STORE": "postgresql"})
     del _base, _name

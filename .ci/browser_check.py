@@ -64,6 +64,11 @@ def main():
             page = browse(browser, url + "#job=" + evil, os.path.join(
                 folder, "profile"), "--dump-dom")
             dom = page.stdout.decode("utf-8", "replace")
+            # A pending job's panel offers Cancel (a dead one does not).
+            pending_dom = browse(browser, url + "#job=" + waiting[0],
+                                 os.path.join(folder, "profile3"),
+                                 "--dump-dom").stdout.decode("utf-8",
+                                                             "replace")
             if shot:
                 browse(browser, url + "#job=" + evil, os.path.join(
                     folder, "profile2"), "--screenshot=" + shot,
@@ -86,6 +91,10 @@ def main():
         problems.append("job text was inserted as markup")
     if 'id="output"' not in dom:
         problems.append("the job's detail panel did not render")
+    if 'id="retry"' not in dom or 'id="cancel"' in dom:
+        problems.append("a dead job's panel must offer Retry, not Cancel")
+    if 'id="cancel"' not in pending_dom or 'id="retry"' in pending_dom:
+        problems.append("a pending job's panel must offer Cancel, not Retry")
     if shot and (not os.path.exists(shot) or os.path.getsize(shot) < 10000):
         problems.append("no screenshot was written")
     for problem in problems:
