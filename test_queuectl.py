@@ -726,6 +726,29 @@ class TestLifecycle(CLITestCase):
                                  "p0-now-b", "neg"])
         self.assertEqual(self.state("future"), "pending")
 
+    def test_claim_order_holds_across_many_priorities(self):
+        # More distinct priorities than the claim visits one by one
+        # (_PRIORITY_STEPS), each with a delayed job beside a due one: due
+        # jobs run highest priority first, delayed ones never.
+        out = os.path.join(self.dir, "order.txt")
+        cmd = "echo $QUEUECTL_JOB_ID >> " + out
+        count = queuectl._PRIORITY_STEPS + 6
+        lines = []
+        for p in range(count):
+            lines.append(json.dumps({"command": cmd, "id": "due%02d" % p,
+                                     "priority": p * 7 - 50}))
+            lines.append(json.dumps({"command": cmd, "id": "later%02d" % p,
+                                     "priority": p * 7 - 50, "delay": 3600}))
+        path = os.path.join(self.dir, "jobs.jsonl")
+        with open(path, "w") as handle:
+            handle.write("\n".join(reversed(lines)) + "\n")
+        self.ok("enqueue", "-f", path)
+        self.drain()
+        with open(out) as handle:
+            order = handle.read().split()
+        self.assertEqual(order, ["due%02d" % p for p in reversed(range(count))])
+        self.assertEqual(self.ok_json("status")["counts"]["pending"], count)
+
     @sqlite_only("PostgreSQL corrects a host's clock by the server's")
     def test_retry_arithmetic_with_a_fake_clock(self):
         # max_retries=3, base 2: four runs, waiting 2, 4 and 8 s between.
@@ -2443,7 +2466,9 @@ class TestPerformanceStructure(CLITestCase):
         queue = queuectl.Queue(self.db)
         self.addCleanup(queue.close)
         queries = [
-            (queuectl._CLAIM_SQL, (0, 8)),
+            (queuectl._NEXT_PRIORITY_SQL, (2 ** 63 - 1,)),
+            (queuectl._CLAIM_AT_SQL, (0, 0, 8)),
+            (queuectl._CLAIM_BELOW_SQL, (0, 0, 8)),
             ("SELECT seq FROM jobs WHERE state = 'dead' ORDER BY seq"
              " LIMIT 5 OFFSET 5", ()),
             (queuectl._SQLiteStore._PROCESSING_SQL, ()),
@@ -2458,6 +2483,48 @@ class TestPerformanceStructure(CLITestCase):
                 "EXPLAIN QUERY PLAN " + sql, args)).upper()
             self.assertNotIn("TEMP B-TREE", plan, sql)
             self.assertNotRegex(plan, r"SCAN (TABLE )?JOBS(?! USING)", sql)
+
+    def test_jobs_not_due_cost_the_claim_and_the_idle_check_nothing(self):
+        # Beside 3,000 delayed jobs (over three priorities) the claim, the
+        # idle check and stats' oldest due job run the same number of SQLite
+        # VM steps, give or take, as beside 3: they read index ranges that
+        # end at the first job not due, never the delayed jobs themselves.
+        def steps(store, fn):
+            count = [0]
+
+            def tick():
+                count[0] += 1
+            store.conn.set_progress_handler(tick, 10)
+            try:
+                fn()
+            finally:
+                store.conn.set_progress_handler(None, 10)
+            return count[0]
+
+        costs = []
+        for delayed in (3, 3000):
+            db = os.path.join(self.dir, "delayed%d.db" % delayed)
+            queue = queuectl.Queue(db)
+            self.addCleanup(queue.close)
+            queue.enqueue_many([{"command": "true", "delay": 3600,
+                                 "priority": i % 3} for i in range(delayed)]
+                               + [{"command": "true", "priority": 1}] * 2)
+            store, now = queue.store, time.time()
+
+            def claim():
+                with store.write():
+                    self.assertEqual(len(store.claim("w", "h", now, 8, 16)), 1)
+                    self.assertEqual(len(store.claim("w", "h", now, 8, 16)), 1)
+                    self.assertEqual(store.claim("w", "h", now, 8, 16), [])
+            costs.append((steps(store, claim),
+                          steps(store, lambda: store.anything_due(now)),
+                          steps(store, lambda: store._oldest_due(now))))
+        small, large = costs
+        for name, few, many in zip(("claim", "idle check", "oldest due"),
+                                   small, large):
+            self.assertLess(many, few * 2 + 20, "%s: %d VM steps x10 beside"
+                            " 3,000 delayed jobs, %d beside 3" % (name, many,
+                                                                 few))
 
     def test_a_generated_id_clash_is_drawn_again(self):
         # A random id that already exists is replaced, not an error.
