@@ -2526,6 +2526,47 @@ class TestPerformanceStructure(CLITestCase):
                             " 3,000 delayed jobs, %d beside 3" % (name, many,
                                                                  few))
 
+    def test_a_big_enqueue_counts_its_jobs_in_one_statement(self):
+        # From BULK_COUNT_FROM jobs on, the count trigger is dropped and made
+        # again inside the enqueue's transaction: the counts stay exact,
+        # the trigger is back as it was (also after a savepoint rollback,
+        # forced here by a generated id that clashes), and later single
+        # enqueues are counted by it.
+        queue = queuectl.Queue(self.db)
+        self.addCleanup(queue.close)
+        conn = queue.store.conn
+        trigger_sql = "SELECT sql FROM sqlite_master WHERE name = ?"
+        before = conn.execute(trigger_sql, ("jobs_count_insert",)).fetchone()
+        queue.enqueue({"command": "true", "id": "aaaaaaaaaaaa"})
+        real = os.urandom
+        draws = []
+
+        def fake(n):
+            draws.append(n)
+            return b"\xaa" * 6 + real(n - 6) if len(draws) == 1 else real(n)
+        statements = []
+        conn.set_trace_callback(statements.append)
+        queuectl.os.urandom = fake
+        try:
+            ids = queue.enqueue_many([{"command": "true"}]
+                                     * queuectl.BULK_COUNT_FROM)
+        finally:
+            queuectl.os.urandom = real
+            conn.set_trace_callback(None)
+        self.assertEqual(len(draws), 2)
+        self.assertEqual(statements.count("ROLLBACK TO insert_jobs"), 1)
+        self.assertEqual(statements.count("DROP TRIGGER jobs_count_insert"),
+                         2)
+        self.assertEqual(len(set(ids)), queuectl.BULK_COUNT_FROM)
+        self.assertEqual(conn.execute(trigger_sql, ("jobs_count_insert",))
+                         .fetchone(), before)
+        queue.enqueue({"command": "true"})
+        expected = queuectl.BULK_COUNT_FROM + 2
+        self.assertEqual(queue.counts()["pending"], expected)
+        self.assertEqual(self.ok_json("status")["counts"]["pending"], expected)
+        self.assertEqual(conn.execute("SELECT COUNT(*) FROM jobs").fetchone(),
+                         (expected,))
+
     def test_a_generated_id_clash_is_drawn_again(self):
         # A random id that already exists is replaced, not an error.
         queue = queuectl.Queue(self.db)
