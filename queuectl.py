@@ -4641,7 +4641,8 @@ def cmd_bench(args, queue):
         os.cpu_count() or 0, " (--quick)" if args.quick else ""))
     rows = []
     for r in results:
-        rows.append((r["name"], "%.1f %s" % (r["value"], r["unit"]),
+        rows.append((r["name"], "%.1f %s" % (r["value"], r["unit"])
+                     if r["value"] is not None else r["unit"],
                      "%.1f" % r["baseline"] if r["baseline"] else "-",
                      "%.2fx" % r["ratio"] if r["ratio"] else "-",
                      r["target"] or ""))
@@ -5383,7 +5384,8 @@ class _Bench(object):
 
     def run(self):
         for step in (self.throughput, self.bulk_enqueue, self.enqueue_call,
-                     self.pickup_and_idle, self.memory, self.scale):
+                     self.start_up_instructions, self.pickup_and_idle,
+                     self.memory, self.scale, self.beside_delayed):
             self.progress("bench: %s..." % step.__name__.replace("_", " "))
             step()
         return self.results
@@ -5426,8 +5428,8 @@ class _Bench(object):
                 self.folder, "plain%d.db" % round_number)))
             took.append(self.cli(self.db("bulk%d" % round_number), "enqueue",
                                  "-f", path))
-        self.add("bulk enqueue -f, %d JSON lines" % n, _median(took), "s",
-                 _median(base), "<= 1.5x", "one transaction, incl. start-up"
+        self.add("bulk enqueue -f, %d JSON lines" % n, _median(took) * 1000,
+                 "ms", _median(base) * 1000, "<= 1.5x", "one transaction, incl. start-up"
                  " (%.0f jobs/s); baseline: a script that parses the lines"
                  " and executemany()s them into the same columns and indexes"
                  " (WAL, synchronous FULL); median of %d" % (
@@ -5469,10 +5471,10 @@ class _Bench(object):
         queue = Queue(db)
         worker = subprocess.Popen(
             [sys.executable, self.script, "--db", db, "worker", "start",
-             "--count", "2"], stdout=subprocess.DEVNULL,
+             "--count", "4"], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
         try:
-            while len(queue.workers()) < 2:
+            while len(queue.workers()) < 4:
                 time.sleep(0.02)
             if self.url:  # NOTIFY, not polling, must start the jobs
                 queue.config_set("poll-interval", "5")
@@ -5494,7 +5496,7 @@ class _Bench(object):
             time.sleep(seconds)
             after = _cpu_seconds(worker.pid)
             if before is not None and after is not None:
-                self.add("idle worker CPU (--count 2)", 100 * (after - before)
+                self.add("idle worker CPU (--count 4)", 100 * (after - before)
                          / seconds, "% of a core", None, "< 1%",
                          "over %gs idle" % seconds)
         finally:
@@ -5528,7 +5530,7 @@ class _Bench(object):
     def scale(self):
         big = 20000 if self.quick else 1000000
         rounds = 2 if self.quick else 5
-        status, listing, claims = {}, {}, {}
+        status, listing, claims, stats = {}, {}, {}, {}
         # Both files side by side, claims measured alternately; one
         # PostgreSQL database holds one queue: filled, measured, replaced.
         sizes = (("small", 1000), ("large", big))
@@ -5538,6 +5540,8 @@ class _Bench(object):
             db = dbs.get(name) or self._scaled_db(name, total)
             status[name] = _median([self.cli(db, "status")
                                     for _ in range(rounds)])
+            stats[name] = _median([self.cli(db, "stats", "--json")
+                                   for _ in range(rounds)])
             listing[name] = _median([self.cli(
                 db, "list", "--state", "pending", "--limit", "100",
                 "--offset", "500") for _ in range(rounds)])
@@ -5552,9 +5556,99 @@ class _Bench(object):
         self.add("status with %d jobs (CLI)" % big, status["large"] * 1000,
                  "ms", status["small"] * 1000, "<= 100 ms",
                  "incl. Python start-up; baseline: 1,000 jobs")
+        self.add("stats --json with %d jobs (CLI)" % big,
+                 stats["large"] * 1000, "ms", stats["small"] * 1000,
+                 "<= +30 ms", "incl. Python start-up; baseline: 1,000 jobs")
         self.add("list page with %d jobs (CLI)" % big,
                  listing["large"] * 1000, "ms", listing["small"] * 1000,
-                 None, "--state pending --limit 100 --offset 500")
+                 "<= +30 ms", "--state pending --limit 100 --offset 500")
+
+    def beside_delayed(self):
+        """Draining due jobs, and the figures commands read, beside many
+        jobs that are not due yet (a day away) vs beside 1,000."""
+        big = 20000 if self.quick else 1000000
+        n = 200 if self.quick else 2000
+        rates, stats, idle = {}, {}, {}
+        # Filled one after the other: one PostgreSQL database is one queue.
+        for name, total in (("small", 1000), ("large", big)):
+            db = self.db("delayed-" + name)
+            store = open_store(db)
+            try:
+                store.fill_for_bench(total, total, time.time() + 86400)
+            finally:
+                store.close()
+            stats[name] = _median([self.cli(db, "stats", "--json")
+                                   for _ in range(1 if self.quick else 5)])
+            samples = []
+            for _ in range(1 if self.quick else 3):
+                queue = Queue(db)
+                queue.enqueue_many([{"command": "true"}] * n)
+                started = time.time()
+                self.cli(db, "worker", "start", "--count", "2",
+                         "--exit-when-idle")
+                with queue.store.read():
+                    first, last = queue.store._one(
+                        "SELECT MIN(started_at), MAX(ended_at) FROM attempts"
+                        " WHERE started_at >= ?", (started - 60,))
+                queue.close()
+                samples.append(n / (last - first))
+            rates[name] = _median(samples)
+            queue = Queue(db)
+            try:
+                store, now = queue.store, queue.store.now()
+                began = time.perf_counter()
+                for _ in range(100):
+                    store.anything_due(now)
+                idle[name] = (time.perf_counter() - began) / 100
+            finally:
+                queue.close()
+        self.add("drain %d jobs beside %d delayed ones" % (n, big),
+                 rates["large"], "jobs/s", rates["small"], ">= 0.67x",
+                 "worker --count 2; baseline: beside 1,000 delayed jobs")
+        self.add("idle check beside %d delayed jobs" % big,
+                 idle["large"] * 1e6, "us", idle["small"] * 1e6, "<= 1.5x",
+                 "the read an idle worker makes every poll-interval")
+        self.add("stats --json beside %d delayed jobs (CLI)" % big,
+                 stats["large"] * 1000, "ms", stats["small"] * 1000,
+                 "<= +30 ms", "incl. Python start-up; baseline: 1,000")
+
+    def start_up_instructions(self):
+        """CLI start-up by instruction count (callgrind): the same figure
+        for the same input however busy the machine is."""
+        import shutil
+        import subprocess
+        name = "enqueue call, instructions (callgrind)"
+        if shutil.which("valgrind") is None:
+            self.add(name, None, "not measured: valgrind missing")
+            return
+        db = self.db("instructions")
+        here = os.path.dirname(self.script)
+        env = dict(os.environ, PYTHONPATH=here)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        module = os.path.splitext(os.path.basename(self.script))[0]
+
+        def count(argv):
+            out = os.path.join(self.folder, "callgrind.out")
+            subprocess.check_call(
+                ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out]
+                + argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=env, cwd=here)
+            with open(out) as handle:
+                for line in handle:
+                    if line.startswith("summary:"):
+                        return int(line.split()[1])
+            raise QueueError("bench: callgrind wrote no summary")
+        count([sys.executable, "-m", module, "--db", db, "enqueue", "true"])
+        base = count([sys.executable, "-c", "import sqlite3, json, argparse"])
+        script = count([sys.executable, self.script, "--db", db, "enqueue",
+                        "true"])
+        cached = count([sys.executable, "-m", module, "--db", db, "enqueue",
+                        "true"])
+        self.add(name + ", script by path", script / 1e6, "M instr.",
+                 base / 1e6, "<= 1.8x",
+                 "baseline: python -c 'import sqlite3, json, argparse'")
+        self.add(name + ", python -m", cached / 1e6, "M instr.", base / 1e6,
+                 "<= 1.3x")
 
     def _scaled_db(self, name, total):
         """`total` jobs, 1% pending and the rest completed, written raw."""
