@@ -2545,7 +2545,7 @@ class TestPerformanceStructure(CLITestCase):
             draws.append(n)
             return b"\xaa" * 6 + real(n - 6) if len(draws) == 1 else real(n)
         statements = []
-        conn.set_trace_callback(statements.append)
+        conn.set_trace_callback(lambda sql: statements.append(sql))
         queuectl.os.urandom = fake
         try:
             ids = queue.enqueue_many([{"command": "true"}]
