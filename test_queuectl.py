@@ -2598,6 +2598,17 @@ class TestPerformanceStructure(CLITestCase):
             self.assertIn(word, names)
         ratios = [r for r in results if r["baseline"]]
         self.assertTrue(all(r["ratio"] > 0 for r in ratios))
+        # Issue 14's rows: each with its baseline from the same run, or
+        # said to be unmeasured (callgrind needs valgrind).
+        for word in ("stats --json with", "list page", "drain",
+                     "idle check beside", "stats --json beside",
+                     "instructions (callgrind)", "idle worker CPU (--count 4)"):
+            self.assertIn(word, names)
+        for r in results:
+            if r["value"] is None:
+                self.assertTrue(r["unit"].startswith("not measured: "), r)
+            elif any(w in r["name"] for w in ("beside", "bulk", "with")):
+                self.assertGreater(r["ratio"], 0, r)
 
 class TestDatabaseURLs(CLITestCase):
     """What any postgresql:// or other URL does, with or without a driver."""
