@@ -1993,6 +1993,24 @@ class _PostgresStore(_SQLStore):
         # psycopg 3 sends the batch in one pipeline: one round trip.
         return self.conn.executemany(self._sql(sql), list(rows))
 
+    def _insert_rows(self, ids, jobs, afters, now):
+        """Jobs without dependencies go in multi-row INSERTs: one statement
+        (one round trip, one firing of the statement-level count trigger)
+        per _PG_INSERT_ROWS jobs, where executemany() made one per job
+        (about 4,600 jobs/s).  The casts (_PG_JOB_VALUES) pin each
+        column's type whatever the driver sends for a parameter."""
+        if any(afters):
+            return _SQLStore._insert_rows(self, ids, jobs, afters, now)
+        rows = [(job_id,) + tuple(job[1:]) + (now, now)
+                for job_id, job in zip(ids, jobs)]
+        for start in range(0, len(rows), _PG_INSERT_ROWS):
+            chunk = rows[start:start + _PG_INSERT_ROWS]
+            self._run(
+                "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
+                " timeout, cwd, env, created_at, updated_at, state, ready)"
+                " VALUES " + ",".join([_PG_JOB_VALUES] * len(chunk)),
+                [value for row in chunk for value in row])
+
     def _insert_returning_seq(self, sql, params):
         column = "seq" if sql.startswith("INSERT INTO jobs") else "id"
         return self._run(sql + " RETURNING " + column, params).fetchone()[0]
@@ -2180,6 +2198,14 @@ def _redact(url):
     """The URL without its password: what status, logs and errors show."""
     return re.sub(r"^([a-z]+://[^/@:]*):[^/@]*@", r"\1@", url)
 
+
+#: Jobs per multi-row INSERT of a PostgreSQL enqueue (10 parameters each;
+#: a statement may have 65,535).
+_PG_INSERT_ROWS = 500
+_PG_JOB_VALUES = ("(?, ?, CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION),"
+                  " CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION), ?, ?,"
+                  " CAST(? AS DOUBLE PRECISION), CAST(? AS DOUBLE PRECISION),"
+                  " 'pending', 1)")
 
 _PG_CLAIM_SQL = """
 WITH due AS MATERIALIZED (

@@ -356,6 +356,37 @@ class TestEnqueue(CLITestCase):
         for key in ("created_at", "updated_at", "last_error", "attempts"):
             self.assertIn(key, job)
 
+    def test_a_big_enqueue_stores_every_job_as_given(self):
+        # More jobs than one multi-row INSERT (PostgreSQL) or the bulk count
+        # (SQLite) take, fields varying from job to job, some all NULL
+        # within a chunk: every job stored as given, the counts exact.
+        count = max(queuectl.BULK_COUNT_FROM, queuectl._PG_INSERT_ROWS) + 234
+        specs = []
+        for i in range(count):
+            spec = {"command": "echo %d" % i, "id": "big%05d" % i}
+            if i >= count // 2:  # the first chunks have no timeout at all
+                spec.update(timeout=0.5 + i % 3, priority=i % 7 - 3,
+                            max_retries=i % 4, env={"N": str(i)},
+                            cwd="/tmp", run_at="2030-01-02T03:04:05Z")
+            specs.append(spec)
+        path = os.path.join(self.dir, "big.jsonl")
+        with open(path, "w") as handle:
+            handle.write("".join(json.dumps(s) + "\n" for s in specs))
+        out = self.ok("enqueue", "-f", path)
+        self.assertEqual(out.split(), [s["id"] for s in specs])
+        self.assertEqual(self.ok_json("status")["counts"]["pending"], count)
+        for i in (0, count // 2 - 1, count // 2, count - 1):
+            job, spec = self.job("big%05d" % i), specs[i]
+            for key in ("command", "timeout", "priority", "max_retries",
+                        "env", "cwd"):
+                if key in spec:
+                    self.assertEqual(job[key], spec[key], (i, key))
+            if "timeout" not in spec:
+                self.assertEqual((job["timeout"], job["priority"],
+                                  job["env"]), (None, 0, {}), i)
+        self.assertEqual(self.job("big%05d" % (count - 1))["run_at"],
+                         "2030-01-02T03:04:05.000Z")
+
     def test_enqueue_flags(self):
         # The flag form sets the same fields as JSON; --delay counts from
         # the enqueue.
