@@ -163,11 +163,17 @@ HTTP_TIMEOUT = 15
 #: Seconds `smoke-test` gives any one step before it calls it failed.
 SMOKE_STEP_TIMEOUT = 60.0
 
+#: The queue of a job that names none (SPEC 10).
+DEFAULT_QUEUE = "default"
+
+#: A unique key (--unique) is 1 to this many characters.
+MAX_UNIQUE_KEY = 1024
+
 #: Job ids: 1 to 128 of these characters.
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _JOB_FIELDS = ("command", "id", "max_retries", "priority", "run_at", "delay",
-               "timeout", "cwd", "env", "after")
+               "timeout", "cwd", "env", "after", "queue", "unique_key")
 _MANAGED_FIELDS = ("state", "attempts", "last_error", "created_at",
                    "updated_at", "runs")
 
@@ -375,7 +381,8 @@ def _field_number(spec, name, minimum, exclusive=False, integer=False):
 
 #: A validated new job: the values of its jobs row.
 _NewJob = collections.namedtuple(
-    "_NewJob", "id command priority run_at max_retries timeout cwd env")
+    "_NewJob", "id command priority run_at max_retries timeout cwd env queue"
+    " unique_key")
 
 
 def _validate_job(spec, config, now, cwd):
@@ -417,8 +424,37 @@ def _validate_job(spec, config, now, cwd):
         timeout = _field_number(spec, "timeout", 0, exclusive=True)
     job_cwd = _job_cwd(spec["cwd"]) if "cwd" in spec else cwd
     env = json.dumps(_job_env(spec), sort_keys=True) if "env" in spec else "{}"
+    queue = _check_id(spec["queue"], "queue") if "queue" in spec \
+        else DEFAULT_QUEUE
     return _NewJob(job_id, command, priority, run_at, max_retries, timeout,
-                   job_cwd, env)
+                   job_cwd, env, queue, _job_unique_key(spec))
+
+
+def _queue_names(names):
+    """A list of queue names (or "a,b"), checked; duplicates dropped."""
+    if isinstance(names, str):
+        names = names.split(",")
+    if not isinstance(names, (list, tuple)) or not names:
+        raise InvalidInput("--queue needs one or more queue names, got %s"
+                           % _short_repr(names))
+    found = []
+    for name in names:
+        if _check_id(name, "queue") not in found:
+            found.append(name)
+    return found
+
+
+def _job_unique_key(spec):
+    """The job's unique key (SPEC 10), or None."""
+    if spec.get("unique_key") is None:
+        return None
+    key = spec["unique_key"]
+    if not isinstance(key, str) or not key or len(key) > MAX_UNIQUE_KEY \
+            or "\0" in key or not _encodable(key):
+        raise InvalidInput("unique_key must be a string of 1-%d characters"
+                           " without NUL, got %s" % (MAX_UNIQUE_KEY,
+                                                     _short_repr(key)))
+    return key
 
 
 def _job_run_at(spec, now):
@@ -638,7 +674,58 @@ _SCHEMA_V2 = (
 
 # Version 3: SPEC 10 (long-lived queues), in three parts.
 _SCHEMA_V3_CONTROL = ()     # cancel, retry, logs --follow, retention
-_SCHEMA_V3_QUEUES = ()      # named queues with caps, unique jobs
+_SCHEMA_V3_QUEUES = (      # named queues with caps, unique jobs
+    "ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default'",
+    "ALTER TABLE jobs ADD COLUMN unique_key TEXT",
+    # A queue exists once it is named, by a job or by `queue set`; a NULL
+    # concurrency is no cap.  Claims read the capped and paused rows only.
+    """CREATE TABLE IF NOT EXISTS queues (
+        name TEXT PRIMARY KEY,
+        concurrency INTEGER,
+        paused INTEGER NOT NULL DEFAULT 0)""",
+    # Jobs per state of every queue but 'default' (whose counts are the
+    # totals minus these), kept by triggers that default jobs skip: a job
+    # that names no queue pays one WHEN test per change.
+    """CREATE TABLE IF NOT EXISTS queue_counts (
+        queue TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (queue, state))""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_queue_insert AFTER INSERT ON jobs
+       WHEN NEW.queue <> 'default' BEGIN
+         INSERT OR IGNORE INTO queues (name) VALUES (NEW.queue);
+         INSERT OR IGNORE INTO queue_counts (queue, state, n)
+           VALUES (NEW.queue, NEW.state, 0);
+         UPDATE queue_counts SET n = n + 1
+           WHERE queue = NEW.queue AND state = NEW.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_queue_delete AFTER DELETE ON jobs
+       WHEN OLD.queue <> 'default' BEGIN
+         UPDATE queue_counts SET n = n - 1
+           WHERE queue = OLD.queue AND state = OLD.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_queue_update AFTER UPDATE OF state
+       ON jobs WHEN OLD.state <> NEW.state AND NEW.queue <> 'default' BEGIN
+         UPDATE queue_counts SET n = n - 1
+           WHERE queue = OLD.queue AND state = OLD.state;
+         INSERT OR IGNORE INTO queue_counts (queue, state, n)
+           VALUES (NEW.queue, NEW.state, 0);
+         UPDATE queue_counts SET n = n + 1
+           WHERE queue = NEW.queue AND state = NEW.state; END""",
+    # A unique key is held by one pending, failed or processing job: taken
+    # (primary key) by the enqueue that creates it, freed here when the job
+    # completes, dies or is deleted.  Jobs without a key skip the triggers.
+    """CREATE TABLE IF NOT EXISTS unique_keys (
+        key TEXT PRIMARY KEY,
+        job_seq INTEGER NOT NULL)""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_unique_free AFTER UPDATE OF state
+       ON jobs WHEN NEW.unique_key IS NOT NULL
+       AND NEW.state IN ('completed', 'dead') BEGIN
+         DELETE FROM unique_keys WHERE key = NEW.unique_key
+           AND job_seq = NEW.seq; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_unique_delete AFTER DELETE ON jobs
+       WHEN OLD.unique_key IS NOT NULL BEGIN
+         DELETE FROM unique_keys WHERE key = OLD.unique_key
+           AND job_seq = OLD.seq; END""",
+)
 _SCHEMA_V3_SCHEDULES = ()   # recurring jobs
 
 #: MIGRATIONS[v] brings a database from user_version v to v + 1.
@@ -698,9 +785,29 @@ _CLAIM_SQL = ("SELECT seq, id, command, timeout, cwd, env, attempts, runs,"
               " run_at FROM jobs WHERE ready = 1 AND run_at <= ?"
               " ORDER BY priority DESC, run_at, seq LIMIT ?")
 
+# The queues a claim must look at: paused or capped (SPEC 10).
+_LIMITED_QUEUES_SQL = ("SELECT name, concurrency, paused FROM queues"
+                       " WHERE concurrency IS NOT NULL OR paused = 1")
+
+
+def _claim_filter(served, blocked, one):
+    """(condition on jobs.queue, parameters, one) for _queue_plan; None
+    when the worker serves only blocked queues."""
+    if served is not None:
+        open_ = [name for name in served if name not in blocked]
+        if not open_:
+            return None
+        return " AND queue IN (%s)" % _marks(open_), tuple(open_), one
+    if blocked:
+        return (" AND queue NOT IN (%s)" % _marks(blocked), tuple(blocked),
+                one)
+    return "", (), one
+
+
 _JOB_COLUMNS = ("seq, id, command, state, priority, run_at, max_retries,"
                 " timeout, cwd, env, attempts, runs, last_error, worker_id,"
-                " attempt_id, created_at, updated_at, waiting")
+                " attempt_id, created_at, updated_at, waiting, queue,"
+                " unique_key")
 _ATTEMPT_COLUMNS = ("n, worker_id, host, pgid, started_at, ended_at, duration,"
                     " exit_code, signal, error, output_dropped")
 
@@ -727,9 +834,11 @@ def _to_number(text):
 
 #: What copy --to carries over (the stop request counter stays behind).
 _COPIED_TABLES = (
+    ("queues", "name, concurrency, paused"),  # before jobs, which add theirs
     ("jobs", "seq, id, command, state, ready, priority, run_at, max_retries,"
      " timeout, cwd, env, attempts, runs, waiting, last_error, worker_id,"
-     " attempt_id, created_at, updated_at"),
+     " attempt_id, created_at, updated_at, queue, unique_key"),
+    ("unique_keys", "key, job_seq"),
     ("attempts", "id, job_seq, n, worker_id, host, pgid, proc_start,"
      " started_at, ended_at, duration, exit_code, signal, error, output,"
      " output_dropped, due_at"),
@@ -740,6 +849,18 @@ _COPIED_TABLES = (
 
 def _random_beat():
     return int.from_bytes(os.urandom(6), "big")
+
+
+def _fresh_jobs(jobs, afters, held):
+    """[(job, after)] to insert: not those whose unique key is held, nor a
+    second job of the batch with the key of an earlier one."""
+    seen = set(held)
+    fresh = []
+    for job, after in zip(jobs, afters):
+        if job.unique_key is None or job.unique_key not in seen:
+            seen.add(job.unique_key)
+            fresh.append((job, after))
+    return fresh
 
 
 def _chunks(items):
@@ -881,27 +1002,73 @@ class _SQLStore(object):
 
     # -- adding jobs --------------------------------------------------------
 
-    def insert_jobs(self, jobs, afters, now):
+    def insert_jobs(self, jobs, afters, now, duplicates=None):
         """New jobs (with their dependencies) in one transaction; their ids.
 
         Generated ids have 48 random bits: a clash with an existing id is
-        rare, but must not fail an enqueue: draw again and retry.
+        rare, but must not fail an enqueue: draw again and retry.  A job
+        whose unique key another job holds is not inserted: its id is that
+        job's, and `duplicates` (a list, if given) gets True in its place.
+        On PostgreSQL a concurrent enqueue of the same key makes the key's
+        insert wait, then fail: the retry reads the key's new holder.
         """
         with self.write(durable=True):
-            self._refuse_given_ids([j.id for j in jobs if j.id is not None])
             for tries_left in range(5, 0, -1):
-                ids = _fill_ids([j.id for j in jobs])
                 self._run("SAVEPOINT insert_jobs")
                 try:
-                    self._insert_rows(ids, jobs, afters, now)
+                    held = self._held_keys(jobs)
+                    fresh = _fresh_jobs(jobs, afters, held)
+                    new = [job for job, _ in fresh]
+                    self._refuse_given_ids([j.id for j in new
+                                            if j.id is not None])
+                    ids = _fill_ids([j.id for j in new])
+                    if new:
+                        self._insert_rows(ids, new, [a for _, a in fresh],
+                                          now)
+                    ids = self._take_keys(jobs, new, ids, held, duplicates)
                 except self._integrity_error:
                     self._run("ROLLBACK TO insert_jobs")
                     if tries_left == 1:
                         raise
                     continue
                 self._run("RELEASE insert_jobs")
-                self._wake_workers()
+                if new:
+                    self._wake_workers()
                 return ids
+
+    def _held_keys(self, jobs):
+        """{unique key: id of the job holding it} for the keys of jobs."""
+        keys = sorted(set(j.unique_key for j in jobs
+                          if j.unique_key is not None))
+        held = {}
+        for chunk in _chunks(keys):
+            held.update(self._run(
+                "SELECT u.key, j.id FROM unique_keys u JOIN jobs j ON j.seq"
+                " = u.job_seq WHERE u.key IN (%s)" % _marks(chunk), chunk))
+        return held
+
+    def _take_keys(self, jobs, new, ids, held, duplicates):
+        """Record the keys the new jobs hold now (the first job of a batch
+        with a key holds it; later ones are its duplicates).  Returns the
+        id of each of jobs, in order."""
+        new_ids = dict(zip([id(j) for j in new], ids))
+        taken = []
+        answer = []
+        for job in jobs:
+            key = job.unique_key
+            if id(job) in new_ids and (key is None or key not in held):
+                if key is not None:
+                    held[key] = new_ids[id(job)]
+                    taken.append((key, held[key]))
+                answer.append((new_ids[id(job)], False))
+            else:
+                answer.append((held[key], True))
+        if taken:
+            self._run_many("INSERT INTO unique_keys (key, job_seq) SELECT ?,"
+                           " seq FROM jobs WHERE id = ?", taken)
+        if duplicates is not None:
+            duplicates.extend(dup for _, dup in answer)
+        return [job_id for job_id, _ in answer]
 
     def _insert_rows(self, ids, jobs, afters, now):
         params = [(job_id,) + tuple(job[1:]) + (now, now)
@@ -909,8 +1076,9 @@ class _SQLStore(object):
         if not any(afters):
             self._run_many(
                 "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
-                " timeout, cwd, env, created_at, updated_at, state, ready)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',1)", params)
+                " timeout, cwd, env, queue, unique_key, created_at,"
+                " updated_at, state, ready)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'pending',1)", params)
             return
         seqs = {}
         for job_id, param, after in zip(ids, params, afters):
@@ -943,8 +1111,9 @@ class _SQLStore(object):
         waiting = sum(1 for _, state in set(dep_seqs) if state != "completed")
         seq = self._insert_returning_seq(
             "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
-            " timeout, cwd, env, created_at, updated_at, state, ready, waiting)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',?,?)",
+            " timeout, cwd, env, queue, unique_key, created_at, updated_at,"
+            " state, ready, waiting) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,"
+            "'pending',?,?)",
             param + (None if waiting else 1, waiting))
         self._insert_deps([(seq, dep_seq) for dep_seq, _ in set(dep_seqs)])
         return seq
@@ -994,8 +1163,14 @@ class _SQLStore(object):
             return self._one("SELECT output, output_dropped, n FROM attempts"
                              " WHERE job_seq = ? AND n = ?", (seq, attempt))
 
-    def jobs(self, state, limit, offset):
+    def jobs(self, state, limit, offset, queue=None):
         """Job rows in enqueue order, optionally of one state, paged."""
+        if queue is not None:
+            where = " AND state = ?" if state is not None else ""
+            return self._all(
+                "SELECT %s FROM jobs WHERE queue = ?%s ORDER BY seq LIMIT ?"
+                " OFFSET ?" % (_JOB_COLUMNS, where), (queue,) + (
+                    (state,) if state is not None else ()) + (limit, offset))
         if state is None:
             return self._all("SELECT %s FROM jobs ORDER BY seq LIMIT ? OFFSET ?"
                              % _JOB_COLUMNS, (limit, offset))
@@ -1017,6 +1192,31 @@ class _SQLStore(object):
             "SELECT w.id, w.pid, w.host, w.started_at, w.heartbeat, j.id"
             " FROM workers w LEFT JOIN jobs j ON j.worker_id = w.id"
             " AND j.state = 'processing' ORDER BY w.started_at, w.id")
+
+    # -- named queues -------------------------------------------------------
+
+    def queue_rows(self):
+        """([(name, concurrency, paused)], {queue: {state: jobs}}, totals)
+        of the named queues; 'default' is counted by the caller (the totals
+        minus the rest).  Call inside read() for one snapshot."""
+        rows = self._all("SELECT name, concurrency, paused FROM queues"
+                         " ORDER BY name")
+        counts = {}
+        for name, state, n in self._all(
+                "SELECT queue, state, CAST(SUM(n) AS BIGINT) FROM"
+                " queue_counts GROUP BY queue, state"):
+            counts.setdefault(name, dict.fromkeys(STATES, 0))[state] = n
+        return rows, counts, self.counts()
+
+    def set_queue(self, name, **values):
+        """Create queue `name` if need be, and set its columns
+        (concurrency, paused)."""
+        with self.write():
+            self._insert_queue(name)
+            for column, value in sorted(values.items()):
+                self._run("UPDATE queues SET %s = ? WHERE name = ?" % column,
+                          (value, name))
+            self._wake_workers()
 
     # -- figures ------------------------------------------------------------
 
@@ -1085,7 +1285,9 @@ class _SQLStore(object):
         """What /metrics shows, read in one snapshot."""
         with self.read():
             totals = dict(self._all(self._TOTALS_SQL))
+            queues = self.queue_rows()
             return {"counts": self.counts(), "totals": totals,
+                    "queue_counts": queues[1],
                     "workers": self.worker_rows(), "config": self.config(),
                     "paused": self.control()[1],
                     "buckets": self._all(self._BUCKETS_SQL)}
@@ -1115,6 +1317,7 @@ class _SQLStore(object):
             "UPDATE jobs SET waiting = (SELECT COUNT(*) FROM deps d JOIN jobs j"
             " ON j.seq = d.dep_seq WHERE d.job_seq = ? AND j.state <>"
             " 'completed') WHERE seq = ?", [(seq, seq) for seq in seqs])
+        self._retake_keys(seqs)
         self._move("pending", [(now, now, seq) for seq in seqs],
                    "attempts = 0, run_at = ?")
         for seq in seqs:
@@ -1127,6 +1330,29 @@ class _SQLStore(object):
                                " one too" % (self._id(seq), dead[0]))
         self._wake_workers()
         return [self._id(seq) for seq in seqs]
+
+    def _retake_keys(self, seqs):
+        """A finished job run again holds its unique key again.  While
+        another job holds it, the run is refused: two jobs with one key
+        must never wait at once."""
+        taken = {}
+        for chunk in _chunks(list(seqs)):
+            rows = self._run(
+                "SELECT j.seq, j.id, j.unique_key, u.job_seq FROM jobs j LEFT"
+                " JOIN unique_keys u ON u.key = j.unique_key WHERE j.seq IN"
+                " (%s) AND j.unique_key IS NOT NULL" % _marks(chunk),
+                chunk).fetchall()
+            for seq, job_id, key, holder in rows:
+                holder = taken.get(key, holder)
+                if holder is not None and holder != seq:
+                    raise Conflict(
+                        "job '%s' has unique key %s, which job '%s' holds;"
+                        " run again when that one has finished" % (
+                            job_id, _short_repr(key), self._id(holder)))
+                if holder is None:
+                    self._run("INSERT INTO unique_keys (key, job_seq)"
+                              " VALUES (?, ?)", (key, seq))
+                    taken[key] = seq
 
     def delete(self, prefixes):
         """Delete jobs (and their attempts) that are not processing."""
@@ -1228,15 +1454,29 @@ class _SQLStore(object):
         return self._one("SELECT 1 FROM jobs WHERE ready = 1 AND run_at <= ?"
                          " LIMIT 1", (now,)) is not None
 
-    def claim(self, worker_id, host, now, batch=1, deep_at=1):
+    def claim(self, worker_id, host, now, batch=1, deep_at=1, queues=None):
         """Claim due jobs in claim order: `batch` of them when at least
-        `deep_at` are due, else one.  Returns a list of _Claim.
+        `deep_at` are due, else one.  Returns a list of _Claim.  `queues`:
+        the names of the queues to claim from (None: all).
 
         Each claim counts an attempt at once (so a job that keeps killing
         its worker still reaches the DLQ), and is guarded: the update's row
         count must say it won, whatever the transaction promises.
         """
-        rows = self._run(_CLAIM_SQL, (now, deep_at)).fetchall()
+        # Named queues (SPEC 10): the plain claim unless this worker serves
+        # some queues only, or a queue is paused or capped; then the same
+        # statement with a condition on `queue` (the claim index still
+        # leads, see _claim_filter), one job at a time while a capped queue
+        # it serves has room.
+        plan = self._queue_plan(queues)
+        if plan is None:
+            return []
+        where, params, one = plan
+        if one:
+            batch = deep_at = 1
+        rows = self._run(_CLAIM_SQL.replace(" ORDER BY", where + " ORDER BY")
+                         if where else _CLAIM_SQL,
+                         (now,) + params + (deep_at,)).fetchall()
         claims = []
         for seq, job_id, command, timeout, cwd, env, attempts, runs, due in \
                 rows[:batch] if len(rows) >= deep_at else rows[:1]:
@@ -1258,6 +1498,50 @@ class _SQLStore(object):
                           (claim.attempt_id,))
             claims = [c for c in claims if c not in lost]
         return claims
+
+    # -- named queues: caps and pauses in the claim --------------------------
+
+    def _queue_plan(self, served):
+        """How a claim by a worker serving `served` (names, None: all)
+        filters queues: (condition, its parameters, one job only), or None
+        when no queue it serves may give a job now.
+
+        Paused queues are skipped; so is a capped queue with as many jobs
+        processing as its cap.  The count is exact across workers and
+        hosts: it is read under the lock of the queue's row (_lock_queues;
+        SQLite's one writer already holds it), and while a capped queue
+        has room each claim takes one job, so no batch overshoots a cap.
+        A queue neither paused nor capped costs one read of a small table.
+        """
+        rows = self._run(_LIMITED_QUEUES_SQL).fetchall()
+        blocked, capped = [], []
+        for name, cap, paused in rows:
+            if served is not None and name not in served:
+                continue
+            if paused:
+                blocked.append(name)
+            elif cap is not None:
+                capped.append((name, cap))
+        one = False
+        if capped:
+            self._lock_queues(sorted(name for name, _ in capped))
+            running = self._processing_per_queue([n for n, _ in capped])
+            for name, cap in capped:
+                if running.get(name, 0) >= cap:
+                    blocked.append(name)
+                else:
+                    one = True
+        return _claim_filter(served, blocked, one)
+
+    def _lock_queues(self, names):
+        pass  # SQLite: the claim's write transaction is the only writer
+
+    def _processing_per_queue(self, names):
+        """{queue: jobs processing} for those queues (the jobs_state index:
+        as many rows as jobs running)."""
+        return dict(self._run(
+            "SELECT queue, COUNT(*) FROM jobs WHERE state = 'processing' AND"
+            " queue IN (%s) GROUP BY queue" % _marks(names), names).fetchall())
 
     def claim_holds(self, claim):
         """Is this claim still the job's current one?"""
@@ -1521,6 +1805,9 @@ class _SQLiteStore(_SQLStore):
     def _insert_deps(self, pairs):
         self._run_many("INSERT INTO deps (job_seq, dep_seq) VALUES (?, ?)",
                        pairs)
+
+    def _insert_queue(self, name):
+        self._run("INSERT OR IGNORE INTO queues (name) VALUES (?)", (name,))
 
     def counts(self):
         """{state: jobs} from the trigger-kept table: one row per state."""
@@ -1906,6 +2193,10 @@ class _PostgresStore(_SQLStore):
         self._run_many("INSERT INTO deps (job_seq, dep_seq) VALUES (?, ?)",
                        pairs)
 
+    def _insert_queue(self, name):
+        self._run("INSERT INTO queues (name) VALUES (?) ON CONFLICT (name)"
+                  " DO NOTHING", (name,))
+
     def _wake_workers(self):
         # Delivered at COMMIT to every LISTENing worker, on every host.
         self._run("SELECT pg_notify('queuectl', '')")
@@ -1978,15 +2269,32 @@ class _PostgresStore(_SQLStore):
 
     # -- the claim ----------------------------------------------------------
 
-    def claim(self, worker_id, host, now, batch=1, deep_at=1):
+    def claim(self, worker_id, host, now, batch=1, deep_at=1, queues=None):
         """One statement: lock due rows that no one else holds (SKIP
         LOCKED), open their attempts, mark them processing.  Due means due
         by the server's clock, whatever this host's says."""
         # `now` is the server's clock as this session measured it: the same
         # clock that set every run_at, so "due" means the same everywhere.
-        rows = self._run(_PG_CLAIM_SQL, (now, deep_at, deep_at, batch,
-                                         worker_id, host, worker_id)).fetchall()
+        # Named queues: as in _SQLStore.claim (the capped rows are locked
+        # first, in a statement of their own, so the count of processing
+        # jobs is read after the lock, by a fresh READ COMMITTED snapshot).
+        plan = self._queue_plan(queues)
+        if plan is None:
+            return []
+        where, params, one = plan
+        if one:
+            batch = deep_at = 1
+        sql = _PG_CLAIM_SQL.replace(_PG_CLAIM_DUE, _PG_CLAIM_DUE + where) \
+            if where else _PG_CLAIM_SQL
+        rows = self._run(sql, (now,) + params + (
+            deep_at, deep_at, batch, worker_id, host, worker_id)).fetchall()
         return [_Claim(*row[1:]) for row in sorted(rows)]
+
+    def _lock_queues(self, names):
+        """Claims of a capped queue take turns: FOR UPDATE on its row, held
+        to COMMIT, in name order (no deadlock between two workers)."""
+        self._run("SELECT name FROM queues WHERE name IN (%s) ORDER BY name"
+                  " FOR UPDATE" % _marks(names), tuple(names)).fetchall()
 
     # -- listening ----------------------------------------------------------
 
@@ -2080,6 +2388,9 @@ def _redact(url):
     """The URL without its password: what status, logs and errors show."""
     return re.sub(r"^([a-z]+://[^/@:]*):[^/@]*@", r"\1@", url)
 
+
+# What a claim restricted to some queues extends (see _SQLStore.claim).
+_PG_CLAIM_DUE = "WHERE ready = 1 AND run_at <= ?"
 
 _PG_CLAIM_SQL = """
 WITH due AS MATERIALIZED (
@@ -2244,7 +2555,62 @@ _PG_SCHEMA = (
 
 # Version 2: SPEC 10 (long-lived queues), in three parts, as in SQLite.
 _PG_V2_CONTROL = ()     # cancel, retry, logs --follow, retention
-_PG_V2_QUEUES = ()      # named queues with caps, unique jobs
+_PG_V2_QUEUES = (      # named queues with caps, unique jobs (as SQLite)
+    "ALTER TABLE jobs ADD COLUMN queue TEXT COLLATE \"C\" NOT NULL"
+    " DEFAULT 'default'",
+    "ALTER TABLE jobs ADD COLUMN unique_key TEXT",
+    """CREATE TABLE queues (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        concurrency BIGINT,
+        paused INTEGER NOT NULL DEFAULT 0)""",
+    # Striped like counts; row triggers whose WHEN default jobs fail.
+    """CREATE TABLE queue_counts (queue TEXT COLLATE "C", state TEXT,
+        stripe INTEGER, n BIGINT NOT NULL, PRIMARY KEY (queue, state, stripe))""",
+    """CREATE FUNCTION count_queue_jobs() RETURNS trigger LANGUAGE plpgsql
+    AS $$
+    BEGIN
+      IF TG_OP = 'INSERT' THEN
+        INSERT INTO queuectl.queues (name) VALUES (NEW.queue)
+          ON CONFLICT (name) DO NOTHING;
+      END IF;
+      IF TG_OP <> 'INSERT' THEN
+        INSERT INTO queuectl.queue_counts AS c
+          VALUES (OLD.queue, OLD.state, %(stripe)s, -1)
+          ON CONFLICT (queue, state, stripe) DO UPDATE SET n = c.n - 1;
+      END IF;
+      IF TG_OP <> 'DELETE' THEN
+        INSERT INTO queuectl.queue_counts AS c
+          VALUES (NEW.queue, NEW.state, %(stripe)s, 1)
+          ON CONFLICT (queue, state, stripe) DO UPDATE SET n = c.n + 1;
+      END IF;
+      RETURN NULL;
+    END $$""" % {"stripe": _PG_STRIPE},
+    "CREATE TRIGGER jobs_queue_insert AFTER INSERT ON jobs FOR EACH ROW"
+    " WHEN (NEW.queue <> 'default') EXECUTE FUNCTION count_queue_jobs()",
+    "CREATE TRIGGER jobs_queue_delete AFTER DELETE ON jobs FOR EACH ROW"
+    " WHEN (OLD.queue <> 'default') EXECUTE FUNCTION count_queue_jobs()",
+    "CREATE TRIGGER jobs_queue_update AFTER UPDATE OF state ON jobs FOR EACH"
+    " ROW WHEN (OLD.state <> NEW.state AND NEW.queue <> 'default')"
+    " EXECUTE FUNCTION count_queue_jobs()",
+    "CREATE TABLE unique_keys (key TEXT PRIMARY KEY, job_seq BIGINT NOT NULL)",
+    """CREATE FUNCTION free_unique_key() RETURNS trigger LANGUAGE plpgsql
+    AS $$
+    BEGIN
+      IF TG_OP = 'DELETE' THEN
+        DELETE FROM queuectl.unique_keys
+          WHERE key = OLD.unique_key AND job_seq = OLD.seq;
+      ELSE
+        DELETE FROM queuectl.unique_keys
+          WHERE key = NEW.unique_key AND job_seq = NEW.seq;
+      END IF;
+      RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER jobs_unique_free AFTER UPDATE OF state ON jobs FOR EACH"
+    " ROW WHEN (NEW.unique_key IS NOT NULL AND NEW.state IN ('completed',"
+    " 'dead')) EXECUTE FUNCTION free_unique_key()",
+    "CREATE TRIGGER jobs_unique_delete AFTER DELETE ON jobs FOR EACH ROW"
+    " WHEN (OLD.unique_key IS NOT NULL) EXECUTE FUNCTION free_unique_key()",
+)
 _PG_V2_SCHEDULES = ()   # recurring jobs
 
 #: _PG_MIGRATIONS[v] brings schema queuectl from version v to v + 1.
@@ -2277,7 +2643,7 @@ def default_db_path():
 def _job_dict(row, deps=None):
     (seq, job_id, command, state, priority, run_at, max_retries, timeout, cwd,
      env, attempts, runs, last_error, worker_id, _attempt, created, updated,
-     waiting) = row
+     waiting) = row[:18]
     job = {
         "id": job_id, "command": command, "state": state,
         "priority": priority, "run_at": iso(run_at),
@@ -2285,6 +2651,7 @@ def _job_dict(row, deps=None):
         "env": json.loads(env), "attempts": attempts,
         "last_error": last_error, "created_at": iso(created),
         "updated_at": iso(updated), "worker": worker_id,
+        "queue": row[18], "unique_key": row[19],
     }
     if deps is not None:
         job["after"] = deps
@@ -2324,8 +2691,12 @@ class Queue(object):
         """Add one job (a dict of SPEC fields); return its id."""
         return self.enqueue_many([spec])[0]
 
-    def enqueue_many(self, specs):
-        """Add jobs all or nothing, in one transaction; return their ids."""
+    def enqueue_many(self, specs, duplicates=None):
+        """Add jobs all or nothing, in one transaction; return their ids.
+
+        A job whose unique_key a pending, failed or processing job holds
+        (or an earlier job of specs) is not added: its id in the answer is
+        that job's, and `duplicates` (a list, if given) gets True for it."""
         if not isinstance(specs, list):
             raise InvalidInput("expected a JSON object or an array of objects")
         if not specs:
@@ -2343,7 +2714,7 @@ class Queue(object):
                 if len(specs) == 1:
                     raise
                 raise InvalidInput("job %d: %s" % (index + 1, exc))
-        return self.store.insert_jobs(jobs, afters, now)
+        return self.store.insert_jobs(jobs, afters, now, duplicates)
 
     # -- reading ------------------------------------------------------------
 
@@ -2367,12 +2738,56 @@ class Queue(object):
                 job_id, attempt if attempt is not None else "yet"))
         return row[0] or "", row[1], row[2]
 
-    def list(self, state=None, limit=100, offset=0):
-        """Jobs in enqueue order, optionally of one state, paged."""
+    def list(self, state=None, limit=100, offset=0, queue=None):
+        """Jobs in enqueue order, optionally of one state or queue, paged."""
         if state is not None and state not in STATES:
             raise InvalidInput("unknown state '%s' (states: %s)"
                                % (state, ", ".join(STATES)))
-        return [_job_dict(row) for row in self.store.jobs(state, limit, offset)]
+        if queue is not None:
+            _check_id(queue, "queue")
+        return [_job_dict(row) for row in self.store.jobs(state, limit, offset,
+                                                          queue)]
+
+    def queues(self):
+        """Every queue (SPEC 10): [{name, counts, concurrency, paused}],
+        'default' first, then by name."""
+        with self.store.read():
+            return self._queues()
+
+    def _queues(self):
+        rows, counts, totals = self.store.queue_rows()
+        found = {DEFAULT_QUEUE: (None, 0)}
+        for name, cap, paused in rows:
+            found[name] = (cap, paused)
+        for name in counts:
+            found.setdefault(name, (None, 0))
+        default = dict(totals)
+        for name, per_state in counts.items():
+            for state in STATES:
+                default[state] -= per_state[state]
+        counts[DEFAULT_QUEUE] = default
+        return [{"name": name, "concurrency": found[name][0],
+                 "paused": bool(found[name][1]),
+                 "counts": counts.get(name, dict.fromkeys(STATES, 0))}
+                for name in sorted(found, key=lambda n: (n != DEFAULT_QUEUE,
+                                                         n))]
+
+    def set_queue_concurrency(self, name, limit):
+        """Cap the jobs of queue `name` processing at once; 0 or None: no
+        cap.  Creates the queue if need be."""
+        _check_id(name, "queue")
+        if limit is not None and not (_is_int(limit) and
+                                      0 <= limit <= MAX_COUNT):
+            raise InvalidInput("--concurrency must be an integer >= 0 or"
+                               " 'none', got %s" % _short_repr(limit))
+        self.store.set_queue(name, concurrency=limit or None)
+
+    def set_queue_paused(self, name, paused):
+        """Pause (workers claim none of its jobs) or resume queue `name`;
+        creates it if need be, so a queue can be paused before its jobs
+        come."""
+        _check_id(name, "queue")
+        self.store.set_queue(name, paused=int(bool(paused)))
 
     def counts(self):
         """{state: number of jobs} for all five states."""
@@ -2397,7 +2812,8 @@ class Queue(object):
         """Counts, live workers, the pause flag and the path (`status`)."""
         with self.store.read():
             return {"counts": self.counts(), "workers": self.workers(),
-                    "paused": self.is_paused(), "db": self.path}
+                    "paused": self.is_paused(), "db": self.path,
+                    "queues": self._queues()}
 
     def is_paused(self):
         return bool(self.store.control()[1])
@@ -2543,8 +2959,13 @@ def _metrics_text(samples, now):
         for labels, value in samples:
             lines.append("%s%s %s" % (name, labels, _number_text(value)))
     counts, totals = samples["counts"], samples["totals"]
-    metric("queuectl_jobs", "gauge", "Jobs in the queue by state.",
-           [('{state="%s"}' % s, counts[s]) for s in STATES])
+    per_queue = dict(samples["queue_counts"])
+    per_queue[DEFAULT_QUEUE] = dict(
+        (s, counts[s] - sum(c[s] for c in samples["queue_counts"].values()))
+        for s in STATES)
+    metric("queuectl_jobs", "gauge", "Jobs by queue and state.",
+           [('{queue="%s",state="%s"}' % (q, s), per_queue[q][s])
+            for q in sorted(per_queue) for s in STATES])
     metric("queuectl_attempts_total", "counter",
            "Finished attempts by result.",
            [('{result="%s"}' % r, totals.get(r, 0))
@@ -2907,12 +3328,13 @@ class WorkerPool(object):
     idle_timeout: stop once S seconds passed with no job held by this pool
     and none it could claim (a job that falls due meanwhile is run, and the
     S seconds start again when it ends).  max_jobs: claim at most N jobs
-    (runs) in all, finish them, and stop.
+    (runs) in all, finish them, and stop.  queues: names of the queues to
+    claim from (default: all).
     """
 
     def __init__(self, path=None, count=1, poll_interval=None,
                  exit_when_idle=False, log=None, now=time.time,
-                 idle_timeout=None, max_jobs=None):
+                 idle_timeout=None, max_jobs=None, queues=None):
         import threading
         if not _is_int(count) or count < 1:
             raise InvalidInput("--count must be an integer >= 1, got %r" % count)
@@ -2926,6 +3348,9 @@ class WorkerPool(object):
         if max_jobs is not None and not (_is_int(max_jobs) and max_jobs >= 1):
             raise InvalidInput("--max-jobs must be an integer >= 1, got %r"
                                % max_jobs)
+        if queues is not None:
+            queues = _queue_names(queues)
+        self.queues = queues
         self.address = self.path = path or default_db_path()
         self.count = count
         self.poll_interval = poll_interval
@@ -3317,7 +3742,7 @@ class WorkerPool(object):
         try:
             if batch:
                 claims = store.claim(wid, self.host, now, batch,
-                                     CLAIM_BATCH * self.count)
+                                     CLAIM_BATCH * self.count, self.queues)
         finally:
             self._give_back(batch - len(claims))
         return claims
@@ -3579,11 +4004,15 @@ class _DashboardRoutes(object):
             return 200, "json", queue.stats(since)
         if path == "/api/jobs":
             state = query.get("state") or None
+            name = query.get("queue") or None
             limit = _query_number(query, "limit", 50, int, 1, 500)
             offset = _query_number(query, "offset", 0, int, 0)
             counts = queue.counts()
+            if name is not None:
+                counts = dict((q["name"], q["counts"]) for q in
+                              queue.queues()).get(name, dict.fromkeys(STATES, 0))
             total = counts[state] if state in STATES else sum(counts.values())
-            return 200, "json", {"jobs": queue.list(state, limit, offset),
+            return 200, "json", {"jobs": queue.list(state, limit, offset, name),
                                  "total": total, "limit": limit,
                                  "offset": offset}
         if path.startswith("/api/jobs/"):
@@ -3719,6 +4148,8 @@ def _show_text(job):
         ("cwd", _printable(job["cwd"])),
         ("env", _printable(json.dumps(job["env"], sort_keys=True))),
         ("after", ", ".join(job["after"]) or "-"),
+        ("queue", job["queue"]),
+        ("unique_key", _printable(job["unique_key"] or "-")),
         ("last_error", _printable(job["last_error"] or "-")),
         ("worker", job["worker"] or "-"),
         ("created_at", job["created_at"]), ("updated_at", job["updated_at"]),
@@ -3774,6 +4205,14 @@ def _duration_text(seconds):
     return _seconds_text(seconds)
 
 
+def _queues_table(queues):
+    rows = [(q["name"],) + tuple(q["counts"][s] for s in STATES) + (
+        q["concurrency"] if q["concurrency"] is not None else "-",
+        "yes" if q["paused"] else "no") for q in queues]
+    return _table(rows, ("QUEUE",) + tuple(s.upper() for s in STATES) + (
+        "CAP", "PAUSED"))
+
+
 def _status_text(status, colour):
     lines = ["database: %s" % status["db"]]
     if status["paused"]:
@@ -3783,6 +4222,10 @@ def _status_text(status, colour):
         lines.append("  %s %8d" % (_paint(state, 11, colour),
                                    status["counts"][state]))
     lines.append("  %-11s %8d" % ("total", sum(status["counts"].values())))
+    queues = status["queues"]
+    if len(queues) > 1 or queues[0]["paused"] or queues[0]["concurrency"]:
+        lines.append("")
+        lines.append(_queues_table(queues))
     workers = status["workers"]
     lines.append("")
     lines.append("workers: %d live" % len(workers))
@@ -3852,9 +4295,13 @@ def _emit(args, value, as_text):
 def cmd_enqueue(args, queue):
     specs = _enqueue_specs(args)
     if specs is None:  # one job from a command or a JSON object
-        job_id = queue.enqueue(_enqueue_spec(args))
+        duplicate = []
+        job_id = queue.enqueue_many([_enqueue_spec(args)], duplicate)[0]
         if args.json:
-            _print_json(queue.get(job_id))
+            job = queue.get(job_id)
+            if duplicate[0]:
+                job["duplicate"] = True  # made by an earlier enqueue
+            _print_json(job)
         else:
             _print(job_id)
         return 0
@@ -3891,6 +4338,11 @@ def _enqueue_arguments(p):
                    help="add to the job's environment (repeatable)")
     p.add_argument("--after", metavar="ID[,ID...]",
                    help="start only after these jobs completed")
+    p.add_argument("--queue", metavar="NAME",
+                   help="the job's queue (default: default)")
+    p.add_argument("--unique", metavar="KEY",
+                   help="add nothing, and print that job's id, while a job"
+                   " with this key is pending, failed or processing")
     _add_json(p)
 
 
@@ -3981,7 +4433,8 @@ def _read_input(name):
 _FLAG_FIELDS = (("id", "id"), ("max_retries", "max_retries"),
                 ("priority", "priority"), ("run_at", "run_at"),
                 ("delay", "delay"), ("timeout", "timeout"), ("cwd", "cwd"),
-                ("after", "after"))
+                ("after", "after"), ("queue", "queue"),
+                ("unique", "unique_key"))
 
 
 def _field_flags(args):
@@ -4035,7 +4488,8 @@ def cmd_worker_start(args, queue):
     pool = WorkerPool(queue.address, count=args.count,
                       poll_interval=args.poll_interval,
                       exit_when_idle=args.exit_when_idle,
-                      idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
+                      idle_timeout=args.idle_timeout, max_jobs=args.max_jobs,
+                      queues=args.queue)
     signals = []
 
     def on_signal(signum, frame):
@@ -4047,8 +4501,9 @@ def cmd_worker_start(args, queue):
             pool.force()
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    pool.log("-", "-", "pool", "started %d worker(s) on %s"
-             % (args.count, queue.path))
+    pool.log("-", "-", "pool", "started %d worker(s) on %s%s"
+             % (args.count, queue.path, " for queue(s) %s"
+                % ",".join(pool.queues) if pool.queues else ""))
     code = pool.run()
     reason = "forced" if pool.forced.is_set() else pool.exit_reason
     pool.log("-", "-", "pool", "stopped" + (" (%s)" % reason if reason
@@ -4074,6 +4529,8 @@ def _worker_start_arguments(p):
     p.add_argument("--max-jobs", metavar="N",
                    type=_positive_int("--max-jobs"),
                    help="run at most N jobs (each run counts), then exit")
+    p.add_argument("--queue", metavar="NAME[,NAME...]",
+                   help="claim only jobs of these queues (default: all)")
 
 
 def cmd_worker_stop(args, queue):
@@ -4114,12 +4571,14 @@ def cmd_status(args, queue):
 
 
 def cmd_list(args, queue):
-    return _print_jobs(args, queue.list(args.state, args.limit, args.offset))
+    return _print_jobs(args, queue.list(args.state, args.limit, args.offset,
+                                        args.queue))
 
 
 def _list_arguments(p):
     p.add_argument("--state", choices=STATES, metavar="STATE",
                    help="only jobs in this state: " + ", ".join(STATES))
+    p.add_argument("--queue", metavar="NAME", help="only jobs of this queue")
     _add_paging(p)
     _add_json(p)
 
@@ -4191,6 +4650,71 @@ _DLQ_ACTIONS = (
 
 def _dlq_arguments(p):
     _add_commands(p, "action", _DLQ_ACTIONS)
+
+
+def cmd_queue_list(args, queue):
+    return _emit(args, queue.queues(), _queues_table)
+
+
+def _queue_list_arguments(p):
+    _add_json(p)
+
+
+def cmd_queue_set(args, queue):
+    queue.set_queue_concurrency(args.name, args.concurrency)
+    _print("queue '%s': %s" % (args.name, "at most %d job(s) at once"
+                               % args.concurrency if args.concurrency
+                               else "no concurrency cap"))
+    return 0
+
+
+def _queue_set_arguments(p):
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--concurrency", metavar="N|none", required=True,
+                   type=_concurrency_flag,
+                   help="at most N jobs of this queue processing at once,"
+                   " across all workers and hosts (0 or none: no cap)")
+
+
+def _concurrency_flag(text):
+    if text.strip().lower() == "none":
+        return None
+    return _non_negative_int("--concurrency")(text)
+
+
+def cmd_queue_pause(args, queue):
+    queue.set_queue_paused(args.name, True)
+    _print("queue '%s' paused: workers finish its running jobs and claim no"
+           " new ones" % args.name)
+    return 0
+
+
+def cmd_queue_resume(args, queue):
+    queue.set_queue_paused(args.name, False)
+    _print("queue '%s' resumed" % args.name)
+    return 0
+
+
+def _queue_name_argument(p):
+    p.add_argument("name", metavar="NAME")
+
+
+#: `queue ACTION`: (name, handler, summary, example, add_arguments).
+_QUEUE_ACTIONS = (
+    ("list", cmd_queue_list, "Per queue: jobs per state, concurrency cap,"
+     " paused.", "queuectl queue list --json", _queue_list_arguments),
+    ("set", cmd_queue_set, "Cap how many jobs of a queue run at once (0 or"
+     " none: no cap).", "queuectl queue set emails --concurrency 2",
+     _queue_set_arguments),
+    ("pause", cmd_queue_pause, "Claim no new jobs of a queue until it is"
+     " resumed.", "queuectl queue pause emails", _queue_name_argument),
+    ("resume", cmd_queue_resume, "Let workers claim a paused queue's jobs"
+     " again.", "queuectl queue resume emails", _queue_name_argument),
+)
+
+
+def _queue_arguments(p):
+    _add_commands(p, "action", _QUEUE_ACTIONS)
 
 
 def cmd_delete(args, queue):
@@ -4752,6 +5276,9 @@ _COMMANDS = (
      "queuectl logs 3f9a --attempt 1", _logs_arguments),
     ("dlq", None, "The dead letter queue: list or retry dead jobs.",
      "queuectl dlq retry --all", _dlq_arguments),
+    ("queue", None, "Named queues: list them, cap their concurrency, pause"
+     " or resume one.", "queuectl queue set emails --concurrency 2",
+     _queue_arguments),
     ("wait", cmd_wait, "Block until jobs are completed or dead (exit 0 all"
      " completed, 1 any dead, 124 timeout).",
      "queuectl wait 3f9a 77c0 --timeout 600", _wait_arguments),
@@ -4790,7 +5317,7 @@ commands by what you need them for:
   add and run jobs   enqueue, worker start, worker stop
   see what happens   status, list, show, logs, wait, stats, dashboard
   when jobs fail     dlq list, dlq retry, delete, purge
-  control            pause, resume, config, copy
+  control            pause, resume, queue, config, copy
   learn and check    demo, smoke-test, bench
 
 start here:

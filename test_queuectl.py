@@ -838,7 +838,8 @@ class TestOutput(CLITestCase):
 
     def test_status_shape(self):
         status = self.ok_json("status")
-        self.assertEqual(set(status), {"counts", "workers", "paused", "db"})
+        self.assertEqual(set(status), {"counts", "workers", "paused", "db",
+                                       "queues"})
         self.assertEqual(set(status["counts"]), set(queuectl.STATES))
         self.assertEqual(status["db"], self.db)
         self.assertIn("pending", self.ok("status"))
@@ -2310,7 +2311,8 @@ class TestDashboard(CLITestCase):
         self.assertEqual(code, 200)
         self.assertTrue(response.getheader("Content-Type").startswith(
             "text/plain; version=0.0.4"))
-        sample = re.compile(r'^([a-z_]+)(\{[a-z]+="[^"\\]*"\})? '
+        sample = re.compile(r'^([a-z_]+)(\{[a-z]+="[^"\\]*"'
+                            r'(?:,[a-z]+="[^"\\]*")*\})? '
                             r'(-?[0-9.]+(e[+-]?[0-9]+)?)$')
         typed, buckets, values = {}, [], {}
         for line in text.splitlines():
@@ -2330,7 +2332,7 @@ class TestDashboard(CLITestCase):
                 buckets.append(float(match.group(3)))
         self.assertEqual(typed["queuectl_attempts_total"], "counter")
         self.assertEqual(typed["queuectl_run_duration_seconds"], "histogram")
-        self.assertEqual(values['queuectl_jobs{state="dead"}'], 1)
+        self.assertEqual(values['queuectl_jobs{queue="default",state="dead"}'], 1)
         self.assertEqual(values['queuectl_attempts_total{result="success"}'], 1)
         self.assertEqual(values['queuectl_attempts_total{result="failure"}'], 1)
         self.assertEqual(buckets, sorted(buckets))
