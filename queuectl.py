@@ -5569,6 +5569,7 @@ pre { background: #10141c; color: #e2e8f0; padding: 10px 12px; border-radius: 6p
 <div class="toolbar"><label>State <select id="state">
 <option value="">all</option><option>pending</option><option>processing</option>
 <option>completed</option><option>failed</option><option>dead</option></select></label>
+<label>Queue <select id="queue"><option value="">all</option></select></label>
 <button id="prev">&larr; Previous</button><button id="next">Next &rarr;</button>
 <span class="muted" id="page"></span></div>
 <table><thead><tr><th>ID</th><th>State</th><th class="hide-narrow">Tries</th>
@@ -5697,7 +5698,7 @@ async function showJob() {
   catch (error) { box.hidden = true; selected = null; return; }
   box.hidden = false;
   replace("detail-id", document.createTextNode(job.id));
-  const facts = [["state", job.state], ["command", job.command],
+  const facts = [["state", job.state], ["queue", job.queue], ["command", job.command],
     ["attempts", job.attempts + " of " + (job.max_retries + 1)],
     ["priority", String(job.priority)], ["run at", when(job.run_at)],
     ["last error", job.last_error || "-"], ["cwd", job.cwd]];
@@ -5723,13 +5724,27 @@ async function showJob() {
       (job.output_dropped ? "[first " + job.output_dropped + " bytes dropped]\n" : "") + job.output}));
 }
 
+function renderQueues(status) {
+  const pick = document.getElementById("queue");
+  const names = status.queues.map(q => q.name);
+  if (pick.value && names.indexOf(pick.value) < 0) names.push(pick.value);
+  const have = Array.from(pick.options).slice(1).map(o => o.value);
+  if (have.join("\n") === names.join("\n")) return;
+  const chosen = pick.value;
+  pick.replaceChildren(el("option", {text: "all", value: ""}),
+    ...names.map(n => el("option", {text: n, value: n})));
+  pick.value = chosen;
+}
+
 async function refresh() {
   const state = document.getElementById("state").value;
+  const queue = document.getElementById("queue").value;
   const live = document.getElementById("live");
   try {
     const [status, stats, page] = await Promise.all([api("/api/status"), api("/api/stats"),
-      api("/api/jobs?limit=" + PAGE + "&offset=" + offset + "&state=" + encodeURIComponent(state))]);
-    renderCounts(status); renderStats(stats); renderJobs(page);
+      api("/api/jobs?limit=" + PAGE + "&offset=" + offset + "&state=" + encodeURIComponent(state)
+          + "&queue=" + encodeURIComponent(queue))]);
+    renderCounts(status); renderQueues(status); renderStats(stats); renderJobs(page);
     if (selected) await showJob();
     live.textContent = "live, " + new Date().toLocaleTimeString();
     live.className = "live";
@@ -5739,6 +5754,7 @@ async function refresh() {
   }
 }
 document.getElementById("state").addEventListener("change", () => { offset = 0; refresh(); });
+document.getElementById("queue").addEventListener("change", () => { offset = 0; refresh(); });
 document.getElementById("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
 document.getElementById("next").addEventListener("click", () => { offset += PAGE; refresh(); });
 refresh();
