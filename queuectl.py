@@ -1449,8 +1449,14 @@ class _SQLStore(object):
                          " WHERE pid = ? AND host = ?",
                          (now, pid, host)).rowcount
 
-    def anything_due(self, now):
-        """A plain read (no write lock): is any job claimable now?"""
+    def anything_due(self, now, queues=None):
+        """A plain read (no write lock): is any job claimable now (of the
+        named queues, if given)?"""
+        if queues:
+            return self._one(
+                "SELECT 1 FROM jobs WHERE ready = 1 AND run_at <= ? AND queue"
+                " IN (%s) LIMIT 1" % _marks(queues),
+                (now,) + tuple(queues)) is not None
         return self._one("SELECT 1 FROM jobs WHERE ready = 1 AND run_at <= ?"
                          " LIMIT 1", (now,)) is not None
 
@@ -3694,7 +3700,7 @@ class WorkerPool(object):
         stop_seq, paused = store.control()
         if stop_seq != self.stop_seq:
             return True
-        return not paused and store.anything_due(store.now())
+        return not paused and store.anything_due(store.now(), self.queues)
 
     def _sync(self, store, wid, local):
         """One transaction: save finished runs, then claim or release jobs.
