@@ -2892,7 +2892,7 @@ class Queue(object):
             target.import_all(tables, totals, buckets)
         finally:
             target.close()
-        return len(tables[0][2])
+        return len(dict((t, rows) for t, _, rows in tables)["jobs"])
 
     def wait(self, job_ids, timeout=None, interval=0.1):
         """Block until every job is completed or dead.

@@ -1445,6 +1445,10 @@ class TestNewcomer(CLITestCase):
             "dlq list": self.ok_json("dlq", "list")[0],
             "status": self.ok_json("status"),
             "stats": self.ok_json("stats"),
+            "queue list": self.ok_json("queue", "list")[0],
+            "duplicate": [self.ok_json("enqueue", "true", "--unique", "u",
+                                       "--delay", "3600")
+                          for _ in range(2)][1],
         }
         shapes["runs"] = shapes["show"]["runs"][0]
         shapes["workers"] = shapes["status"]["workers"][0]
@@ -2248,6 +2252,28 @@ class TestDashboard(CLITestCase):
         self.assertIn("unknown state", self.get_json("/api/jobs?state=x", 400)
                       ["error"])
         self.assertIn("no such page", self.get_json("/nope", 404)["error"])
+
+    def test_jobs_filter_by_queue(self):
+        mail = self.enqueue("true", "--queue", "mail")
+        self.start()
+        page = self.get_json("/api/jobs?queue=mail")
+        self.assertEqual(([j["id"] for j in page["jobs"]], page["total"]),
+                         ([mail], 1))
+        page = self.get_json("/api/jobs?queue=default&state=pending")
+        self.assertEqual(([j["id"] for j in page["jobs"]], page["total"]),
+                         ([self.waiting], 1))
+        page = self.get_json("/api/jobs?queue=nowhere")
+        self.assertEqual((page["jobs"], page["total"]), ([], 0))
+        self.assertIn("queue must be", self.get_json("/api/jobs?queue=a%20b",
+                                                     400)["error"])
+        names = [q["name"] for q in self.get_json("/api/status")["queues"]]
+        self.assertEqual(names, ["default", "mail"])
+        self.assertIn('id="queue"', self.request("/")[2])
+        metrics = self.request("/metrics")[2]
+        self.assertIn('queuectl_jobs{queue="mail",state="pending"} 1',
+                      metrics)
+        self.assertIn('queuectl_jobs{queue="default",state="pending"} 1',
+                      metrics)
 
     def test_page_is_self_contained_and_carries_no_job_data(self):
         # Job text reaches the page only as JSON rendered with textContent;
