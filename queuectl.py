@@ -1012,20 +1012,27 @@ class _SQLStore(object):
         On PostgreSQL a concurrent enqueue of the same key makes the key's
         insert wait, then fail: the retry reads the key's new holder.
         """
+        keyed = any(j.unique_key is not None for j in jobs)
+        new, new_afters = jobs, afters  # without keys: every job is new
         with self.write(durable=True):
             for tries_left in range(5, 0, -1):
                 self._run("SAVEPOINT insert_jobs")
                 try:
-                    held = self._held_keys(jobs)
-                    fresh = _fresh_jobs(jobs, afters, held)
-                    new = [job for job, _ in fresh]
+                    if keyed:
+                        held = self._held_keys(jobs)
+                        fresh = _fresh_jobs(jobs, afters, held)
+                        new = [job for job, _ in fresh]
+                        new_afters = [after for _, after in fresh]
                     self._refuse_given_ids([j.id for j in new
                                             if j.id is not None])
                     ids = _fill_ids([j.id for j in new])
                     if new:
-                        self._insert_rows(ids, new, [a for _, a in fresh],
-                                          now)
-                    ids = self._take_keys(jobs, new, ids, held, duplicates)
+                        self._insert_rows(ids, new, new_afters, now)
+                    if keyed:
+                        ids = self._take_keys(jobs, new, ids, held,
+                                              duplicates)
+                    elif duplicates is not None:
+                        duplicates.extend([False] * len(jobs))
                 except self._integrity_error:
                     self._run("ROLLBACK TO insert_jobs")
                     if tries_left == 1:
