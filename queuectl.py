@@ -1458,14 +1458,15 @@ class _SQLStore(object):
 
     def anything_due(self, now, queues=None):
         """A plain read (no write lock): is any job claimable now (of the
-        named queues, if given)?"""
-        if queues:
-            return self._one(
-                "SELECT 1 FROM jobs WHERE ready = 1 AND run_at <= ? AND queue"
-                " IN (%s) LIMIT 1" % _marks(queues),
-                (now,) + tuple(queues)) is not None
-        return self._one("SELECT 1 FROM jobs WHERE ready = 1 AND run_at <= ?"
-                         " LIMIT 1", (now,)) is not None
+        named queues, if given; not of a paused or full queue, so idle
+        workers do not take the write lock for jobs they may not claim)?"""
+        served = " AND queue IN (%s)" % _marks(queues) if queues else ""
+        return self._one(
+            "SELECT 1 FROM jobs WHERE ready = 1 AND run_at <= ?%s AND queue"
+            " NOT IN (SELECT name FROM queues WHERE paused = 1 OR concurrency"
+            " <= (SELECT COUNT(*) FROM jobs p WHERE p.state = 'processing'"
+            " AND p.queue = queues.name)) LIMIT 1" % served,
+            (now,) + tuple(queues or ())) is not None
 
     def claim(self, worker_id, host, now, batch=1, deep_at=1, queues=None):
         """Claim due jobs in claim order: `batch` of them when at least

@@ -2578,18 +2578,22 @@ class TestQueues(CLITestCase):
     def test_capped_claim_stays_indexed(self):
         self.ok("queue", "set", "capped", "--concurrency", "1")
         self.ok("queue", "pause", "paused")
-        for n in range(50):
-            self.enqueue("true", "--queue", ("capped", "paused", "x")[n % 3])
+        self.ok("enqueue", json.dumps([
+            {"command": "true", "queue": ("capped", "paused", "x")[n % 3]}
+            for n in range(60)]))
         store = queuectl.open_store(self.db)
         self.addCleanup(store.close)
         seen = []
-        run = store._run
 
-        def record(sql, params=()):
-            seen.append((sql, tuple(params)))
-            return run(sql, params)
-        store._run = record
+        def recorder(real):
+            def record(sql, params=()):
+                seen.append((sql, tuple(params)))
+                return real(sql, params)
+            return record
+        store._run = recorder(store._run)
+        store._one = recorder(store._one)
         for queues in (None, ["capped", "x"]):
+            store.anything_due(store.now(), queues)
             with store.write():
                 claims = store.claim("w", "h", store.now(), 8, 1, queues)
                 self.assertEqual(len(claims), 1)  # one at a time: a cap
@@ -2597,6 +2601,7 @@ class TestQueues(CLITestCase):
                 store._run("BEGIN IMMEDIATE")
         selects = [(s, p) for s, p in seen if s.startswith("SELECT")
                    and "FROM jobs" in s]
+        self.assertEqual(len([s for s, _ in selects if "LIMIT 1" in s]), 2)
         self.assertTrue(any("queue NOT IN" in s for s, _ in selects))
         self.assertTrue(any("queue IN" in s for s, _ in selects))
         for sql, params in selects:
@@ -2604,8 +2609,9 @@ class TestQueues(CLITestCase):
                 "EXPLAIN QUERY PLAN " + sql, params))
             self.assertIn("INDEX", plan, sql)
             self.assertNotRegex(plan, r"SCAN (TABLE )?jobs(?! USING)", sql)
-            if "ORDER BY priority" in sql:
+            if "ORDER BY priority" in sql or "ready = 1" in sql:
                 self.assertIn("jobs_claim", plan)
+                self.assertNotIn("TEMP B-TREE", plan.upper())
 
     # -- unique jobs --------------------------------------------------------
 
