@@ -790,6 +790,16 @@ _LIMITED_QUEUES_SQL = ("SELECT name, concurrency, paused FROM queues"
                        " WHERE concurrency IS NOT NULL OR paused = 1")
 
 
+#: A claim by a worker of every queue while no queue is paused or capped.
+_NO_LIMITED_QUEUES = (" AND NOT EXISTS (SELECT 1 FROM queues WHERE paused = 1"
+                      " OR concurrency IS NOT NULL)")
+_CLAIM_ANY_SQL = _CLAIM_SQL.replace(" ORDER BY",
+                                    _NO_LIMITED_QUEUES + " ORDER BY")
+
+#: _queue_plan's answer when no queue is paused or capped.
+_NO_FILTER = ("", (), False)
+
+
 def _claim_filter(served, blocked, one):
     """(condition on jobs.queue, parameters, one) for _queue_plan; None
     when the worker serves only blocked queues."""
@@ -1477,20 +1487,25 @@ class _SQLStore(object):
         its worker still reaches the DLQ), and is guarded: the update's row
         count must say it won, whatever the transaction promises.
         """
-        # Named queues (SPEC 10): the plain claim unless this worker serves
-        # some queues only, or a queue is paused or capped; then the same
-        # statement with a condition on `queue` (the claim index still
-        # leads, see _claim_filter), one job at a time while a capped queue
-        # it serves has room.
-        plan = self._queue_plan(queues)
-        if plan is None:
-            return []
-        where, params, one = plan
-        if one:
-            batch = deep_at = 1
-        rows = self._run(_CLAIM_SQL.replace(" ORDER BY", where + " ORDER BY")
-                         if where else _CLAIM_SQL,
-                         (now,) + params + (deep_at,)).fetchall()
+        # Named queues (SPEC 10): a worker of every queue first claims as
+        # before, on condition that no queue is paused or capped (one
+        # statement, the common case).  Otherwise _queue_plan says which
+        # queues are open, and the same statement runs with a condition on
+        # `queue` (the claim index still leads), one job at a time while a
+        # capped queue the worker serves has room.
+        rows = []
+        if queues is None:
+            rows = self._run(_CLAIM_ANY_SQL, (now, deep_at)).fetchall()
+        if not rows:
+            plan = self._queue_plan(queues)
+            if plan is None or (queues is None and plan == _NO_FILTER):
+                return []  # nothing due, or only in closed queues
+            where, params, one = plan
+            if one:
+                batch = deep_at = 1
+            rows = self._run(_CLAIM_SQL.replace(" ORDER BY", where +
+                                                " ORDER BY"),
+                             (now,) + params + (deep_at,)).fetchall()
         claims = []
         for seq, job_id, command, timeout, cwd, env, attempts, runs, due in \
                 rows[:batch] if len(rows) >= deep_at else rows[:1]:
@@ -2292,16 +2307,22 @@ class _PostgresStore(_SQLStore):
         # Named queues: as in _SQLStore.claim (the capped rows are locked
         # first, in a statement of their own, so the count of processing
         # jobs is read after the lock, by a fresh READ COMMITTED snapshot).
-        plan = self._queue_plan(queues)
-        if plan is None:
-            return []
-        where, params, one = plan
-        if one:
-            batch = deep_at = 1
-        sql = _PG_CLAIM_SQL.replace(_PG_CLAIM_DUE, _PG_CLAIM_DUE + where) \
-            if where else _PG_CLAIM_SQL
-        rows = self._run(sql, (now,) + params + (
-            deep_at, deep_at, batch, worker_id, host, worker_id)).fetchall()
+        rows = []
+        if queues is None:
+            rows = self._run(_PG_CLAIM_ANY_SQL, (
+                now, deep_at, deep_at, batch, worker_id, host,
+                worker_id)).fetchall()
+        if not rows:
+            plan = self._queue_plan(queues)
+            if plan is None or (queues is None and plan == _NO_FILTER):
+                return []
+            where, params, one = plan
+            if one:
+                batch = deep_at = 1
+            rows = self._run(_PG_CLAIM_SQL.replace(
+                _PG_CLAIM_DUE, _PG_CLAIM_DUE + where), (now,) + params + (
+                    deep_at, deep_at, batch, worker_id, host,
+                    worker_id)).fetchall()
         return [_Claim(*row[1:]) for row in sorted(rows)]
 
     def _lock_queues(self, names):
@@ -2431,6 +2452,10 @@ RETURNING p.k, j.seq, j.id, j.command, j.timeout, j.cwd, j.env, j.attempts,
 # Striped counters: each session adds to the row of its own stripe
 # (backend pid modulo 16), and readers sum the stripes.
 _PG_STRIPE = "pg_backend_pid() % 16"
+
+#: The claim of a worker of every queue while none is paused or capped.
+_PG_CLAIM_ANY_SQL = _PG_CLAIM_SQL.replace(_PG_CLAIM_DUE,
+                                          _PG_CLAIM_DUE + _NO_LIMITED_QUEUES)
 
 _PG_SCHEMA = (
     "CREATE SCHEMA queuectl",
