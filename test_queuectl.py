@@ -2550,6 +2550,9 @@ class TestQueues(CLITestCase):
             self.assertEqual(self.state(job_id), "processing")
         self.ok("queue", "set", "capped", "--concurrency", "none")
         self.assertIsNone(self.queue_counts("capped")["concurrency"])
+        self.ok("queue", "set", "capped", "--concurrency", "3")
+        self.ok("queue", "set", "capped", "--concurrency", "0")
+        self.assertIsNone(self.queue_counts("capped")["concurrency"])
 
     def test_full_queue_does_not_block_others_and_order_holds(self):
         self.ok("queue", "set", "one", "--concurrency", "1")
