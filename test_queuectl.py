@@ -2616,6 +2616,29 @@ class TestQueues(CLITestCase):
                 self.assertIn("jobs_claim", plan)
                 self.assertNotIn("TEMP B-TREE", plan.upper())
 
+    @sqlite_only("SQLite schema versions")
+    def test_version_2_database_gains_queues(self):
+        # Jobs of a database made before named queues are in `default`.
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        for statement in queuectl.MIGRATIONS[0] + queuectl.MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version=2")
+        conn.execute("PRAGMA application_id=%d" % queuectl.APPLICATION_ID)
+        conn.execute("INSERT INTO jobs (id, command, state, ready, run_at,"
+                     " max_retries, cwd, created_at, updated_at) VALUES"
+                     " ('old1', 'true', 'pending', 1, 0, 3, '/', 0, 0)")
+        conn.execute("UPDATE counts SET n = 1 WHERE state = 'pending'")
+        conn.close()
+        self.assertEqual(self.job("old1")["queue"], "default")
+        self.assertEqual(self.queue_counts("default")["counts"]["pending"], 1)
+        self.ok("queue", "set", "default", "--concurrency", "1")
+        key = self.enqueue("true", "--unique", "k", "--queue", "new")
+        self.assertEqual(self.enqueue("true", "--unique", "k"), key)
+        self.drain()
+        self.assertEqual((self.state("old1"), self.state(key)),
+                         ("completed", "completed"))
+
     # -- unique jobs --------------------------------------------------------
 
     def test_unique_key_makes_one_job_until_it_finishes(self):
