@@ -3011,6 +3011,46 @@ class TestManyHosts(CLITestCase):
         self.assertEqual(self.ok_json("status")["counts"]["completed"], n)
         self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(n,)])
 
+    def test_queue_cap_holds_across_hosts(self):
+        # SPEC 10: a queue capped at 2, workers of 3 threads on 3 hosts.
+        # Each capped job counts itself in and out under flock and records
+        # the highest count and its host; it runs until the test lets it
+        # end.  At no moment do more than 2 run, and the other queue's jobs
+        # keep running meanwhile.
+        hosts = _start_hosts(self, 3)
+        self.ok("queue", "set", "capped", "--concurrency", "2")
+        counter, peak, lock = (os.path.join(self.dir, name)
+                               for name in ("n", "peak", "lock"))
+        with open(counter, "w") as handle:
+            handle.write("0")
+        count = ("flock %s sh -c 'n=$(( $(cat %s) %%s 1 )); echo $n > %s;"
+                 " echo $n $(hostname) >> %s'" % (lock, counter, counter,
+                                                   peak))
+        capped = [self.enqueue("%s; %s; %s" % (
+            count % "+", self.hold("c%d" % n), count % "-"),
+            "--queue", "capped") for n in range(6)]
+        for host in hosts:
+            self.start_on(host, "--count", "3")
+
+        def started():
+            return [n for n in range(6) if os.path.exists(
+                self.hold_path("c%d" % n) + ".started")]
+        for released in range(6):
+            wait_for(lambda: len(started()) == min(6, released + 2), 120,
+                     what="the next capped job")
+            quick = self.enqueue("true")  # runs beside the capped ones
+            self.wait_state(quick, "completed", 120)
+            self.assertEqual(len(started()), min(6, released + 2))
+            self.release("c%d" % sorted(
+                n for n in started()
+                if os.path.exists(self.hold_path("c%d" % n)))[0])
+        for job_id in capped:
+            self.wait_state(job_id, "completed", 120)
+        with open(peak) as handle:
+            lines = [line.split() for line in handle]
+        self.assertEqual(max(int(n) for n, _ in lines), 2)
+        self.assertGreater(len(set(h for _, h in lines)), 1)
+
     def test_kill_9_and_a_cut_network_lose_nothing_and_never_overlap(self):
         # Jobs longer than the lease run on three hosts; one host's worker
         # is killed with -9 (and restarted there), another host is cut off.
