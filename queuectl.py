@@ -2604,7 +2604,8 @@ _PG_V2_QUEUES = (      # named queues with caps, unique jobs (as SQLite)
         paused INTEGER NOT NULL DEFAULT 0)""",
     # Striped like counts; row triggers whose WHEN default jobs fail.
     """CREATE TABLE queue_counts (queue TEXT COLLATE "C", state TEXT,
-        stripe INTEGER, n BIGINT NOT NULL, PRIMARY KEY (queue, state, stripe))""",
+        stripe INTEGER, n BIGINT NOT NULL,
+        PRIMARY KEY (queue, state, stripe))""",
     """CREATE FUNCTION count_queue_jobs() RETURNS trigger LANGUAGE plpgsql
     AS $$
     BEGIN
@@ -4048,10 +4049,11 @@ class _DashboardRoutes(object):
             offset = _query_number(query, "offset", 0, int, 0)
             counts = queue.counts()
             if name is not None:
-                counts = dict((q["name"], q["counts"]) for q in
-                              queue.queues()).get(name, dict.fromkeys(STATES, 0))
+                counts = dict((q["name"], q["counts"]) for q in queue.queues(
+                )).get(name, dict.fromkeys(STATES, 0))
             total = counts[state] if state in STATES else sum(counts.values())
-            return 200, "json", {"jobs": queue.list(state, limit, offset, name),
+            jobs = queue.list(state, limit, offset, name)
+            return 200, "json", {"jobs": jobs,
                                  "total": total, "limit": limit,
                                  "offset": offset}
         if path.startswith("/api/jobs/"):

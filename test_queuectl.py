@@ -2358,7 +2358,8 @@ class TestDashboard(CLITestCase):
                 buckets.append(float(match.group(3)))
         self.assertEqual(typed["queuectl_attempts_total"], "counter")
         self.assertEqual(typed["queuectl_run_duration_seconds"], "histogram")
-        self.assertEqual(values['queuectl_jobs{queue="default",state="dead"}'], 1)
+        self.assertEqual(
+            values['queuectl_jobs{queue="default",state="dead"}'], 1)
         self.assertEqual(values['queuectl_attempts_total{result="success"}'], 1)
         self.assertEqual(values['queuectl_attempts_total{result="failure"}'], 1)
         self.assertEqual(buckets, sorted(buckets))
