@@ -1553,9 +1553,15 @@ class _SQLStore(object):
                 capped.append((name, cap))
         one = False
         if capped:
-            self._lock_queues(sorted(name for name, _ in capped))
+            # A queue full by a count without the lock is skipped (at worst
+            # a job ended meanwhile: the next claim takes it); one with room
+            # is counted again under its lock, where the count is exact.
             running = self._processing_per_queue([n for n, _ in capped])
-            for name, cap in capped:
+            room = [(n, cap) for n, cap in capped if running.get(n, 0) < cap]
+            blocked.extend(n for n, cap in capped if running.get(n, 0) >= cap)
+            if room and self._lock_queues(sorted(n for n, _ in room)):
+                running = self._processing_per_queue([n for n, _ in room])
+            for name, cap in room:
                 if running.get(name, 0) >= cap:
                     blocked.append(name)
                 else:
@@ -1563,7 +1569,10 @@ class _SQLStore(object):
         return _claim_filter(served, blocked, one)
 
     def _lock_queues(self, names):
-        pass  # SQLite: the claim's write transaction is the only writer
+        """Lock these queues' rows for this transaction; False when the
+        store needs no lock (SQLite: the claim's write transaction is the
+        only writer, so the count read before is exact)."""
+        return False
 
     def _processing_per_queue(self, names):
         """{queue: jobs processing} for those queues (the jobs_state index:
@@ -2304,9 +2313,10 @@ class _PostgresStore(_SQLStore):
         by the server's clock, whatever this host's says."""
         # `now` is the server's clock as this session measured it: the same
         # clock that set every run_at, so "due" means the same everywhere.
-        # Named queues: as in _SQLStore.claim (the capped rows are locked
-        # first, in a statement of their own, so the count of processing
-        # jobs is read after the lock, by a fresh READ COMMITTED snapshot).
+        # Named queues: as in _SQLStore.claim (the rows of capped queues
+        # with room are locked first, in a statement of their own, so the
+        # count of processing jobs read after it, by a fresh READ COMMITTED
+        # snapshot, is exact: see _queue_plan).
         rows = []
         if queues is None:
             rows = self._run(_PG_CLAIM_ANY_SQL, (
@@ -2326,10 +2336,12 @@ class _PostgresStore(_SQLStore):
         return [_Claim(*row[1:]) for row in sorted(rows)]
 
     def _lock_queues(self, names):
-        """Claims of a capped queue take turns: FOR UPDATE on its row, held
-        to COMMIT, in name order (no deadlock between two workers)."""
+        """Claims of a capped queue with room take turns: FOR UPDATE on its
+        row, held to COMMIT, in name order (no deadlock between two
+        workers); the caller counts again after it (a fresh snapshot)."""
         self._run("SELECT name FROM queues WHERE name IN (%s) ORDER BY name"
                   " FOR UPDATE" % _marks(names), tuple(names)).fetchall()
+        return True
 
     # -- listening ----------------------------------------------------------
 
