@@ -190,11 +190,17 @@ HTTP_TIMEOUT = 15
 #: Seconds `smoke-test` gives any one step before it calls it failed.
 SMOKE_STEP_TIMEOUT = 60.0
 
+#: The queue of a job that names none (SPEC 10).
+DEFAULT_QUEUE = "default"
+
+#: A unique key (--unique) is 1 to this many characters.
+MAX_UNIQUE_KEY = 1024
+
 #: Job ids: 1 to 128 of these characters.
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _JOB_FIELDS = ("command", "id", "max_retries", "priority", "run_at", "delay",
-               "timeout", "cwd", "env", "after")
+               "timeout", "cwd", "env", "after", "queue", "unique_key")
 _MANAGED_FIELDS = ("state", "attempts", "last_error", "created_at",
                    "updated_at", "runs")
 _JOB_FIELD_SET = frozenset(_JOB_FIELDS)  # one set test for a plain job
@@ -408,7 +414,8 @@ def _field_number(spec, name, minimum, exclusive=False, integer=False):
 
 #: A validated new job: the values of its jobs row.
 _NewJob = collections.namedtuple(
-    "_NewJob", "id command priority run_at max_retries timeout cwd env")
+    "_NewJob", "id command priority run_at max_retries timeout cwd env queue"
+    " unique_key")
 
 
 def _validate_job(spec, config, now, cwd):
@@ -450,8 +457,37 @@ def _validate_job(spec, config, now, cwd):
         timeout = _field_number(spec, "timeout", 0, exclusive=True)
     job_cwd = _job_cwd(spec["cwd"]) if "cwd" in spec else cwd
     env = json.dumps(_job_env(spec), sort_keys=True) if "env" in spec else "{}"
+    queue = _check_id(spec["queue"], "queue") if "queue" in spec \
+        else DEFAULT_QUEUE
     return _NewJob(job_id, command, priority, run_at, max_retries, timeout,
-                   job_cwd, env)
+                   job_cwd, env, queue, _job_unique_key(spec))
+
+
+def _queue_names(names):
+    """A list of queue names (or "a,b"), checked; duplicates dropped."""
+    if isinstance(names, str):
+        names = names.split(",")
+    if not isinstance(names, (list, tuple)) or not names:
+        raise InvalidInput("--queue needs one or more queue names, got %s"
+                           % _short_repr(names))
+    found = []
+    for name in names:
+        if _check_id(name, "queue") not in found:
+            found.append(name)
+    return found
+
+
+def _job_unique_key(spec):
+    """The job's unique key (SPEC 10), or None."""
+    if spec.get("unique_key") is None:
+        return None
+    key = spec["unique_key"]
+    if not isinstance(key, str) or not key or len(key) > MAX_UNIQUE_KEY \
+            or "\0" in key or not _encodable(key):
+        raise InvalidInput("unique_key must be a string of 1-%d characters"
+                           " without NUL, got %s" % (MAX_UNIQUE_KEY,
+                                                     _short_repr(key)))
+    return key
 
 
 def _job_run_at(spec, now):
@@ -688,7 +724,58 @@ _SCHEMA_V3_CONTROL = (     # cancel, retry, logs --follow, retention
         job_seq INTEGER NOT NULL,
         requested_at REAL NOT NULL)""",
 )
-_SCHEMA_V3_QUEUES = ()      # named queues with caps, unique jobs
+_SCHEMA_V3_QUEUES = (      # named queues with caps, unique jobs
+    "ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default'",
+    "ALTER TABLE jobs ADD COLUMN unique_key TEXT",
+    # A queue exists once it is named, by a job or by `queue set`; a NULL
+    # concurrency is no cap.  Claims read the capped and paused rows only.
+    """CREATE TABLE IF NOT EXISTS queues (
+        name TEXT PRIMARY KEY,
+        concurrency INTEGER,
+        paused INTEGER NOT NULL DEFAULT 0)""",
+    # Jobs per state of every queue but 'default' (whose counts are the
+    # totals minus these), kept by triggers that default jobs skip: a job
+    # that names no queue pays one WHEN test per change.
+    """CREATE TABLE IF NOT EXISTS queue_counts (
+        queue TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (queue, state))""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_queue_insert AFTER INSERT ON jobs
+       WHEN NEW.queue <> 'default' BEGIN
+         INSERT OR IGNORE INTO queues (name) VALUES (NEW.queue);
+         INSERT OR IGNORE INTO queue_counts (queue, state, n)
+           VALUES (NEW.queue, NEW.state, 0);
+         UPDATE queue_counts SET n = n + 1
+           WHERE queue = NEW.queue AND state = NEW.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_queue_delete AFTER DELETE ON jobs
+       WHEN OLD.queue <> 'default' BEGIN
+         UPDATE queue_counts SET n = n - 1
+           WHERE queue = OLD.queue AND state = OLD.state; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_queue_update AFTER UPDATE OF state
+       ON jobs WHEN OLD.state <> NEW.state AND NEW.queue <> 'default' BEGIN
+         UPDATE queue_counts SET n = n - 1
+           WHERE queue = OLD.queue AND state = OLD.state;
+         INSERT OR IGNORE INTO queue_counts (queue, state, n)
+           VALUES (NEW.queue, NEW.state, 0);
+         UPDATE queue_counts SET n = n + 1
+           WHERE queue = NEW.queue AND state = NEW.state; END""",
+    # A unique key is held by one pending, failed or processing job: taken
+    # (primary key) by the enqueue that creates it, freed here when the job
+    # completes, dies or is deleted.  Jobs without a key skip the triggers.
+    """CREATE TABLE IF NOT EXISTS unique_keys (
+        key TEXT PRIMARY KEY,
+        job_seq INTEGER NOT NULL)""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_unique_free AFTER UPDATE OF state
+       ON jobs WHEN NEW.unique_key IS NOT NULL
+       AND NEW.state IN ('completed', 'dead') BEGIN
+         DELETE FROM unique_keys WHERE key = NEW.unique_key
+           AND job_seq = NEW.seq; END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_unique_delete AFTER DELETE ON jobs
+       WHEN OLD.unique_key IS NOT NULL BEGIN
+         DELETE FROM unique_keys WHERE key = OLD.unique_key
+           AND job_seq = OLD.seq; END""",
+)
 _SCHEMA_V3_SCHEDULES = ()   # recurring jobs
 
 #: MIGRATIONS[v] brings a database from user_version v to v + 1.
@@ -764,9 +851,47 @@ _NEXT_PRIORITY_SQL = ("SELECT priority FROM jobs WHERE ready = 1 AND"
 _PRIORITY_STEPS = 16
 _TOP_PRIORITY = 2 ** 63 - 1  # priorities are 64-bit integers
 
+# The queues a claim must look at: paused or capped (SPEC 10).
+_LIMITED_QUEUES_SQL = ("SELECT name, concurrency, paused FROM queues"
+                       " WHERE concurrency IS NOT NULL OR paused = 1")
+
+
+#: A claim by a worker of every queue while no queue is paused or capped.
+_NO_LIMITED_QUEUES = (" AND NOT EXISTS (SELECT 1 FROM queues WHERE paused = 1"
+                      " OR concurrency IS NOT NULL)")
+# An idle worker's check skips paused and full queues too.
+_OPEN_QUEUES = (" AND queue NOT IN (SELECT name FROM queues WHERE paused = 1"
+                " OR concurrency <= (SELECT COUNT(*) FROM jobs p WHERE"
+                " p.state = 'processing' AND p.queue = queues.name))")
+
+
+def _filtered(sql, where):
+    """A claim-walk statement with a condition on queues before its ORDER
+    BY (the walk's parameters come first, the condition's next)."""
+    return sql.replace(" ORDER BY", where + " ORDER BY", 1) if where else sql
+
+#: _queue_plan's answer when no queue is paused or capped.
+_NO_FILTER = ("", (), False)
+
+
+def _claim_filter(served, blocked, one):
+    """(condition on jobs.queue, parameters, one) for _queue_plan; None
+    when the worker serves only blocked queues."""
+    if served is not None:
+        open_ = [name for name in served if name not in blocked]
+        if not open_:
+            return None
+        return " AND queue IN (%s)" % _marks(open_), tuple(open_), one
+    if blocked:
+        return (" AND queue NOT IN (%s)" % _marks(blocked), tuple(blocked),
+                one)
+    return "", (), one
+
+
 _JOB_COLUMNS = ("seq, id, command, state, priority, run_at, max_retries,"
                 " timeout, cwd, env, attempts, runs, last_error, worker_id,"
-                " attempt_id, created_at, updated_at, waiting")
+                " attempt_id, created_at, updated_at, waiting, queue,"
+                " unique_key")
 _ATTEMPT_COLUMNS = ("n, worker_id, host, pgid, started_at, ended_at, duration,"
                     " exit_code, signal, error, output_dropped")
 
@@ -798,9 +923,11 @@ def _to_number(text):
 
 #: What copy --to carries over (the stop request counter stays behind).
 _COPIED_TABLES = (
+    ("queues", "name, concurrency, paused"),  # before jobs, which add theirs
     ("jobs", "seq, id, command, state, ready, priority, run_at, max_retries,"
      " timeout, cwd, env, attempts, runs, waiting, last_error, worker_id,"
-     " attempt_id, created_at, updated_at"),
+     " attempt_id, created_at, updated_at, queue, unique_key"),
+    ("unique_keys", "key, job_seq"),
     ("attempts", "id, job_seq, n, worker_id, host, pgid, proc_start,"
      " started_at, ended_at, duration, exit_code, signal, error, output,"
      " output_dropped, due_at"),
@@ -811,6 +938,18 @@ _COPIED_TABLES = (
 
 def _random_beat():
     return int.from_bytes(os.urandom(6), "big")
+
+
+def _fresh_jobs(jobs, afters, held):
+    """[(job, after)] to insert: not those whose unique key is held, nor a
+    second job of the batch with the key of an earlier one."""
+    seen = set(held)
+    fresh = []
+    for job, after in zip(jobs, afters):
+        if job.unique_key is None or job.unique_key not in seen:
+            seen.add(job.unique_key)
+            fresh.append((job, after))
+    return fresh
 
 
 def _chunks(items):
@@ -952,27 +1091,80 @@ class _SQLStore(object):
 
     # -- adding jobs --------------------------------------------------------
 
-    def insert_jobs(self, jobs, afters, now):
+    def insert_jobs(self, jobs, afters, now, duplicates=None):
         """New jobs (with their dependencies) in one transaction; their ids.
 
         Generated ids have 48 random bits: a clash with an existing id is
-        rare, but must not fail an enqueue: draw again and retry.
+        rare, but must not fail an enqueue: draw again and retry.  A job
+        whose unique key another job holds is not inserted: its id is that
+        job's, and `duplicates` (a list, if given) gets True in its place.
+        On PostgreSQL a concurrent enqueue of the same key makes the key's
+        insert wait, then fail: the retry reads the key's new holder.
         """
+        keyed = any(j.unique_key is not None for j in jobs)
+        new, new_afters = jobs, afters  # without keys: every job is new
         with self.write(durable=True):
-            self._refuse_given_ids([j.id for j in jobs if j.id is not None])
             for tries_left in range(5, 0, -1):
-                ids = _fill_ids([j.id for j in jobs])
                 self._run("SAVEPOINT insert_jobs")
                 try:
-                    self._insert_rows(ids, jobs, afters, now)
+                    if keyed:
+                        held = self._held_keys(jobs)
+                        fresh = _fresh_jobs(jobs, afters, held)
+                        new = [job for job, _ in fresh]
+                        new_afters = [after for _, after in fresh]
+                    self._refuse_given_ids([j.id for j in new
+                                            if j.id is not None])
+                    ids = _fill_ids([j.id for j in new])
+                    if new:
+                        self._insert_rows(ids, new, new_afters, now)
+                    if keyed:
+                        ids = self._take_keys(jobs, new, ids, held,
+                                              duplicates)
+                    elif duplicates is not None:
+                        duplicates.extend([False] * len(jobs))
                 except self._integrity_error:
                     self._run("ROLLBACK TO insert_jobs")
                     if tries_left == 1:
                         raise
                     continue
                 self._run("RELEASE insert_jobs")
-                self._wake_workers()
+                if new:
+                    self._wake_workers()
                 return ids
+
+    def _held_keys(self, jobs):
+        """{unique key: id of the job holding it} for the keys of jobs."""
+        keys = sorted(set(j.unique_key for j in jobs
+                          if j.unique_key is not None))
+        held = {}
+        for chunk in _chunks(keys):
+            held.update(self._run(
+                "SELECT u.key, j.id FROM unique_keys u JOIN jobs j ON j.seq"
+                " = u.job_seq WHERE u.key IN (%s)" % _marks(chunk), chunk))
+        return held
+
+    def _take_keys(self, jobs, new, ids, held, duplicates):
+        """Record the keys the new jobs hold now (the first job of a batch
+        with a key holds it; later ones are its duplicates).  Returns the
+        id of each of jobs, in order."""
+        new_ids = dict(zip([id(j) for j in new], ids))
+        taken = []
+        answer = []
+        for job in jobs:
+            key = job.unique_key
+            if id(job) in new_ids and (key is None or key not in held):
+                if key is not None:
+                    held[key] = new_ids[id(job)]
+                    taken.append((key, held[key]))
+                answer.append((new_ids[id(job)], False))
+            else:
+                answer.append((held[key], True))
+        if taken:
+            self._run_many("INSERT INTO unique_keys (key, job_seq) SELECT ?,"
+                           " seq FROM jobs WHERE id = ?", taken)
+        if duplicates is not None:
+            duplicates.extend(dup for _, dup in answer)
+        return [job_id for job_id, _ in answer]
 
     def _insert_rows(self, ids, jobs, afters, now):
         params = [(job_id,) + tuple(job[1:]) + (now, now)
@@ -980,8 +1172,9 @@ class _SQLStore(object):
         if not any(afters):
             self._run_many(
                 "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
-                " timeout, cwd, env, created_at, updated_at, state, ready)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',1)", params)
+                " timeout, cwd, env, queue, unique_key, created_at,"
+                " updated_at, state, ready)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'pending',1)", params)
             return
         seqs = {}
         for job_id, param, after in zip(ids, params, afters):
@@ -1014,8 +1207,9 @@ class _SQLStore(object):
         waiting = sum(1 for _, state in set(dep_seqs) if state != "completed")
         seq = self._insert_returning_seq(
             "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
-            " timeout, cwd, env, created_at, updated_at, state, ready, waiting)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',?,?)",
+            " timeout, cwd, env, queue, unique_key, created_at, updated_at,"
+            " state, ready, waiting) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,"
+            "'pending',?,?)",
             param + (None if waiting else 1, waiting))
         self._insert_deps([(seq, dep_seq) for dep_seq, _ in set(dep_seqs)])
         return seq
@@ -1065,8 +1259,14 @@ class _SQLStore(object):
             return self._one("SELECT output, output_dropped, n FROM attempts"
                              " WHERE job_seq = ? AND n = ?", (seq, attempt))
 
-    def jobs(self, state, limit, offset):
+    def jobs(self, state, limit, offset, queue=None):
         """Job rows in enqueue order, optionally of one state, paged."""
+        if queue is not None:
+            where = " AND state = ?" if state is not None else ""
+            return self._all(
+                "SELECT %s FROM jobs WHERE queue = ?%s ORDER BY seq LIMIT ?"
+                " OFFSET ?" % (_JOB_COLUMNS, where), (queue,) + (
+                    (state,) if state is not None else ()) + (limit, offset))
         if state is None:
             return self._all("SELECT %s FROM jobs ORDER BY seq LIMIT ? OFFSET ?"
                              % _JOB_COLUMNS, (limit, offset))
@@ -1088,6 +1288,31 @@ class _SQLStore(object):
             "SELECT w.id, w.pid, w.host, w.started_at, w.heartbeat, j.id"
             " FROM workers w LEFT JOIN jobs j ON j.worker_id = w.id"
             " AND j.state = 'processing' ORDER BY w.started_at, w.id")
+
+    # -- named queues -------------------------------------------------------
+
+    def queue_rows(self):
+        """([(name, concurrency, paused)], {queue: {state: jobs}}, totals)
+        of the named queues; 'default' is counted by the caller (the totals
+        minus the rest).  Call inside read() for one snapshot."""
+        rows = self._all("SELECT name, concurrency, paused FROM queues"
+                         " ORDER BY name")
+        counts = {}
+        for name, state, n in self._all(
+                "SELECT queue, state, CAST(SUM(n) AS BIGINT) FROM"
+                " queue_counts GROUP BY queue, state"):
+            counts.setdefault(name, dict.fromkeys(STATES, 0))[state] = n
+        return rows, counts, self.counts()
+
+    def set_queue(self, name, **values):
+        """Create queue `name` if need be, and set its columns
+        (concurrency, paused)."""
+        with self.write():
+            self._insert_queue(name)
+            for column, value in sorted(values.items()):
+                self._run("UPDATE queues SET %s = ? WHERE name = ?" % column,
+                          (value, name))
+            self._wake_workers()
 
     # -- figures ------------------------------------------------------------
 
@@ -1172,7 +1397,9 @@ class _SQLStore(object):
         """What /metrics shows, read in one snapshot."""
         with self.read():
             totals = dict(self._all(self._TOTALS_SQL))
+            queues = self.queue_rows()
             return {"counts": self.counts(), "totals": totals,
+                    "queue_counts": queues[1],
                     "workers": self.worker_rows(), "config": self.config(),
                     "paused": self.control()[1],
                     "buckets": self._all(self._BUCKETS_SQL)}
@@ -1202,6 +1429,7 @@ class _SQLStore(object):
             "UPDATE jobs SET waiting = (SELECT COUNT(*) FROM deps d JOIN jobs j"
             " ON j.seq = d.dep_seq WHERE d.job_seq = ? AND j.state <>"
             " 'completed') WHERE seq = ?", [(seq, seq) for seq in seqs])
+        self._retake_keys(seqs)
         self._move("pending", [(now, now, seq) for seq in seqs],
                    "attempts = 0, run_at = ?")
         for seq in seqs:
@@ -1308,6 +1536,28 @@ class _SQLStore(object):
             self._upsert_config("_cleanup_at", repr(float(now)))
             self._upsert_config("_cleanup_removed", str(int(removed)))
             self._upsert_config("_cleanup_took", repr(round(took, 3)))
+    def _retake_keys(self, seqs):
+        """A finished job run again holds its unique key again.  While
+        another job holds it, the run is refused: two jobs with one key
+        must never wait at once."""
+        taken = {}
+        for chunk in _chunks(list(seqs)):
+            rows = self._run(
+                "SELECT j.seq, j.id, j.unique_key, u.job_seq FROM jobs j LEFT"
+                " JOIN unique_keys u ON u.key = j.unique_key WHERE j.seq IN"
+                " (%s) AND j.unique_key IS NOT NULL" % _marks(chunk),
+                chunk).fetchall()
+            for seq, job_id, key, holder in rows:
+                holder = taken.get(key, holder)
+                if holder is not None and holder != seq:
+                    raise Conflict(
+                        "job '%s' has unique key %s, which job '%s' holds;"
+                        " run again when that one has finished" % (
+                            job_id, _short_repr(key), self._id(holder)))
+                if holder is None:
+                    self._run("INSERT INTO unique_keys (key, job_seq)"
+                              " VALUES (?, ?)", (key, seq))
+                    taken[key] = seq
 
     def delete(self, prefixes):
         """Delete jobs (and their attempts) that are not processing."""
@@ -1404,39 +1654,64 @@ class _SQLStore(object):
                          " WHERE pid = ? AND host = ?",
                          (now, pid, host)).rowcount
 
-    def anything_due(self, now):
-        """A plain read (no write lock): is any job claimable now?"""
+    def anything_due(self, now, queues=None):
+        """A plain read (no write lock): is any job claimable now (of the
+        named queues, if given; not of a paused or full queue, so idle
+        workers do not take the write lock for jobs they may not claim)?"""
+        served = " AND queue IN (%s)" % _marks(queues) if queues else ""
         with self._translated():
-            return bool(self._due(now, 1))
+            return bool(self._due(now, 1, served + _OPEN_QUEUES,
+                                  tuple(queues or ())))
 
-    def _due(self, now, limit):
+    def _due(self, now, limit, where="", params=()):
         """Up to `limit` claimable rows (_CLAIM_SQL's columns), in claim
         order, read one priority at a time so that jobs not due yet cost
         nothing: an index seek finds the next priority in use, a range of
-        the claim index gives its due jobs."""
+        the claim index gives its due jobs.  `where` (with `params`) is a
+        condition on queues that every statement of the walk adds."""
         rows, below = [], _TOP_PRIORITY
+        next_priority = _filtered(_NEXT_PRIORITY_SQL, where)
+        claim_at = _filtered(_CLAIM_AT_SQL, where)
         for _ in range(_PRIORITY_STEPS):
-            found = self._run(_NEXT_PRIORITY_SQL, (below,)).fetchone()
+            found = self._run(next_priority, (below,) + params).fetchone()
             if found is None:
                 return rows
-            rows.extend(self._run(_CLAIM_AT_SQL, (found[0], now,
-                                                  limit - len(rows))))
+            rows.extend(self._run(claim_at, (found[0], now) + params
+                                  + (limit - len(rows),)))
             if len(rows) >= limit:
                 return rows
             below = found[0] - 1
-        rows.extend(self._run(_CLAIM_BELOW_SQL, (below, now,
-                                                 limit - len(rows))))
+        rows.extend(self._run(_filtered(_CLAIM_BELOW_SQL, where),
+                              (below, now) + params + (limit - len(rows),)))
         return rows
 
-    def claim(self, worker_id, host, now, batch=1, deep_at=1):
+
+    def claim(self, worker_id, host, now, batch=1, deep_at=1, queues=None):
         """Claim due jobs in claim order: `batch` of them when at least
-        `deep_at` are due, else one.  Returns a list of _Claim.
+        `deep_at` are due, else one.  Returns a list of _Claim.  `queues`:
+        the names of the queues to claim from (None: all).
 
         Each claim counts an attempt at once (so a job that keeps killing
         its worker still reaches the DLQ), and is guarded: the update's row
         count must say it won, whatever the transaction promises.
         """
-        rows = self._due(now, deep_at)
+        # Named queues (SPEC 10): a worker of every queue first claims as
+        # before, on condition that no queue is paused or capped (the
+        # common case).  Otherwise _queue_plan says which queues are open,
+        # and the same walk runs with a condition on `queue` (the claim
+        # index still leads), one job at a time while a capped queue the
+        # worker serves has room.
+        rows = []
+        if queues is None:
+            rows = self._due(now, deep_at, _NO_LIMITED_QUEUES)
+        if not rows:
+            plan = self._queue_plan(queues)
+            if plan is None or (queues is None and plan == _NO_FILTER):
+                return []  # nothing due, or only in closed queues
+            where, params, one = plan
+            if one:
+                batch = deep_at = 1
+            rows = self._due(now, deep_at, where, params)
         claims = []
         for seq, job_id, command, timeout, cwd, env, attempts, runs, due in \
                 rows[:batch] if len(rows) >= deep_at else rows[:1]:
@@ -1458,6 +1733,59 @@ class _SQLStore(object):
                           (claim.attempt_id,))
             claims = [c for c in claims if c not in lost]
         return claims
+
+    # -- named queues: caps and pauses in the claim --------------------------
+
+    def _queue_plan(self, served):
+        """How a claim by a worker serving `served` (names, None: all)
+        filters queues: (condition, its parameters, one job only), or None
+        when no queue it serves may give a job now.
+
+        Paused queues are skipped; so is a capped queue with as many jobs
+        processing as its cap.  The count is exact across workers and
+        hosts: it is read under the lock of the queue's row (_lock_queues;
+        SQLite's one writer already holds it), and while a capped queue
+        has room each claim takes one job, so no batch overshoots a cap.
+        A queue neither paused nor capped costs one read of a small table.
+        """
+        rows = self._run(_LIMITED_QUEUES_SQL).fetchall()
+        blocked, capped = [], []
+        for name, cap, paused in rows:
+            if served is not None and name not in served:
+                continue
+            if paused:
+                blocked.append(name)
+            elif cap is not None:
+                capped.append((name, cap))
+        one = False
+        if capped:
+            # A queue full by a count without the lock is skipped (at worst
+            # a job ended meanwhile: the next claim takes it); one with room
+            # is counted again under its lock, where the count is exact.
+            running = self._processing_per_queue([n for n, _ in capped])
+            room = [(n, cap) for n, cap in capped if running.get(n, 0) < cap]
+            blocked.extend(n for n, cap in capped if running.get(n, 0) >= cap)
+            if room and self._lock_queues(sorted(n for n, _ in room)):
+                running = self._processing_per_queue([n for n, _ in room])
+            for name, cap in room:
+                if running.get(name, 0) >= cap:
+                    blocked.append(name)
+                else:
+                    one = True
+        return _claim_filter(served, blocked, one)
+
+    def _lock_queues(self, names):
+        """Lock these queues' rows for this transaction; False when the
+        store needs no lock (SQLite: the claim's write transaction is the
+        only writer, so the count read before is exact)."""
+        return False
+
+    def _processing_per_queue(self, names):
+        """{queue: jobs processing} for those queues (the jobs_state index:
+        as many rows as jobs running)."""
+        return dict(self._run(
+            "SELECT queue, COUNT(*) FROM jobs WHERE state = 'processing' AND"
+            " queue IN (%s) GROUP BY queue" % _marks(names), names).fetchall())
 
     def claim_holds(self, claim):
         """Is this claim still the job's current one?"""
@@ -1735,8 +2063,8 @@ class _SQLiteStore(_SQLStore):
         trigger is dropped and created again inside the enqueue's own
         transaction (and savepoint), so no other connection ever sees the
         database without it, and a failed insert rolls the drop back too.
-        Only while jobs_count_insert is the one INSERT trigger on jobs and
-        reads as this code wrote it; otherwise rows go the usual way."""
+        Only while jobs_count_insert reads as this code wrote it; otherwise
+        rows go the usual way."""
         trigger = None
         if len(jobs) >= BULK_COUNT_FROM and not any(afters):
             trigger = self._count_insert_trigger()
@@ -1749,13 +2077,12 @@ class _SQLiteStore(_SQLStore):
         self._run(trigger)
 
     def _count_insert_trigger(self):
-        """The SQL of jobs_count_insert, if it is the only INSERT trigger
-        on jobs and unchanged; else None."""
-        inserts = [(name, sql) for name, sql in self._run(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
-            " AND tbl_name = 'jobs'") if re.search(
-                r"(?i)\b(BEFORE|AFTER|OF)\s+INSERT\b", sql or "")]
-        if inserts == [("jobs_count_insert", _COUNT_INSERT_TRIGGER)]:
+        """The SQL of jobs_count_insert if it reads as this code wrote it
+        (the other INSERT triggers, which default jobs skip, stay); else
+        None."""
+        row = self._run("SELECT sql FROM sqlite_master WHERE type ="
+                        " 'trigger' AND name = 'jobs_count_insert'").fetchone()
+        if row is not None and row[0] == _COUNT_INSERT_TRIGGER:
             return _COUNT_INSERT_TRIGGER
         return None
 
@@ -1766,6 +2093,9 @@ class _SQLiteStore(_SQLStore):
     def _insert_deps(self, pairs):
         self._run_many("INSERT INTO deps (job_seq, dep_seq) VALUES (?, ?)",
                        pairs)
+
+    def _insert_queue(self, name):
+        self._run("INSERT OR IGNORE INTO queues (name) VALUES (?)", (name,))
 
     def counts(self):
         """{state: jobs} from the trigger-kept table: one row per state."""
@@ -2169,6 +2499,10 @@ class _PostgresStore(_SQLStore):
         self._run_many("INSERT INTO deps (job_seq, dep_seq) VALUES (?, ?)",
                        pairs)
 
+    def _insert_queue(self, name):
+        self._run("INSERT INTO queues (name) VALUES (?) ON CONFLICT (name)"
+                  " DO NOTHING", (name,))
+
     def _wake_workers(self):
         # Delivered at COMMIT to every LISTENing worker, on every host.
         self._run("SELECT pg_notify('queuectl', '')")
@@ -2241,15 +2575,41 @@ class _PostgresStore(_SQLStore):
 
     # -- the claim ----------------------------------------------------------
 
-    def claim(self, worker_id, host, now, batch=1, deep_at=1):
+    def claim(self, worker_id, host, now, batch=1, deep_at=1, queues=None):
         """One statement: lock due rows that no one else holds (SKIP
         LOCKED), open their attempts, mark them processing.  Due means due
         by the server's clock, whatever this host's says."""
         # `now` is the server's clock as this session measured it: the same
         # clock that set every run_at, so "due" means the same everywhere.
-        rows = self._run(_PG_CLAIM_SQL, (now, deep_at, deep_at, batch,
-                                         worker_id, host, worker_id)).fetchall()
+        # Named queues: as in _SQLStore.claim (the rows of capped queues
+        # with room are locked first, in a statement of their own, so the
+        # count of processing jobs read after it, by a fresh READ COMMITTED
+        # snapshot, is exact: see _queue_plan).
+        rows = []
+        if queues is None:
+            rows = self._run(_PG_CLAIM_ANY_SQL, (
+                now, deep_at, deep_at, batch, worker_id, host,
+                worker_id)).fetchall()
+        if not rows:
+            plan = self._queue_plan(queues)
+            if plan is None or (queues is None and plan == _NO_FILTER):
+                return []
+            where, params, one = plan
+            if one:
+                batch = deep_at = 1
+            rows = self._run(_PG_CLAIM_SQL.replace(
+                _PG_CLAIM_DUE, _PG_CLAIM_DUE + where), (now,) + params + (
+                    deep_at, deep_at, batch, worker_id, host,
+                    worker_id)).fetchall()
         return [_Claim(*row[1:]) for row in sorted(rows)]
+
+    def _lock_queues(self, names):
+        """Claims of a capped queue with room take turns: FOR UPDATE on its
+        row, held to COMMIT, in name order (no deadlock between two
+        workers); the caller counts again after it (a fresh snapshot)."""
+        self._run("SELECT name FROM queues WHERE name IN (%s) ORDER BY name"
+                  " FOR UPDATE" % _marks(names), tuple(names)).fetchall()
+        return True
 
     # -- listening ----------------------------------------------------------
 
@@ -2351,6 +2711,8 @@ _PG_JOB_VALUES = ("(?, ?, CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION),"
                   " CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION), ?, ?,"
                   " CAST(? AS DOUBLE PRECISION), CAST(? AS DOUBLE PRECISION),"
                   " 'pending', 1)")
+# What a claim restricted to some queues extends (see _SQLStore.claim).
+_PG_CLAIM_DUE = "WHERE ready = 1 AND run_at <= ?"
 
 _PG_CLAIM_SQL = """
 WITH due AS MATERIALIZED (
@@ -2377,6 +2739,10 @@ RETURNING p.k, j.seq, j.id, j.command, j.timeout, j.cwd, j.env, j.attempts,
 # Striped counters: each session adds to the row of its own stripe
 # (backend pid modulo 16), and readers sum the stripes.
 _PG_STRIPE = "pg_backend_pid() % 16"
+
+#: The claim of a worker of every queue while none is paused or capped.
+_PG_CLAIM_ANY_SQL = _PG_CLAIM_SQL.replace(_PG_CLAIM_DUE,
+                                          _PG_CLAIM_DUE + _NO_LIMITED_QUEUES)
 
 _PG_SCHEMA = (
     "CREATE SCHEMA queuectl",
@@ -2520,7 +2886,63 @@ _PG_V2_CONTROL = (     # cancel, retry, logs --follow, retention
         job_seq BIGINT NOT NULL,
         requested_at DOUBLE PRECISION NOT NULL)""",
 )
-_PG_V2_QUEUES = ()      # named queues with caps, unique jobs
+_PG_V2_QUEUES = (      # named queues with caps, unique jobs (as SQLite)
+    "ALTER TABLE jobs ADD COLUMN queue TEXT COLLATE \"C\" NOT NULL"
+    " DEFAULT 'default'",
+    "ALTER TABLE jobs ADD COLUMN unique_key TEXT",
+    """CREATE TABLE queues (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        concurrency BIGINT,
+        paused INTEGER NOT NULL DEFAULT 0)""",
+    # Striped like counts; row triggers whose WHEN default jobs fail.
+    """CREATE TABLE queue_counts (queue TEXT COLLATE "C", state TEXT,
+        stripe INTEGER, n BIGINT NOT NULL,
+        PRIMARY KEY (queue, state, stripe))""",
+    """CREATE FUNCTION count_queue_jobs() RETURNS trigger LANGUAGE plpgsql
+    AS $$
+    BEGIN
+      IF TG_OP = 'INSERT' THEN
+        INSERT INTO queuectl.queues (name) VALUES (NEW.queue)
+          ON CONFLICT (name) DO NOTHING;
+      END IF;
+      IF TG_OP <> 'INSERT' THEN
+        INSERT INTO queuectl.queue_counts AS c
+          VALUES (OLD.queue, OLD.state, %(stripe)s, -1)
+          ON CONFLICT (queue, state, stripe) DO UPDATE SET n = c.n - 1;
+      END IF;
+      IF TG_OP <> 'DELETE' THEN
+        INSERT INTO queuectl.queue_counts AS c
+          VALUES (NEW.queue, NEW.state, %(stripe)s, 1)
+          ON CONFLICT (queue, state, stripe) DO UPDATE SET n = c.n + 1;
+      END IF;
+      RETURN NULL;
+    END $$""" % {"stripe": _PG_STRIPE},
+    "CREATE TRIGGER jobs_queue_insert AFTER INSERT ON jobs FOR EACH ROW"
+    " WHEN (NEW.queue <> 'default') EXECUTE FUNCTION count_queue_jobs()",
+    "CREATE TRIGGER jobs_queue_delete AFTER DELETE ON jobs FOR EACH ROW"
+    " WHEN (OLD.queue <> 'default') EXECUTE FUNCTION count_queue_jobs()",
+    "CREATE TRIGGER jobs_queue_update AFTER UPDATE OF state ON jobs FOR EACH"
+    " ROW WHEN (OLD.state <> NEW.state AND NEW.queue <> 'default')"
+    " EXECUTE FUNCTION count_queue_jobs()",
+    "CREATE TABLE unique_keys (key TEXT PRIMARY KEY, job_seq BIGINT NOT NULL)",
+    """CREATE FUNCTION free_unique_key() RETURNS trigger LANGUAGE plpgsql
+    AS $$
+    BEGIN
+      IF TG_OP = 'DELETE' THEN
+        DELETE FROM queuectl.unique_keys
+          WHERE key = OLD.unique_key AND job_seq = OLD.seq;
+      ELSE
+        DELETE FROM queuectl.unique_keys
+          WHERE key = NEW.unique_key AND job_seq = NEW.seq;
+      END IF;
+      RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER jobs_unique_free AFTER UPDATE OF state ON jobs FOR EACH"
+    " ROW WHEN (NEW.unique_key IS NOT NULL AND NEW.state IN ('completed',"
+    " 'dead')) EXECUTE FUNCTION free_unique_key()",
+    "CREATE TRIGGER jobs_unique_delete AFTER DELETE ON jobs FOR EACH ROW"
+    " WHEN (OLD.unique_key IS NOT NULL) EXECUTE FUNCTION free_unique_key()",
+)
 _PG_V2_SCHEDULES = ()   # recurring jobs
 
 #: _PG_MIGRATIONS[v] brings schema queuectl from version v to v + 1.
@@ -2553,7 +2975,7 @@ def default_db_path():
 def _job_dict(row, deps=None):
     (seq, job_id, command, state, priority, run_at, max_retries, timeout, cwd,
      env, attempts, runs, last_error, worker_id, _attempt, created, updated,
-     waiting) = row
+     waiting) = row[:18]
     job = {
         "id": job_id, "command": command, "state": state,
         "priority": priority, "run_at": iso(run_at),
@@ -2561,6 +2983,7 @@ def _job_dict(row, deps=None):
         "env": json.loads(env), "attempts": attempts,
         "last_error": last_error, "created_at": iso(created),
         "updated_at": iso(updated), "worker": worker_id,
+        "queue": row[18], "unique_key": row[19],
     }
     if deps is not None:
         job["after"] = deps
@@ -2600,8 +3023,12 @@ class Queue(object):
         """Add one job (a dict of SPEC fields); return its id."""
         return self.enqueue_many([spec])[0]
 
-    def enqueue_many(self, specs):
-        """Add jobs all or nothing, in one transaction; return their ids."""
+    def enqueue_many(self, specs, duplicates=None):
+        """Add jobs all or nothing, in one transaction; return their ids.
+
+        A job whose unique_key a pending, failed or processing job holds
+        (or an earlier job of specs) is not added: its id in the answer is
+        that job's, and `duplicates` (a list, if given) gets True for it."""
         if not isinstance(specs, list):
             raise InvalidInput("expected a JSON object or an array of objects")
         if not specs:
@@ -2619,7 +3046,7 @@ class Queue(object):
                 if len(specs) == 1:
                     raise
                 raise InvalidInput("job %d: %s" % (index + 1, exc))
-        return self.store.insert_jobs(jobs, afters, now)
+        return self.store.insert_jobs(jobs, afters, now, duplicates)
 
     # -- reading ------------------------------------------------------------
 
@@ -2643,12 +3070,56 @@ class Queue(object):
                 job_id, attempt if attempt is not None else "yet"))
         return row[0] or "", row[1], row[2]
 
-    def list(self, state=None, limit=100, offset=0):
-        """Jobs in enqueue order, optionally of one state, paged."""
+    def list(self, state=None, limit=100, offset=0, queue=None):
+        """Jobs in enqueue order, optionally of one state or queue, paged."""
         if state is not None and state not in STATES:
             raise InvalidInput("unknown state '%s' (states: %s)"
                                % (state, ", ".join(STATES)))
-        return [_job_dict(row) for row in self.store.jobs(state, limit, offset)]
+        if queue is not None:
+            _check_id(queue, "queue")
+        return [_job_dict(row) for row in self.store.jobs(state, limit, offset,
+                                                          queue)]
+
+    def queues(self):
+        """Every queue (SPEC 10): [{name, counts, concurrency, paused}],
+        'default' first, then by name."""
+        with self.store.read():
+            return self._queues()
+
+    def _queues(self):
+        rows, counts, totals = self.store.queue_rows()
+        found = {DEFAULT_QUEUE: (None, 0)}
+        for name, cap, paused in rows:
+            found[name] = (cap, paused)
+        for name in counts:
+            found.setdefault(name, (None, 0))
+        default = dict(totals)
+        for name, per_state in counts.items():
+            for state in STATES:
+                default[state] -= per_state[state]
+        counts[DEFAULT_QUEUE] = default
+        return [{"name": name, "concurrency": found[name][0],
+                 "paused": bool(found[name][1]),
+                 "counts": counts.get(name, dict.fromkeys(STATES, 0))}
+                for name in sorted(found, key=lambda n: (n != DEFAULT_QUEUE,
+                                                         n))]
+
+    def set_queue_concurrency(self, name, limit):
+        """Cap the jobs of queue `name` processing at once; 0 or None: no
+        cap.  Creates the queue if need be."""
+        _check_id(name, "queue")
+        if limit is not None and not (_is_int(limit) and
+                                      0 <= limit <= MAX_COUNT):
+            raise InvalidInput("--concurrency must be an integer >= 0 or"
+                               " 'none', got %s" % _short_repr(limit))
+        self.store.set_queue(name, concurrency=limit or None)
+
+    def set_queue_paused(self, name, paused):
+        """Pause (workers claim none of its jobs) or resume queue `name`;
+        creates it if need be, so a queue can be paused before its jobs
+        come."""
+        _check_id(name, "queue")
+        self.store.set_queue(name, paused=int(bool(paused)))
 
     def counts(self):
         """{state: number of jobs} for all five states."""
@@ -2677,6 +3148,7 @@ class Queue(object):
             at = config.get("_cleanup_at")
             return {"counts": self.counts(), "workers": self.workers(),
                     "paused": self.is_paused(), "db": self.path,
+                    "queues": self._queues(),
                     "cleanup": {"last": iso(at) if at else None,
                                 "deleted": config.get("_cleanup_removed"),
                                 "took_seconds": config.get("_cleanup_took"),
@@ -2796,7 +3268,7 @@ class Queue(object):
             target.import_all(tables, totals, buckets)
         finally:
             target.close()
-        return len(tables[0][2])
+        return len(dict((t, rows) for t, _, rows in tables)["jobs"])
 
     def wait(self, job_ids, timeout=None, interval=0.1):
         """Block until every job is completed or dead.
@@ -2887,8 +3359,13 @@ def _metrics_text(samples, now):
         for labels, value in samples:
             lines.append("%s%s %s" % (name, labels, _number_text(value)))
     counts, totals = samples["counts"], samples["totals"]
-    metric("queuectl_jobs", "gauge", "Jobs in the queue by state.",
-           [('{state="%s"}' % s, counts[s]) for s in STATES])
+    per_queue = dict(samples["queue_counts"])
+    per_queue[DEFAULT_QUEUE] = dict(
+        (s, counts[s] - sum(c[s] for c in samples["queue_counts"].values()))
+        for s in STATES)
+    metric("queuectl_jobs", "gauge", "Jobs by queue and state.",
+           [('{queue="%s",state="%s"}' % (q, s), per_queue[q][s])
+            for q in sorted(per_queue) for s in STATES])
     metric("queuectl_attempts_total", "counter",
            "Finished attempts by result.",
            [('{result="%s"}' % r, totals.get(r, 0))
@@ -3263,12 +3740,13 @@ class WorkerPool(object):
     idle_timeout: stop once S seconds passed with no job held by this pool
     and none it could claim (a job that falls due meanwhile is run, and the
     S seconds start again when it ends).  max_jobs: claim at most N jobs
-    (runs) in all, finish them, and stop.
+    (runs) in all, finish them, and stop.  queues: names of the queues to
+    claim from (default: all).
     """
 
     def __init__(self, path=None, count=1, poll_interval=None,
                  exit_when_idle=False, log=None, now=time.time,
-                 idle_timeout=None, max_jobs=None):
+                 idle_timeout=None, max_jobs=None, queues=None):
         import threading
         if not _is_int(count) or count < 1:
             raise InvalidInput("--count must be an integer >= 1, got %r" % count)
@@ -3282,6 +3760,9 @@ class WorkerPool(object):
         if max_jobs is not None and not (_is_int(max_jobs) and max_jobs >= 1):
             raise InvalidInput("--max-jobs must be an integer >= 1, got %r"
                                % max_jobs)
+        if queues is not None:
+            queues = _queue_names(queues)
+        self.queues = queues
         self.address = self.path = path or default_db_path()
         self.count = count
         self.poll_interval = poll_interval
@@ -3688,7 +4169,7 @@ class WorkerPool(object):
         stop_seq, paused = store.control()
         if stop_seq != self.stop_seq:
             return True
-        return not paused and store.anything_due(store.now())
+        return not paused and store.anything_due(store.now(), self.queues)
 
     def _sync(self, store, wid, local):
         """One transaction: save finished runs, then claim or release jobs.
@@ -3736,7 +4217,7 @@ class WorkerPool(object):
         try:
             if batch:
                 claims = store.claim(wid, self.host, now, batch,
-                                     CLAIM_BATCH * self.count)
+                                     CLAIM_BATCH * self.count, self.queues)
         finally:
             self._give_back(batch - len(claims))
         return claims
@@ -4018,11 +4499,16 @@ class _DashboardRoutes(object):
             return 200, "json", queue.stats(since)
         if path == "/api/jobs":
             state = query.get("state") or None
+            name = query.get("queue") or None
             limit = _query_number(query, "limit", 50, int, 1, 500)
             offset = _query_number(query, "offset", 0, int, 0)
             counts = queue.counts()
+            if name is not None:
+                counts = dict((q["name"], q["counts"]) for q in queue.queues(
+                )).get(name, dict.fromkeys(STATES, 0))
             total = counts[state] if state in STATES else sum(counts.values())
-            return 200, "json", {"jobs": queue.list(state, limit, offset),
+            jobs = queue.list(state, limit, offset, name)
+            return 200, "json", {"jobs": jobs,
                                  "total": total, "limit": limit,
                                  "offset": offset}
         if path.startswith("/api/jobs/"):
@@ -4160,6 +4646,8 @@ def _show_text(job):
         ("cwd", _printable(job["cwd"])),
         ("env", _printable(json.dumps(job["env"], sort_keys=True))),
         ("after", ", ".join(job["after"]) or "-"),
+        ("queue", job["queue"]),
+        ("unique_key", _printable(job["unique_key"] or "-")),
         ("last_error", _printable(job["last_error"] or "-")),
         ("worker", job["worker"] or "-"),
         ("created_at", job["created_at"]), ("updated_at", job["updated_at"]),
@@ -4215,6 +4703,14 @@ def _duration_text(seconds):
     return _seconds_text(seconds)
 
 
+def _queues_table(queues):
+    rows = [(q["name"],) + tuple(q["counts"][s] for s in STATES) + (
+        q["concurrency"] if q["concurrency"] is not None else "-",
+        "yes" if q["paused"] else "no") for q in queues]
+    return _table(rows, ("QUEUE",) + tuple(s.upper() for s in STATES) + (
+        "CAP", "PAUSED"))
+
+
 def _status_text(status, colour):
     lines = ["database: %s" % status["db"]]
     if status["paused"]:
@@ -4224,6 +4720,10 @@ def _status_text(status, colour):
         lines.append("  %s %8d" % (_paint(state, 11, colour),
                                    status["counts"][state]))
     lines.append("  %-11s %8d" % ("total", sum(status["counts"].values())))
+    queues = status["queues"]
+    if len(queues) > 1 or queues[0]["paused"] or queues[0]["concurrency"]:
+        lines.append("")
+        lines.append(_queues_table(queues))
     workers = status["workers"]
     lines.append("")
     lines.append("workers: %d live" % len(workers))
@@ -4306,9 +4806,13 @@ def _emit(args, value, as_text):
 def cmd_enqueue(args, queue):
     specs = _enqueue_specs(args)
     if specs is None:  # one job from a command or a JSON object
-        job_id = queue.enqueue(_enqueue_spec(args))
+        duplicate = []
+        job_id = queue.enqueue_many([_enqueue_spec(args)], duplicate)[0]
         if args.json:
-            _print_json(queue.get(job_id))
+            job = queue.get(job_id)
+            if duplicate[0]:
+                job["duplicate"] = True  # made by an earlier enqueue
+            _print_json(job)
         else:
             _print(job_id)
         return 0
@@ -4345,6 +4849,11 @@ def _enqueue_arguments(p):
                    help="add to the job's environment (repeatable)")
     p.add_argument("--after", metavar="ID[,ID...]",
                    help="start only after these jobs completed")
+    p.add_argument("--queue", metavar="NAME",
+                   help="the job's queue (default: default)")
+    p.add_argument("--unique", metavar="KEY",
+                   help="add nothing, and print that job's id, while a job"
+                   " with this key is pending, failed or processing")
     _add_json(p)
 
 
@@ -4435,7 +4944,8 @@ def _read_input(name):
 _FLAG_FIELDS = (("id", "id"), ("max_retries", "max_retries"),
                 ("priority", "priority"), ("run_at", "run_at"),
                 ("delay", "delay"), ("timeout", "timeout"), ("cwd", "cwd"),
-                ("after", "after"))
+                ("after", "after"), ("queue", "queue"),
+                ("unique", "unique_key"))
 
 
 def _field_flags(args):
@@ -4489,7 +4999,8 @@ def cmd_worker_start(args, queue):
     pool = WorkerPool(queue.address, count=args.count,
                       poll_interval=args.poll_interval,
                       exit_when_idle=args.exit_when_idle,
-                      idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
+                      idle_timeout=args.idle_timeout, max_jobs=args.max_jobs,
+                      queues=args.queue)
     signals = []
 
     def on_signal(signum, frame):
@@ -4501,8 +5012,9 @@ def cmd_worker_start(args, queue):
             pool.force()
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    pool.log("-", "-", "pool", "started %d worker(s) on %s"
-             % (args.count, queue.path))
+    pool.log("-", "-", "pool", "started %d worker(s) on %s%s"
+             % (args.count, queue.path, " for queue(s) %s"
+                % ",".join(pool.queues) if pool.queues else ""))
     code = pool.run()
     reason = "forced" if pool.forced.is_set() else pool.exit_reason
     pool.log("-", "-", "pool", "stopped" + (" (%s)" % reason if reason
@@ -4528,6 +5040,8 @@ def _worker_start_arguments(p):
     p.add_argument("--max-jobs", metavar="N",
                    type=_positive_int("--max-jobs"),
                    help="run at most N jobs (each run counts), then exit")
+    p.add_argument("--queue", metavar="NAME[,NAME...]",
+                   help="claim only jobs of these queues (default: all)")
 
 
 def cmd_worker_stop(args, queue):
@@ -4568,12 +5082,14 @@ def cmd_status(args, queue):
 
 
 def cmd_list(args, queue):
-    return _print_jobs(args, queue.list(args.state, args.limit, args.offset))
+    return _print_jobs(args, queue.list(args.state, args.limit, args.offset,
+                                        args.queue))
 
 
 def _list_arguments(p):
     p.add_argument("--state", choices=STATES, metavar="STATE",
                    help="only jobs in this state: " + ", ".join(STATES))
+    p.add_argument("--queue", metavar="NAME", help="only jobs of this queue")
     _add_paging(p)
     _add_json(p)
 
@@ -4731,6 +5247,69 @@ def cmd_retry(args, queue):
 def _retry_arguments(p):
     p.add_argument("ids", nargs="+", metavar="ID")
     _add_json(p)
+def cmd_queue_list(args, queue):
+    return _emit(args, queue.queues(), _queues_table)
+
+
+def _queue_list_arguments(p):
+    _add_json(p)
+
+
+def cmd_queue_set(args, queue):
+    queue.set_queue_concurrency(args.name, args.concurrency)
+    _print("queue '%s': %s" % (args.name, "at most %d job(s) at once"
+                               % args.concurrency if args.concurrency
+                               else "no concurrency cap"))
+    return 0
+
+
+def _queue_set_arguments(p):
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--concurrency", metavar="N|none", required=True,
+                   type=_concurrency_flag,
+                   help="at most N jobs of this queue processing at once,"
+                   " across all workers and hosts (0 or none: no cap)")
+
+
+def _concurrency_flag(text):
+    if text.strip().lower() == "none":
+        return None
+    return _non_negative_int("--concurrency")(text)
+
+
+def cmd_queue_pause(args, queue):
+    queue.set_queue_paused(args.name, True)
+    _print("queue '%s' paused: workers finish its running jobs and claim no"
+           " new ones" % args.name)
+    return 0
+
+
+def cmd_queue_resume(args, queue):
+    queue.set_queue_paused(args.name, False)
+    _print("queue '%s' resumed" % args.name)
+    return 0
+
+
+def _queue_name_argument(p):
+    p.add_argument("name", metavar="NAME")
+
+
+#: `queue ACTION`: (name, handler, summary, example, add_arguments).
+_QUEUE_ACTIONS = (
+    ("list", cmd_queue_list, "Per queue: jobs per state, concurrency cap,"
+     " paused.", "queuectl queue list --json", _queue_list_arguments),
+    ("set", cmd_queue_set, "Cap how many jobs of a queue run at once (0 or"
+     " none: no cap).", "queuectl queue set emails --concurrency 2",
+     _queue_set_arguments),
+    ("pause", cmd_queue_pause, "Claim no new jobs of a queue until it is"
+     " resumed.", "queuectl queue pause emails", _queue_name_argument),
+    ("resume", cmd_queue_resume, "Let workers claim a paused queue's jobs"
+     " again.", "queuectl queue resume emails", _queue_name_argument),
+)
+
+
+def _queue_arguments(p):
+    _add_commands(p, "action", _QUEUE_ACTIONS)
 
 
 def cmd_delete(args, queue):
@@ -5295,6 +5874,9 @@ _COMMANDS = (
      _logs_arguments),
     ("dlq", None, "The dead letter queue: list or retry dead jobs.",
      "queuectl dlq retry --all", _dlq_arguments),
+    ("queue", None, "Named queues: list them, cap their concurrency, pause"
+     " or resume one.", "queuectl queue set emails --concurrency 2",
+     _queue_arguments),
     ("wait", cmd_wait, "Block until jobs are completed or dead (exit 0 all"
      " completed, 1 any dead, 124 timeout).",
      "queuectl wait 3f9a 77c0 --timeout 600", _wait_arguments),
@@ -5338,7 +5920,7 @@ commands by what you need them for:
   add and run jobs   enqueue, worker start, worker stop
   see what happens   status, list, show, logs, wait, stats, dashboard
   when jobs fail     dlq list, dlq retry, retry, delete, purge
-  control            pause, resume, cancel, config, copy
+  control            pause, resume, cancel, queue, config, copy
   learn and check    demo, smoke-test, bench
 
 start here:
@@ -5590,6 +6172,7 @@ pre { background: #10141c; color: #e2e8f0; padding: 10px 12px; border-radius: 6p
 <div class="toolbar"><label>State <select id="state">
 <option value="">all</option><option>pending</option><option>processing</option>
 <option>completed</option><option>failed</option><option>dead</option></select></label>
+<label>Queue <select id="queue"><option value="">all</option></select></label>
 <button id="prev">&larr; Previous</button><button id="next">Next &rarr;</button>
 <span class="muted" id="page"></span></div>
 <table><thead><tr><th>ID</th><th>State</th><th class="hide-narrow">Tries</th>
@@ -5718,7 +6301,7 @@ async function showJob() {
   catch (error) { box.hidden = true; selected = null; return; }
   box.hidden = false;
   replace("detail-id", document.createTextNode(job.id));
-  const facts = [["state", job.state], ["command", job.command],
+  const facts = [["state", job.state], ["queue", job.queue], ["command", job.command],
     ["attempts", job.attempts + " of " + (job.max_retries + 1)],
     ["priority", String(job.priority)], ["run at", when(job.run_at)],
     ["last error", job.last_error || "-"], ["cwd", job.cwd]];
@@ -5748,13 +6331,27 @@ async function showJob() {
       (job.output_dropped ? "[first " + job.output_dropped + " bytes dropped]\n" : "") + job.output}));
 }
 
+function renderQueues(status) {
+  const pick = document.getElementById("queue");
+  const names = status.queues.map(q => q.name);
+  if (pick.value && names.indexOf(pick.value) < 0) names.push(pick.value);
+  const have = Array.from(pick.options).slice(1).map(o => o.value);
+  if (have.join("\n") === names.join("\n")) return;
+  const chosen = pick.value;
+  pick.replaceChildren(el("option", {text: "all", value: ""}),
+    ...names.map(n => el("option", {text: n, value: n})));
+  pick.value = chosen;
+}
+
 async function refresh() {
   const state = document.getElementById("state").value;
+  const queue = document.getElementById("queue").value;
   const live = document.getElementById("live");
   try {
     const [status, stats, page] = await Promise.all([api("/api/status"), api("/api/stats"),
-      api("/api/jobs?limit=" + PAGE + "&offset=" + offset + "&state=" + encodeURIComponent(state))]);
-    renderCounts(status); renderStats(stats); renderJobs(page);
+      api("/api/jobs?limit=" + PAGE + "&offset=" + offset + "&state=" + encodeURIComponent(state)
+          + "&queue=" + encodeURIComponent(queue))]);
+    renderCounts(status); renderQueues(status); renderStats(stats); renderJobs(page);
     if (selected) await showJob();
     live.textContent = "live, " + new Date().toLocaleTimeString();
     live.className = "live";
@@ -5764,6 +6361,7 @@ async function refresh() {
   }
 }
 document.getElementById("state").addEventListener("change", () => { offset = 0; refresh(); });
+document.getElementById("queue").addEventListener("change", () => { offset = 0; refresh(); });
 document.getElementById("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
 document.getElementById("next").addEventListener("click", () => { offset += PAGE; refresh(); });
 refresh();

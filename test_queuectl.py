@@ -893,7 +893,7 @@ class TestOutput(CLITestCase):
     def test_status_shape(self):
         status = self.ok_json("status")
         self.assertEqual(set(status), {"counts", "workers", "paused", "db",
-                                       "cleanup"})
+                                       "cleanup", "queues"})
         self.assertEqual(set(status["cleanup"]), {
             "last", "deleted", "took_seconds", "keep_completed", "keep_dead"})
         self.assertEqual(set(status["counts"]), set(queuectl.STATES))
@@ -1501,6 +1501,10 @@ class TestNewcomer(CLITestCase):
             "dlq list": self.ok_json("dlq", "list")[0],
             "status": self.ok_json("status"),
             "stats": self.ok_json("stats"),
+            "queue list": self.ok_json("queue", "list")[0],
+            "duplicate": [self.ok_json("enqueue", "true", "--unique", "u",
+                                       "--delay", "3600")
+                          for _ in range(2)][1],
         }
         shapes["runs"] = shapes["show"]["runs"][0]
         shapes["workers"] = shapes["status"]["workers"][0]
@@ -2305,6 +2309,28 @@ class TestDashboard(CLITestCase):
                       ["error"])
         self.assertIn("no such page", self.get_json("/nope", 404)["error"])
 
+    def test_jobs_filter_by_queue(self):
+        mail = self.enqueue("true", "--queue", "mail")
+        self.start()
+        page = self.get_json("/api/jobs?queue=mail")
+        self.assertEqual(([j["id"] for j in page["jobs"]], page["total"]),
+                         ([mail], 1))
+        page = self.get_json("/api/jobs?queue=default&state=pending")
+        self.assertEqual(([j["id"] for j in page["jobs"]], page["total"]),
+                         ([self.waiting], 1))
+        page = self.get_json("/api/jobs?queue=nowhere")
+        self.assertEqual((page["jobs"], page["total"]), ([], 0))
+        self.assertIn("queue must be", self.get_json("/api/jobs?queue=a%20b",
+                                                     400)["error"])
+        names = [q["name"] for q in self.get_json("/api/status")["queues"]]
+        self.assertEqual(names, ["default", "mail"])
+        self.assertIn('id="queue"', self.request("/")[2])
+        metrics = self.request("/metrics")[2]
+        self.assertIn('queuectl_jobs{queue="mail",state="pending"} 1',
+                      metrics)
+        self.assertIn('queuectl_jobs{queue="default",state="pending"} 1',
+                      metrics)
+
     def test_page_is_self_contained_and_carries_no_job_data(self):
         # Job text reaches the page only as JSON rendered with textContent;
         # only the page's own script may run (CSP nonce).
@@ -2391,7 +2417,8 @@ class TestDashboard(CLITestCase):
         self.assertEqual(code, 200)
         self.assertTrue(response.getheader("Content-Type").startswith(
             "text/plain; version=0.0.4"))
-        sample = re.compile(r'^([a-z_]+)(\{[a-z]+="[^"\\]*"\})? '
+        sample = re.compile(r'^([a-z_]+)(\{[a-z]+="[^"\\]*"'
+                            r'(?:,[a-z]+="[^"\\]*")*\})? '
                             r'(-?[0-9.]+(e[+-]?[0-9]+)?)$')
         typed, buckets, values = {}, [], {}
         for line in text.splitlines():
@@ -2411,7 +2438,8 @@ class TestDashboard(CLITestCase):
                 buckets.append(float(match.group(3)))
         self.assertEqual(typed["queuectl_attempts_total"], "counter")
         self.assertEqual(typed["queuectl_run_duration_seconds"], "histogram")
-        self.assertEqual(values['queuectl_jobs{state="dead"}'], 1)
+        self.assertEqual(
+            values['queuectl_jobs{queue="default",state="dead"}'], 1)
         self.assertEqual(values['queuectl_attempts_total{result="success"}'], 1)
         self.assertEqual(values['queuectl_attempts_total{result="failure"}'], 1)
         self.assertEqual(buckets, sorted(buckets))
@@ -2799,6 +2827,325 @@ class TestControl(CLITestCase):
                 self.db + "-wal") if os.path.exists(self.db + "-wal")
                 else os.path.getsize(self.db))
         self.assertLessEqual(max(sizes[1:]), sizes[0] * 1.3, sizes)
+class TestQueues(CLITestCase):
+    """SPEC 10: named queues (caps, pauses, --queue) and unique jobs."""
+
+    def queue_counts(self, name):
+        for entry in self.ok_json("queue", "list"):
+            if entry["name"] == name:
+                return entry
+        return None
+
+    # -- named queues -------------------------------------------------------
+
+    def test_queue_field_list_and_status(self):
+        a = self.enqueue("true", "--queue", "mail")
+        b = self.enqueue("true")
+        c = self.enqueue('{"command": "true", "queue": "mail"}')
+        self.assertEqual(self.job(a)["queue"], "mail")
+        self.assertEqual(self.job(b)["queue"], "default")
+        self.assertEqual([j["id"] for j in self.ok_json(
+            "list", "--queue", "mail")], [a, c])
+        self.assertEqual([j["id"] for j in self.ok_json(
+            "list", "--queue", "default")], [b])
+        self.assertEqual(self.ok_json("list", "--queue", "nowhere"), [])
+        queues = self.ok_json("status")["queues"]
+        self.assertEqual([(q["name"], q["counts"]["pending"]) for q in queues],
+                         [("default", 1), ("mail", 2)])
+        self.drain()
+        mail = self.queue_counts("mail")
+        self.assertEqual(mail["counts"]["completed"], 2)
+        self.assertEqual((mail["concurrency"], mail["paused"]), (None, False))
+        self.assertIn("mail", self.ok("status"))
+        self.assertIn("QUEUE", self.ok("queue", "list"))
+
+    def test_worker_queue_option_claims_only_those_queues(self):
+        a = self.enqueue("true", "--queue", "a")
+        b = self.enqueue("true", "--queue", "b")
+        c = self.enqueue("true", "--queue", "c")
+        d = self.enqueue("true")
+        self.drain("--queue", "a,b")
+        self.assertEqual([self.state(j) for j in (a, b, c, d)],
+                         ["completed", "completed", "pending", "pending"])
+        self.drain("--queue", "default")
+        self.assertEqual([self.state(j) for j in (c, d)],
+                         ["pending", "completed"])
+        self.drain()
+        self.assertEqual(self.state(c), "completed")
+
+    def test_paused_queue_is_skipped_and_others_run(self):
+        self.ok("queue", "pause", "slow")
+        held = self.enqueue("true", "--queue", "slow", "--priority", "9")
+        other = self.enqueue("true")
+        self.drain()
+        self.assertEqual((self.state(held), self.state(other)),
+                         ("pending", "completed"))
+        self.assertTrue(self.queue_counts("slow")["paused"])
+        self.assertIn("yes", self.ok("queue", "list"))
+        self.ok("queue", "resume", "slow")
+        self.drain()
+        self.assertEqual(self.state(held), "completed")
+        self.assertFalse(self.queue_counts("slow")["paused"])
+
+    def test_cap_holds_exactly_across_two_worker_processes(self):
+        # Two worker processes of three threads; queue `capped` may run 2
+        # jobs at once.  Each capped job counts itself in and out of a
+        # file under flock and records the highest count; it runs until the
+        # test releases it.  Meanwhile jobs of another queue keep running.
+        self.ok("queue", "set", "capped", "--concurrency", "2")
+        self.assertEqual(self.queue_counts("capped")["concurrency"], 2)
+        counter = os.path.join(self.dir, "n")
+        peak = os.path.join(self.dir, "peak")
+        lock = os.path.join(self.dir, "lock")
+        with open(counter, "w") as handle:
+            handle.write("0")
+        count = ("flock %s sh -c 'n=$(( $(cat %s) %%s 1 )); echo $n > %s;"
+                 " echo $n >> %s'" % (lock, counter, counter, peak))
+        capped = []
+        for n in range(5):
+            name = "c%d" % n
+            capped.append(self.enqueue(
+                "%s; %s; %s" % (count % "+", self.hold(name), count % "-"),
+                "--queue", "capped", "--priority", "5"))
+        others = [self.enqueue(self.hold("o%d" % n), "--queue", "other")
+                  for n in range(2)]
+        self.start_worker("--count", "3")
+        self.start_worker("--count", "3")
+        self.wait_started("o0")
+        self.wait_started("o1")
+
+        def started():
+            return [n for n in range(5)
+                    if os.path.exists(self.hold_path("c%d" % n) + ".started")]
+        wait_for(lambda: len(started()) == 2, what="two capped jobs")
+        # Quick jobs of the default queue all run meanwhile: the workers
+        # went round their claims many times and never took a third.
+        quick = [self.enqueue("true") for _ in range(10)]
+        for job_id in quick:
+            self.wait_state(job_id, "completed")
+        self.assertEqual(len(started()), 2)
+        self.assertEqual(self.queue_counts("capped")["counts"]["processing"],
+                         2)
+        released = 0
+        while released < 5:
+            running = [n for n in started()
+                       if os.path.exists(self.hold_path("c%d" % n))]
+            self.assertLessEqual(len(running), 2)
+            self.release("c%d" % running[0])
+            released += 1
+            wait_for(lambda: len(started()) == min(5, released + 2)
+                     and self.queue_counts("capped")["counts"]["completed"]
+                     == released, what="the next capped job")
+        for job_id in capped:
+            self.wait_state(job_id, "completed")
+        with open(peak) as handle:
+            self.assertEqual(max(int(n) for n in handle.read().split()), 2)
+        for job_id in others:
+            self.assertEqual(self.state(job_id), "processing")
+        self.ok("queue", "set", "capped", "--concurrency", "none")
+        self.assertIsNone(self.queue_counts("capped")["concurrency"])
+        self.ok("queue", "set", "capped", "--concurrency", "3")
+        self.ok("queue", "set", "capped", "--concurrency", "0")
+        self.assertIsNone(self.queue_counts("capped")["concurrency"])
+
+    def test_full_queue_does_not_block_others_and_order_holds(self):
+        self.ok("queue", "set", "one", "--concurrency", "1")
+        first = self.enqueue(self.hold("first"), "--queue", "one",
+                             "--priority", "9")
+        self.start_worker("--count", "2")
+        self.wait_started("first")
+        # One transaction: the free thread sees all three at once, and
+        # takes the highest priority of an open queue first.
+        waiting, low, high = self.ok_json(
+            "enqueue", '[{"command": "true", "queue": "one", "priority": 9},'
+            ' {"command": "true", "priority": 1},'
+            ' {"command": "true", "priority": 2}]')
+        self.wait_state(low, "completed")
+        self.wait_state(high, "completed")
+        self.assertEqual(self.state(waiting), "pending")
+        started = dict(self.sql(
+            "SELECT j.id, a.id FROM attempts a JOIN jobs j ON j.seq ="
+            " a.job_seq WHERE j.id IN (?, ?)", low, high))
+        self.assertLess(started[high], started[low])
+        self.release("first")
+        self.wait_state(waiting, "completed")
+        self.assertEqual(self.state(first), "completed")
+
+    @sqlite_only("EXPLAIN QUERY PLAN is SQLite's")
+    def test_capped_claim_stays_indexed(self):
+        self.ok("queue", "set", "capped", "--concurrency", "1")
+        self.ok("queue", "pause", "paused")
+        self.ok("enqueue", json.dumps([
+            {"command": "true", "queue": ("capped", "paused", "x")[n % 3]}
+            for n in range(60)]))
+        store = queuectl.open_store(self.db)
+        self.addCleanup(store.close)
+        seen = []
+
+        def recorder(real):
+            def record(sql, params=()):
+                seen.append((sql, tuple(params)))
+                return real(sql, params)
+            return record
+        store._run = recorder(store._run)
+        store._one = recorder(store._one)
+        for queues in (None, ["capped", "x"]):
+            store.anything_due(store.now(), queues)
+            with store.write():
+                claims = store.claim("w", "h", store.now(), 8, 1, queues)
+                self.assertEqual(len(claims), 1)  # one at a time: a cap
+                store._run("ROLLBACK")
+                store._run("BEGIN IMMEDIATE")
+        selects = [(s, p) for s, p in seen if s.startswith("SELECT")
+                   and "FROM jobs" in s]
+        self.assertEqual(len([s for s, _ in selects if "LIMIT 1" in s]), 2)
+        self.assertTrue(any("queue NOT IN" in s for s, _ in selects))
+        self.assertTrue(any("queue IN" in s for s, _ in selects))
+        for sql, params in selects:
+            plan = " | ".join(str(row[-1]) for row in store.conn.execute(
+                "EXPLAIN QUERY PLAN " + sql, params))
+            self.assertIn("INDEX", plan, sql)
+            self.assertNotRegex(plan, r"SCAN (TABLE )?jobs(?! USING)", sql)
+            if "ORDER BY priority" in sql or "ready = 1" in sql:
+                self.assertIn("jobs_claim", plan)
+                self.assertNotIn("TEMP B-TREE", plan.upper())
+
+    @sqlite_only("SQLite schema versions")
+    def test_version_2_database_gains_queues(self):
+        # Jobs of a database made before named queues are in `default`.
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        for statement in queuectl.MIGRATIONS[0] + queuectl.MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version=2")
+        conn.execute("PRAGMA application_id=%d" % queuectl.APPLICATION_ID)
+        conn.execute("INSERT INTO jobs (id, command, state, ready, run_at,"
+                     " max_retries, cwd, created_at, updated_at) VALUES"
+                     " ('old1', 'true', 'pending', 1, 0, 3, '/', 0, 0)")
+        conn.execute("UPDATE counts SET n = 1 WHERE state = 'pending'")
+        conn.close()
+        self.assertEqual(self.job("old1")["queue"], "default")
+        self.assertEqual(self.queue_counts("default")["counts"]["pending"], 1)
+        self.ok("queue", "set", "default", "--concurrency", "1")
+        key = self.enqueue("true", "--unique", "k", "--queue", "new")
+        self.assertEqual(self.enqueue("true", "--unique", "k"), key)
+        self.drain()
+        self.assertEqual((self.state("old1"), self.state(key)),
+                         ("completed", "completed"))
+
+    # -- unique jobs --------------------------------------------------------
+
+    def test_unique_key_makes_one_job_until_it_finishes(self):
+        first = self.enqueue("true", "--unique", "report")
+        again = self.ok_json("enqueue", "true", "--unique", "report")
+        self.assertEqual((again["id"], again["duplicate"]), (first, True))
+        self.assertEqual(again["unique_key"], "report")
+        fresh = self.ok_json("enqueue", "true", "--unique", "other")
+        self.assertNotIn("duplicate", fresh)
+        self.assertEqual(self.enqueue('{"command": "echo x",'
+                                      ' "unique_key": "report"}'), first)
+        self.assertEqual(len(self.ok_json("list")), 2)
+        self.drain()
+        self.assertEqual(self.state(first), "completed")
+        second = self.enqueue("true", "--unique", "report")
+        self.assertNotEqual(second, first)
+        # A failed job (waiting for its retry) still holds its key; a dead
+        # one frees it.
+        self.config(backoff_max=0)
+        doomed = self.enqueue("false", "--unique", "d", "--max-retries", "0")
+        self.drain()
+        self.assertEqual(self.state(doomed), "dead")
+        self.assertNotEqual(self.enqueue("true", "--unique", "d"), doomed)
+
+    def test_failed_job_keeps_its_key(self):
+        self.config(backoff_base=1000, backoff_max=3600)
+        job_id = self.enqueue("false", "--unique", "k")
+        self.drain()
+        self.assertEqual(self.state(job_id), "failed")
+        self.assertEqual(self.enqueue("true", "--unique", "k"), job_id)
+
+    def test_unique_in_a_batch_and_against_the_queue(self):
+        held = self.enqueue("true", "--unique", "a")
+        path = os.path.join(self.dir, "jobs.jsonl")
+        with open(path, "w") as handle:
+            for line in ({"command": "echo 1", "unique_key": "a"},
+                         {"command": "echo 2", "unique_key": "b"},
+                         {"command": "echo 3", "unique_key": "b"},
+                         {"command": "echo 4"}):
+                handle.write(json.dumps(line) + "\n")
+        ids = self.ok_json("enqueue", "-f", path)
+        self.assertEqual(ids[0], held)
+        self.assertEqual(ids[1], ids[2])
+        self.assertEqual(len(set(ids)), 3)
+        self.assertEqual(len(self.ok_json("list")), 3)
+        self.assertEqual(self.job(ids[1])["command"], "echo 2")
+
+    def test_concurrent_enqueues_make_one_job(self):
+        procs = [self.spawn("enqueue", "echo once", "--unique", "once")
+                 for _ in range(20)]
+        printed = set()
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            self.assertEqual((proc.returncode, err), (0, b""))
+            printed.add(out.decode().strip())
+        self.assertEqual(len(printed), 1)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM jobs")[0][0], 1)
+        self.assertEqual(self.sql("SELECT id FROM jobs")[0][0], printed.pop())
+
+    def test_unique_with_after_and_queue(self):
+        dep = self.enqueue("true")
+        first = self.enqueue("true", "--after", dep, "--unique", "u",
+                             "--queue", "q")
+        self.assertEqual(self.enqueue("true", "--after", dep, "--unique", "u"),
+                         first)
+        self.drain()
+        self.assertEqual(self.state(first), "completed")
+
+    def test_retry_of_a_dead_job_whose_key_is_taken_is_refused(self):
+        self.config(backoff_max=0)
+        dead = self.enqueue("false", "--unique", "k", "--max-retries", "0")
+        self.drain()
+        newer = self.enqueue("true", "--unique", "k", "--delay", "3600")
+        self.assertNotEqual(newer, dead)
+        err = self.expect_failure(1, "holds", "dlq", "retry", dead)
+        self.assertIn(newer, err)
+        self.ok("delete", newer)
+        self.ok("dlq", "retry", dead)
+        self.assertEqual(self.enqueue("true", "--unique", "k"), dead)
+
+    # -- bad input ----------------------------------------------------------
+
+    def test_bad_input(self):
+        self.enqueue("true", "--queue", "q")
+        for code, message, args in (
+                (2, "queue must be", ("enqueue", "true", "--queue", "a b")),
+                (2, "queue must be", ("enqueue", '{"command": "x",'
+                                      ' "queue": 3}')),
+                (2, "unique_key must be", ("enqueue", '{"command": "x",'
+                                           ' "unique_key": 7}')),
+                (2, "unique_key must be", ("enqueue", "x", "--unique", "")),
+                (2, "queue must be", ("worker", "start", "--queue", "a,,b")),
+                (2, "queue must be", ("list", "--queue", "no way")),
+                (2, "--concurrency", ("queue", "set", "q", "--concurrency",
+                                      "-1")),
+                (2, "--concurrency", ("queue", "set", "q", "--concurrency",
+                                      "lots")),
+                (2, "--concurrency", ("queue", "set", "q")),
+                (2, "queue must be", ("queue", "set", "q!", "--concurrency",
+                                      "1")),
+                (2, "queue must be", ("queue", "pause", "")),
+                (2, "queue must be", ("queue", "resume", "x" * 200)),
+                (2, "ACTION", ("queue",)),
+                (2, "invalid choice", ("queue", "drop", "q"))):
+            self.expect_failure(code, message, *args)
+
+    def test_help_has_examples(self):
+        for action in ("list", "set", "pause", "resume"):
+            out = self.ok("queue", action, "--help")
+            self.assertIn("example:", out)
+            self.assertIn(" queue %s " % action, out.split("example:")[1])
+        self.assertIn("--unique", self.ok("enqueue", "--help"))
+        self.assertIn("--queue", self.ok("worker", "start", "--help"))
 
 
 class TestPerformanceStructure(CLITestCase):
@@ -3176,6 +3523,47 @@ class TestManyHosts(CLITestCase):
         self.assertEqual(self.ok_json("status")["counts"]["completed"], n)
         self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(n,)])
 
+    def test_queue_cap_holds_across_hosts(self):
+        # SPEC 10: a queue capped at 2, workers of 3 threads on 3 hosts.
+        # Each capped job counts itself in and out under flock and records
+        # the highest count and its host; it runs until the test lets it
+        # end.  At no moment do more than 2 run, and the other queue's jobs
+        # keep running meanwhile.
+        hosts = _start_hosts(self, 3)
+        self.ok("queue", "set", "capped", "--concurrency", "2")
+        counter, peak, lock = (os.path.join(self.dir, name)
+                               for name in ("n", "peak", "lock"))
+        with open(counter, "w") as handle:
+            handle.write("0")
+        count = ("flock %s sh -c 'n=$(( $(cat %s) %%s 1 )); echo $n > %s;"
+                 " echo $n $(hostname) >> %s'" % (lock, counter, counter,
+                                                   peak))
+        for host in hosts:
+            self.start_on(host, "--count", "3")
+        wait_for(lambda: len(set(w["host"] for w in self.ok_json("status")[
+            "workers"])) == 3, 120, what="workers on every host")
+        capped = [self.enqueue("%s; %s; %s" % (
+            count % "+", self.hold("c%d" % n), count % "-"),
+            "--queue", "capped") for n in range(6)]
+
+        def started():
+            return [n for n in range(6) if os.path.exists(
+                self.hold_path("c%d" % n) + ".started")]
+        for released in range(6):
+            wait_for(lambda: len(started()) == min(6, released + 2), 120,
+                     what="the next capped job")
+            quick = self.enqueue("true")  # runs beside the capped ones
+            self.wait_state(quick, "completed", 120)
+            self.assertEqual(len(started()), min(6, released + 2))
+            self.release("c%d" % sorted(
+                n for n in started()
+                if os.path.exists(self.hold_path("c%d" % n)))[0])
+        for job_id in capped:
+            self.wait_state(job_id, "completed", 120)
+        with open(peak) as handle:
+            lines = [line.split() for line in handle]
+        self.assertEqual(max(int(n) for n, _ in lines), 2)
+
     def test_kill_9_and_a_cut_network_lose_nothing_and_never_overlap(self):
         # Jobs longer than the lease run on three hosts; one host's worker
         # is killed with -9 (and restarted there), another host is cut off.
@@ -3300,7 +3688,7 @@ def _overlaps(path):
 if PG_URL:
     for _base in (TestEnqueue, TestBadInput, TestLifecycle, TestOutput,
                   TestWorkers, TestScripting, TestFaults, TestHeldPromises,
-                  TestStats, TestDashboard, TestControl):
+                  TestStats, TestDashboard, TestControl, TestQueues):
         _name = _base.__name__ + "OnPostgres"
         globals()[_name] = type(_name, (_base,), {"STORE": "postgresql"})
     del _base, _name
