@@ -457,13 +457,14 @@ def next_tick(cron, after):
 
 
 def _local_times(day, hour, minute):
-    """The unix times at which the local clock shows this minute: one, two
-    (the clock went back) or, in a gap, the first second after the gap."""
+    """The unix time at which the local clock first shows this minute (the
+    first of two when the clock went back), or, in a gap, the first second
+    after the gap; as a list."""
     wall = (day.year, day.month, day.day, hour, minute)
     guesses = [time.mktime(wall + (0, 0, 0, isdst)) for isdst in (1, 0)]
     found = sorted(set(t for t in guesses if time.localtime(t)[:5] == wall))
     if found:
-        return found
+        return found[:1]
     low, high = int(min(guesses)), int(max(guesses))
     while low < high:  # the clock jumps over `wall` between the guesses
         middle = (low + high) // 2
