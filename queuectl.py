@@ -908,6 +908,8 @@ _COPIED_TABLES = (
      " output_dropped, due_at"),
     ("deps", "job_seq, dep_seq"),
     ("config", "key, value"),
+    ("schedules", "name, cron, every, job, overlap, next_run, last_job,"
+     " last_run, created_at"),
 )
 
 

@@ -3039,6 +3039,16 @@ class TestSchedules(CLITestCase):
         self.assertEqual(len(self.sql("SELECT id FROM jobs")), 1)
         self.assertEqual(first.store.fire_schedules(first.now()), [])
 
+    def test_copy_carries_schedules(self):
+        # `copy --to` moves schedules with the jobs (here into SQLite).
+        self.ok("schedule", "add", "nightly", "30 2 * * *", "echo hi")
+        job_id = self.ok("schedule", "run", "nightly").strip()
+        target = os.path.join(self.dir, "copy.db")
+        self.ok("copy", "--to", target)
+        copied = self.ok_json("schedule", "list", db=target)
+        self.assertEqual(copied, self.ok_json("schedule", "list"))
+        self.assertEqual(copied[0]["last_job"], job_id)
+
     def test_an_idle_pool_without_schedules_reads_nothing_more(self):
         # Due ticks are looked for only while schedules exist (the pool's
         # config read says how many), at most once a second.
