@@ -1621,8 +1621,10 @@ class _SQLStore(object):
         """Enqueue each due tick's job, once whoever else tries; returns
         log events (worker, job id, event, detail)."""
         with self.write(durable=True):
+            # One order for every worker: row locks taken in it cannot
+            # deadlock (PostgreSQL).
             due = self._run(_SCHEDULES_SQL + " WHERE s.next_run <= ?"
-                            " ORDER BY s.next_run", (now,)).fetchall()
+                            " ORDER BY s.next_run, s.name", (now,)).fetchall()
             return [self._fire(row, now) for row in due]
 
     def _fire(self, row, now):
