@@ -25,6 +25,7 @@ Standard library only; runs on CPython 3.6 and newer, on Linux and macOS.
 #   Errors                        QueueError, InvalidInput, NotFound, Conflict,
 #                                 StoreError; main() turns them into exit codes
 #   Time and parsing helpers      iso, parse_time, parse_duration, backoff_delay
+#                                 next_tick, _Cron: cron expressions
 #   Job validation                _validate_job -> _NewJob, parse_jobs_text
 #   Schema and migrations         SQLite DDL: _SCHEMA_V1, _SCHEMA_V2, MIGRATIONS
 #   Store                         the only SQL: _SQLStore (shared statements;
