@@ -2977,9 +2977,16 @@ class TestSchedules(CLITestCase):
             expected.append("tick:" + time.strftime(
                 "%Y%m%dT%H%M%SZ", time.gmtime(tick)))
             self.make_due("tick", tick)
-            wait_for(lambda: self.schedule("tick")["last_job_state"]
-                     == "completed" and self.schedule("tick")["last_job"]
-                     == expected[-1], what="tick %d to run" % round_)
+            try:
+                wait_for(lambda: self.sql(
+                    "SELECT j.state FROM schedules s JOIN jobs j ON j.id ="
+                    " s.last_job WHERE s.last_job = ?", expected[-1])
+                    == [("completed",)], timeout=120,
+                    what="tick %d to run" % round_)
+            except AssertionError as exc:
+                raise AssertionError("%s; schedule %s; worker logs:\n%s" % (
+                    exc, self.schedule("tick"),
+                    "".join(self.log(w) for w in workers)))
         made = [r[0] for r in self.sql("SELECT id FROM jobs ORDER BY seq")]
         self.assertEqual(made, expected)
         # Back on its grid (10 h missed: one job), the next tick is ahead.
