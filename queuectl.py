@@ -25,6 +25,7 @@ Standard library only; runs on CPython 3.6 and newer, on Linux and macOS.
 #   Errors                        QueueError, InvalidInput, NotFound, Conflict,
 #                                 StoreError; main() turns them into exit codes
 #   Time and parsing helpers      iso, parse_time, parse_duration, backoff_delay
+#                                 next_tick, _Cron: cron expressions
 #   Job validation                _validate_job -> _NewJob, parse_jobs_text
 #   Schema and migrations         SQLite DDL: _SCHEMA_V1, _SCHEMA_V2, MIGRATIONS
 #   Store                         the only SQL: _SQLStore (shared statements;
@@ -180,6 +181,14 @@ MAX_SECONDS = 10 ** 9
 #: The largest count a user may give (retries, --limit, --offset,
 #: --attempt): far inside SQLite's 64-bit integers.
 MAX_COUNT = 2 ** 31 - 1
+
+#: Seconds between a worker process's checks for due schedules (only while
+#: there are schedules; the check is one indexed read).
+SCHEDULE_CHECK_EVERY = 1.0
+
+#: Schedule names: the id alphabet, at most this long (a tick's job id is
+#: NAME:YYYYMMDDTHHMMSSZ and must stay a valid id).
+SCHEDULE_NAME_MAX = 100
 
 #: Upper bounds (seconds) of the run-duration histogram's buckets.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
@@ -364,6 +373,155 @@ def _fill_ids(ids):
 
 def _host():
     return os.uname()[1]
+
+
+# -- cron expressions (SPEC 10 recurring jobs) -------------------------------
+
+#: The five cron fields: (name, lowest, highest, names for 0/1, 2, ...).
+_CRON_FIELDS = (
+    ("minute", 0, 59, None),
+    ("hour", 0, 23, None),
+    ("day of month", 1, 31, None),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
+                      "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_CRON_SHORTCUTS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *",
+                   "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+                   "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                   "@hourly": "0 * * * *"}
+#: Days next_tick searches before it calls an expression impossible
+#: (28 years: every weekday of every date comes round again).
+_CRON_SEARCH_DAYS = 28 * 366
+
+
+class _Cron(object):
+    """A parsed cron expression: a set of values per field.
+
+    Day of month and day of week restricted both: a day matches when
+    either does (cron's rule); a field that starts with `*` is
+    unrestricted."""
+
+    def __init__(self, text):
+        if not isinstance(text, str):
+            raise InvalidInput("a cron expression must be a string")
+        self.text = text.strip()
+        expanded = _CRON_SHORTCUTS.get(self.text.lower(), self.text)
+        if expanded.startswith("@"):
+            raise InvalidInput("cron: unknown shortcut %s (known: %s)" % (
+                _short_repr(self.text), ", ".join(sorted(_CRON_SHORTCUTS))))
+        fields = expanded.split()
+        if len(fields) != 5:
+            raise InvalidInput(
+                "cron: %s has %d field(s); give five: minute hour"
+                " day-of-month month day-of-week (e.g. '30 2 * * *')"
+                % (_short_repr(self.text), len(fields)))
+        (self.minutes, self.hours, self.days, self.months,
+         self.weekdays) = [_cron_field(text, *spec)
+                           for text, spec in zip(fields, _CRON_FIELDS)]
+        self.weekdays = set(d % 7 for d in self.weekdays)  # 7 is Sunday too
+        self.any_day = fields[2].startswith("*")
+        self.any_weekday = fields[4].startswith("*")
+
+    def day_matches(self, day):
+        if day.month not in self.months:
+            return False
+        by_date = day.day in self.days
+        by_weekday = (day.isoweekday() % 7) in self.weekdays
+        if self.any_day or self.any_weekday:
+            return by_date and by_weekday
+        return by_date or by_weekday
+
+
+def _cron_field(text, name, low, high, names):
+    """One field ('*/15', '1-5', 'mon-fri', '1,15') -> a set of values."""
+    def value(word):
+        if names and word.lower() in names:
+            return names.index(word.lower()) + (low if low == 1 else 0)
+        if not word.isdigit():
+            raise InvalidInput("cron: %s: %s is not a number%s" % (
+                name, _short_repr(word), " or a name (%s-%s)" % (
+                    names[0], names[-1]) if names else ""))
+        number = int(word)
+        if not low <= number <= high:
+            raise InvalidInput("cron: %s: %d is out of range %d-%d"
+                               % (name, number, low, high))
+        return number
+    values = set()
+    for part in text.split(","):
+        span, slash, step_text = part.partition("/")
+        step = 1
+        if slash:
+            if not step_text.isdigit() or int(step_text) < 1:
+                raise InvalidInput("cron: %s: step %s must be a whole number"
+                                   " >= 1" % (name, _short_repr(step_text)))
+            step = int(step_text)
+        if span == "*":
+            start, end = low, high
+        else:
+            first, dash, last = span.partition("-")
+            start = value(first)
+            end = value(last) if dash else (high if slash else start)
+            if end < start:
+                raise InvalidInput("cron: %s: range %s runs backwards"
+                                   % (name, _short_repr(span)))
+        values.update(range(start, end + 1, step))
+    return values
+
+
+def next_tick(cron, after):
+    """The first time after unix time `after` that the cron expression
+    (text or _Cron) names, in local time; None if it never does.
+
+    Wall-clock semantics across daylight-saving changes: a time skipped by
+    the clock going forward runs once, at the first valid time after it; a
+    time the clock passes twice runs once, the first time.
+    """
+    import datetime
+    cron = cron if isinstance(cron, _Cron) else _Cron(cron)
+    wall = datetime.datetime.fromtimestamp(after).replace(
+        second=0, microsecond=0) + datetime.timedelta(minutes=1)
+    day, start = wall.date(), (wall.hour, wall.minute)
+    for _ in range(_CRON_SEARCH_DAYS):
+        if cron.day_matches(day):
+            for hour in sorted(h for h in cron.hours if h >= start[0]):
+                for minute in sorted(cron.minutes):
+                    if (hour, minute) < start:
+                        continue
+                    for t in _local_times(day, hour, minute):
+                        if t > after:
+                            return t
+        day += datetime.timedelta(days=1)
+        start = (0, 0)
+    return None
+
+
+def _local_times(day, hour, minute):
+    """The unix time at which the local clock first shows this minute (the
+    first of two when the clock went back), or, in a gap, the first second
+    after the gap; as a list."""
+    wall = (day.year, day.month, day.day, hour, minute)
+    guesses = [time.mktime(wall + (0, 0, 0, isdst)) for isdst in (1, 0)]
+    found = sorted(set(t for t in guesses if time.localtime(t)[:5] == wall))
+    if found:
+        return found[:1]
+    low, high = int(min(guesses)), int(max(guesses))
+    while low < high:  # the clock jumps over `wall` between the guesses
+        middle = (low + high) // 2
+        if time.localtime(middle)[:5] >= wall:
+            high = middle
+        else:
+            low = middle + 1
+    return [float(low)]
+
+
+def _every_next(every, previous, now):
+    """The next tick of an --every schedule after `now`: on the grid of its
+    previous tick, skipping (not bursting) the ticks missed."""
+    if now < previous:
+        return previous
+    import math
+    return previous + every * (math.floor((now - previous) / every) + 1)
 
 
 ###############################################################################
@@ -776,7 +934,23 @@ _SCHEMA_V3_QUEUES = (      # named queues with caps, unique jobs
          DELETE FROM unique_keys WHERE key = OLD.unique_key
            AND job_seq = OLD.seq; END""",
 )
-_SCHEMA_V3_SCHEDULES = ()   # recurring jobs
+# Recurring jobs: a schedule is a job template (JSON, as `enqueue` takes
+# it) with a cron expression or an interval.  next_run is the one fact that
+# makes a tick happen once: the worker that moves it (compare-and-set in its
+# write transaction) enqueues the tick's job.
+_SCHEMA_V3_SCHEDULES = (
+    """CREATE TABLE IF NOT EXISTS schedules (
+        name TEXT PRIMARY KEY,
+        cron TEXT,
+        every REAL,
+        job TEXT NOT NULL,
+        overlap INTEGER NOT NULL DEFAULT 0,
+        next_run REAL NOT NULL,
+        last_job TEXT,
+        last_run REAL,
+        created_at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS schedules_next_run ON schedules (next_run)",
+)
 
 #: MIGRATIONS[v] brings a database from user_version v to v + 1.
 MIGRATIONS = {0: _SCHEMA_V1, 1: _SCHEMA_V2,
@@ -933,6 +1107,8 @@ _COPIED_TABLES = (
      " output_dropped, due_at"),
     ("deps", "job_seq, dep_seq"),
     ("config", "key, value"),
+    ("schedules", "name, cron, every, job, overlap, next_run, last_job,"
+     " last_run, created_at"),
 )
 
 
@@ -975,6 +1151,7 @@ class _SQLStore(object):
     shared_by_hosts = False
     _TOTALS_SQL = "SELECT name, value FROM totals"
     _BUCKETS_SQL = "SELECT le, n FROM duration_buckets ORDER BY le"
+    _in_write = False  # inside write(): a nested write() joins it
 
     def __init__(self, address, clock=time.time):
         self.address = address
@@ -1016,9 +1193,16 @@ class _SQLStore(object):
         durable=True: the commit survives power loss (enqueue); otherwise
         a store may trade that for speed (worker state changes).
         """
+        if self._in_write:  # inside another write: part of that one
+            yield self
+            return
         with self._translated():
-            with self._begin_write(durable):
-                yield self
+            self._in_write = True
+            try:
+                with self._begin_write(durable):
+                    yield self
+            finally:
+                self._in_write = False
 
     @contextlib.contextmanager
     def read(self):
@@ -1929,6 +2113,114 @@ class _SQLStore(object):
                       " started_at, error = 'worker lost' WHERE id = ? AND"
                       " ended_at IS NULL", (now, now, claim.attempt_id))
             return self._fail(claim, "worker lost", config, now)[0]
+
+
+    # -- schedules (SPEC 10 recurring jobs) ---------------------------------
+
+    def _lock_schedules(self):
+        """Serialise changes to the set of schedules.  The config row
+        `_schedules` (how many there are; workers read it with their
+        settings and look for due ticks only while it is not 0) is written
+        first, so concurrent adds and removes on any host count right."""
+        self._upsert_config("_schedules", "1")
+
+    def _count_schedules(self):
+        count = self._run("SELECT COUNT(*) FROM schedules").fetchone()[0]
+        self._upsert_config("_schedules", str(count))
+
+    def add_schedule(self, row):
+        """row: (name, cron, every, job template JSON, overlap, next_run,
+        created_at)."""
+        with self.write(durable=True):
+            self._lock_schedules()
+            if self._run("SELECT 1 FROM schedules WHERE name = ?",
+                         (row[0],)).fetchone():
+                raise Conflict("a schedule named '%s' already exists"
+                               " (remove it first)" % row[0])
+            self._run("INSERT INTO schedules (name, cron, every, job,"
+                      " overlap, next_run, created_at)"
+                      " VALUES (?,?,?,?,?,?,?)", row)
+            self._count_schedules()
+
+    def remove_schedule(self, name):
+        with self.write():
+            self._lock_schedules()
+            if not self._run("DELETE FROM schedules WHERE name = ?",
+                             (name,)).rowcount:
+                raise NotFound("no schedule named '%s'" % name)
+            self._count_schedules()
+
+    def schedules(self, name=None):
+        """Schedule rows (_SCHEDULE_COLUMNS), by name."""
+        if name is None:
+            return self._all(_SCHEDULES_SQL + " ORDER BY s.name")
+        return self._all(_SCHEDULES_SQL + " WHERE s.name = ?", (name,))
+
+    def schedules_due(self, now):
+        """Is any schedule's tick due?  One indexed read."""
+        return self._one("SELECT 1 FROM schedules WHERE next_run <= ?"
+                         " LIMIT 1", (now,)) is not None
+
+    def fire_schedules(self, now):
+        """Enqueue each due tick's job, once whoever else tries; returns
+        log events (worker, job id, event, detail)."""
+        with self.write(durable=True):
+            # One order for every worker: row locks taken in it cannot
+            # deadlock (PostgreSQL).
+            due = self._run(_SCHEDULES_SQL + " WHERE s.next_run <= ?"
+                            " ORDER BY s.next_run, s.name", (now,)).fetchall()
+            return [self._fire(row, now) for row in due]
+
+    def _fire(self, row, now):
+        name, cron, every, job, overlap, tick, last_job, _, _, state = row
+        if cron is not None:
+            following = next_tick(cron, max(now, tick)) or now + MAX_SECONDS
+        else:
+            following = _every_next(every, tick, now)
+        # The compare-and-set: of all the workers that saw this tick due,
+        # on any host, only the one whose update moves next_run goes on.
+        if not self._run("UPDATE schedules SET next_run = ? WHERE name = ?"
+                         " AND next_run = ?", (following, name, tick)).rowcount:
+            return None
+        if state in ("pending", "failed", "processing") and not overlap:
+            return ("-", last_job, "schedule", "%s: tick %s skipped: the"
+                    " previous job is still %s" % (name, iso(tick), state))
+        job_id = "%s:%s" % (name, time.strftime("%Y%m%dT%H%M%SZ",
+                                                time.gmtime(tick)))
+        try:
+            self._enqueue_template(name, job, job_id, tick, now)
+        except (InvalidInput, Conflict, NotFound) as exc:
+            return ("-", job_id, "schedule", "%s: tick %s not enqueued: %s"
+                    % (name, iso(tick), exc))
+        return ("-", job_id, "schedule", "%s: tick %s enqueued"
+                % (name, iso(tick)))
+
+    def run_schedule(self, name, now):
+        """Enqueue a schedule's job now (its ticks go on as they were)."""
+        with self.write(durable=True):
+            rows = self._run(_SCHEDULES_SQL + " WHERE s.name = ?",
+                             (name,)).fetchall()
+            if not rows:
+                raise NotFound("no schedule named '%s'" % name)
+            job_id = "%s:run-%s" % (name, _random_id()[:6])
+            self._enqueue_template(name, rows[0][3], job_id, now, now)
+            return job_id
+
+    def _enqueue_template(self, name, template, job_id, tick, now):
+        """The enqueue path (validation, insert_jobs) for a schedule's job,
+        inside the caller's write transaction."""
+        spec = json.loads(template)
+        spec["id"] = job_id
+        job = _validate_job(spec, self.config(), now, spec["cwd"])
+        self.insert_jobs([job], [_job_after(spec)], now)
+        self._run("UPDATE schedules SET last_job = ?, last_run = ? WHERE"
+                  " name = ?", (job_id, tick, name))
+
+
+_SCHEDULE_COLUMNS = ("s.name, s.cron, s.every, s.job, s.overlap, s.next_run,"
+                     " s.last_job, s.last_run, s.created_at, j.state")
+_SCHEDULES_SQL = ("SELECT " + _SCHEDULE_COLUMNS + " FROM schedules s"
+                  " LEFT JOIN jobs j ON j.id = s.last_job")
 
 
 def _move_sql(to_state, sets="", held=False):
@@ -2943,7 +3235,19 @@ _PG_V2_QUEUES = (      # named queues with caps, unique jobs (as SQLite)
     "CREATE TRIGGER jobs_unique_delete AFTER DELETE ON jobs FOR EACH ROW"
     " WHEN (OLD.unique_key IS NOT NULL) EXECUTE FUNCTION free_unique_key()",
 )
-_PG_V2_SCHEDULES = ()   # recurring jobs
+_PG_V2_SCHEDULES = (     # recurring jobs; see _SCHEMA_V3_SCHEDULES
+    """CREATE TABLE schedules (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        cron TEXT,
+        every DOUBLE PRECISION,
+        job TEXT NOT NULL,
+        overlap INTEGER NOT NULL DEFAULT 0,
+        next_run DOUBLE PRECISION NOT NULL,
+        last_job TEXT COLLATE "C",
+        last_run DOUBLE PRECISION,
+        created_at DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX schedules_next_run ON schedules (next_run)",
+)
 
 #: _PG_MIGRATIONS[v] brings schema queuectl from version v to v + 1.
 _PG_MIGRATIONS = {1: _PG_V2_CONTROL + _PG_V2_QUEUES + _PG_V2_SCHEDULES}
@@ -3270,6 +3574,51 @@ class Queue(object):
             target.close()
         return len(dict((t, rows) for t, _, rows in tables)["jobs"])
 
+    # -- schedules (recurring jobs) -----------------------------------------
+
+    def schedule_add(self, name, spec, cron=None, every=None, overlap=False):
+        """Add a recurring job: `spec` as enqueue takes it, run on the cron
+        expression (local time) or every `every` seconds; the schedule."""
+        _check_schedule_name(name)
+        if (cron is None) == (every is None):
+            raise InvalidInput("give a cron expression or --every, not both"
+                               if cron is not None else
+                               "give a cron expression or --every DURATION")
+        if every is not None and not (_is_number(every)
+                                      and 1 <= every <= MAX_SECONDS):
+            raise InvalidInput("--every must be at least 1s and at most 1e9"
+                               " seconds, got %r" % (every,))
+        parsed = _Cron(cron) if cron is not None else None
+        template = _schedule_template(spec, self.store.config(), self.now())
+        now = self.now()
+        if parsed is not None:
+            first = next_tick(parsed, now)
+            if first is None:
+                raise InvalidInput("cron: %s never happens (day of month and"
+                                   " month never meet)" % _short_repr(cron))
+        else:
+            first = now + every
+        self.store.add_schedule((name, parsed and parsed.text, every,
+                                 json.dumps(template, sort_keys=True),
+                                 1 if overlap else 0, first, now))
+        return self.schedules(name)[0]
+
+    def schedules(self, name=None):
+        """Every schedule (or the one named) as a dict, by name."""
+        rows = self.store.schedules(name)
+        if name is not None and not rows:
+            raise NotFound("no schedule named '%s'" % name)
+        return [_schedule_dict(row) for row in rows]
+
+    def schedule_remove(self, name):
+        _check_schedule_name(name)
+        self.store.remove_schedule(name)
+
+    def schedule_run(self, name):
+        """Enqueue one job of the schedule now; its id."""
+        _check_schedule_name(name)
+        return self.store.run_schedule(name, self.now())
+
     def wait(self, job_ids, timeout=None, interval=0.1):
         """Block until every job is completed or dead.
 
@@ -3304,6 +3653,42 @@ def _new_output(row, shown):
     if dropped + len(output) > shown:
         events.append(("output", output[shown - dropped:]))
     return events
+def _check_schedule_name(name):
+    if not isinstance(name, str) or not _ID_RE.match(name) \
+            or len(name) > SCHEDULE_NAME_MAX:
+        raise InvalidInput("a schedule name is 1 to %d of A-Z a-z 0-9 . _ :"
+                           " -, got %s" % (SCHEDULE_NAME_MAX,
+                                           _short_repr(name)))
+
+
+#: Job fields a schedule's template may not set: each tick is a new job.
+_NOT_IN_SCHEDULES = {"id": "each tick makes a new job, named NAME:TIME",
+                     "run_at": "the schedule says when",
+                     "after": "each tick is a new job; ids it waits on"
+                              " would be met once"}
+
+
+def _schedule_template(spec, config, now):
+    """A job spec checked as enqueue checks it, with cwd made absolute."""
+    if not isinstance(spec, dict):
+        raise InvalidInput("a job must be a JSON object")
+    for field, why in sorted(_NOT_IN_SCHEDULES.items()):
+        if field in spec:
+            raise InvalidInput("a schedule's job cannot set %s: %s"
+                               % (field.replace("_", "-"), why))
+    template = dict(spec)
+    template["cwd"] = _validate_job(spec, config, now, os.getcwd()).cwd
+    return template
+
+
+def _schedule_dict(row):
+    name, cron, every, job, overlap, next_run, last_job, last_run, \
+        created_at, state = row
+    return {"name": name, "cron": cron, "every": every,
+            "job": json.loads(job), "overlap": bool(overlap),
+            "next_run": iso(next_run), "last_job": last_job,
+            "last_job_state": state if last_job else None,
+            "last_run": iso(last_run), "created_at": iso(created_at)}
 
 
 def config_key(key):
@@ -3867,7 +4252,7 @@ class WorkerPool(object):
         Beats come every lease-timeout / 4 and reaps every lease-timeout / 2,
         but at least once a second, so a changed lease-timeout applies soon.
         """
-        next_beat = next_reap = time.monotonic()
+        next_beat = next_reap = next_schedules = time.monotonic()
         next_checkpoint = next_beat + CHECKPOINT_EVERY
         killed = announced = False
         while not self._finished.is_set():
@@ -3891,6 +4276,10 @@ class WorkerPool(object):
             if mono >= next_reap:
                 self._guard(reaper.reap, store, self.log)
                 next_reap = mono + min(max(lease / 2.0, 0.05), 1.0)
+            if mono >= next_schedules and self.settings.get("_schedules"):
+                if not self.stopping.is_set():
+                    self._guard(self._fire_schedules, store)
+                next_schedules = mono + SCHEDULE_CHECK_EVERY
             if mono >= next_checkpoint:
                 self._guard(store.checkpoint)
                 next_checkpoint = mono + CHECKPOINT_EVERY
@@ -3899,6 +4288,13 @@ class WorkerPool(object):
                                              - mono)))
         for thread in threads:
             thread.join()
+
+    def _fire_schedules(self, store):
+        """Enqueue the due ticks of schedules (SPEC 10); with no schedules
+        the pool never gets here (settings `_schedules` is 0)."""
+        now = store.now()
+        if store.schedules_due(now):
+            self.log_lines([e for e in store.fire_schedules(now) if e])
 
     def _fence_watch(self):
         """Hosts share the database: kill our own jobs before others may
@@ -5779,6 +6175,150 @@ def _config_options(args):
     args.action = args.action or ("get" if args.value is None else "set")
 
 
+def cmd_schedule_add(args, queue):
+    every = None
+    if args.every is not None:
+        try:
+            every = parse_duration(args.every)
+        except ValueError as exc:
+            raise InvalidInput("--every: %s" % exc)
+        cron, command = None, args.command_or_json
+        if args.command is not None:
+            raise InvalidInput("with --every, give NAME COMMAND (no cron"
+                               " expression)")
+    else:
+        cron, command = args.command_or_json, args.command
+    if command is None:
+        raise InvalidInput("schedule add needs NAME 'CRON' COMMAND or NAME"
+                           " --every DURATION COMMAND")
+    if args.file is not None:
+        raise InvalidInput("a schedule takes one job: give its command (or"
+                           " JSON object), not -f")
+    args.command_or_json = command
+    schedule = queue.schedule_add(args.name, _enqueue_spec(args), cron=cron,
+                                  every=every, overlap=args.overlap)
+    return _emit(args, schedule, lambda s: "%s: next run %s" % (
+        s["name"], _local_time(s["next_run"])))
+
+
+def _schedule_add_arguments(p):
+    p.__class__ = _OptionsFirstParser
+    p.add_argument("name", metavar="NAME", help="the schedule's name (the"
+                   " id alphabet)")
+    _enqueue_arguments(p)  # the job flags, exactly as enqueue has them
+    for action in p._actions:
+        if action.dest == "command_or_json":
+            action.metavar = "CRON|COMMAND"
+            action.help = ("five cron fields in local time ('30 2 * * *',"
+                           " '*/15 * * * 1-5'), or @hourly, @daily, @weekly,"
+                           " @monthly, @yearly; with --every, the command")
+        elif action.dest in ("file", "id", "run_at", "after"):
+            action.help = argparse.SUPPRESS  # refused: a tick is a new job
+    p.add_argument("command", nargs="?", metavar="COMMAND|JSON",
+                   help="the job: a shell command or a JSON object")
+    p.add_argument("--every", metavar="DURATION", help="instead of CRON:"
+                   " every DURATION (30s, 10m, 12h, 1d) from now")
+    p.add_argument("--overlap", action="store_true", help="enqueue a tick"
+                   " even while the previous job has not finished (default:"
+                   " skip it and log)")
+
+
+class _OptionsFirstParser(_Parser):
+    """Options may come between the positional arguments (`schedule add
+    NAME --every 10m COMMAND`): argparse on Python 3.6 cannot mix them when
+    positionals are optional, so options move to the front first."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        front, back, index = [], [], 0
+        args = list(args or [])
+        while index < len(args):
+            arg = args[index]
+            if arg == "--":
+                back.extend(args[index:])
+                break
+            action = self._option_string_actions.get(arg.split("=", 1)[0])
+            if action is None:
+                back.append(arg)
+            else:
+                front.append(arg)
+                if action.nargs != 0 and "=" not in arg:
+                    front.extend(args[index + 1:index + 2])
+                    index += 1
+            index += 1
+        return _Parser.parse_known_args(self, front + back, namespace)
+
+
+def _local_time(stamp):
+    """An ISO time from _schedule_dict -> local 'YYYY-MM-DD HH:MM:SS ZONE'."""
+    if stamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z",
+                         time.localtime(parse_time(stamp)))
+
+
+def cmd_schedule_list(args, queue):
+    return _emit(args, queue.schedules(), _schedules_text)
+
+
+def _schedule_list_arguments(p):
+    _add_json(p)
+
+
+def _schedules_text(schedules):
+    if not schedules:
+        return "no schedules (add one: %s schedule add NAME '30 2 * * *'" \
+            " COMMAND)" % _PROG
+    rows = [(s["name"], s["cron"] or "every " + _duration_text(s["every"]),
+             _local_time(s["next_run"]), s["last_job"] or "-",
+             s["last_job_state"] or "-", s["job"]["command"])
+            for s in schedules]
+    return _table(rows, ["NAME", "WHEN", "NEXT RUN", "LAST JOB", "STATE",
+                         "COMMAND"])
+
+
+def cmd_schedule_remove(args, queue):
+    queue.schedule_remove(args.name)
+    if args.json:
+        _print_json({"removed": args.name})
+    else:
+        _print("removed schedule %s (its jobs stay)" % args.name)
+    return 0
+
+
+def cmd_schedule_run(args, queue):
+    job_id = queue.schedule_run(args.name)
+    if args.json:
+        _print_json(queue.get(job_id))
+    else:
+        _print(job_id)
+    return 0
+
+
+def _schedule_name_argument(p):
+    p.add_argument("name", metavar="NAME")
+    _add_json(p)
+
+
+#: `schedule ACTION`: (name, handler, summary, example, add_arguments).
+_SCHEDULE_ACTIONS = (
+    ("add", cmd_schedule_add, "Add a recurring job: a cron expression (local"
+     " time) or --every DURATION, and the job.",
+     "queuectl schedule add nightly '30 2 * * *' 'make backup' --timeout 3600"
+     "\n  queuectl schedule add poll --every 10m 'curl -fsS example.org'",
+     _schedule_add_arguments),
+    ("list", cmd_schedule_list, "List schedules with their next run and last"
+     " job.", "queuectl schedule list --json", _schedule_list_arguments),
+    ("remove", cmd_schedule_remove, "Remove a schedule (its jobs stay).",
+     "queuectl schedule remove nightly", _schedule_name_argument),
+    ("run", cmd_schedule_run, "Enqueue a schedule's job now (its ticks go on"
+     " as before).", "queuectl schedule run nightly", _schedule_name_argument),
+)
+
+
+def _schedule_arguments(p):
+    _add_commands(p, "action", _SCHEDULE_ACTIONS)
+
+
 ###############################################################################
 # The table of commands, the parser and main ##################################
 ###############################################################################
@@ -5912,6 +6452,9 @@ _COMMANDS = (
      _purge_arguments),
     ("config", cmd_config, "List, get or set settings.",
      "queuectl config set max-retries 5", _config_arguments),
+    ("schedule", None, "Recurring jobs: add, list, remove or run a"
+     " schedule.", "queuectl schedule add nightly '30 2 * * *' 'make backup'",
+     _schedule_arguments),
 )
 
 
@@ -5921,6 +6464,7 @@ commands by what you need them for:
   see what happens   status, list, show, logs, wait, stats, dashboard
   when jobs fail     dlq list, dlq retry, retry, delete, purge
   control            pause, resume, cancel, queue, config, copy
+  recurring jobs     schedule add, schedule list, schedule remove
   learn and check    demo, smoke-test, bench
 
 start here:

@@ -3684,11 +3684,351 @@ def _overlaps(path):
     return found
 
 
+class TestCron(unittest.TestCase):
+    """next_tick in-process, in a fixed time zone set through the
+    environment (time.tzset), never by changing the machine's clock."""
+
+    def setUp(self):
+        saved = os.environ.get("TZ")
+
+        def restore():
+            if saved is None:
+                os.environ.pop("TZ", None)
+            else:
+                os.environ["TZ"] = saved
+            time.tzset()
+        self.addCleanup(restore)
+        os.environ["TZ"] = "Europe/Berlin"
+        time.tzset()
+
+    def local(self, *fields):
+        return time.mktime(fields + (0,) * (6 - len(fields)) + (0, 0, -1))
+
+    def ticks(self, expr, start, count):
+        found, t = [], start
+        for _ in range(count):
+            t = queuectl.next_tick(expr, t)
+            found.append(time.strftime("%m-%d %H:%M %Z", time.localtime(t)))
+        return found
+
+    def test_daily_job_runs_once_on_both_daylight_saving_days(self):
+        # 02:30 does not exist on 2026-03-29 (runs once at 03:00 CEST) and
+        # happens twice on 2026-10-25 (runs once, the first time).
+        self.assertEqual(self.ticks("30 2 * * *", self.local(2026, 3, 28, 12),
+                                    3),
+                         ["03-29 03:00 CEST", "03-30 02:30 CEST",
+                          "03-31 02:30 CEST"])
+        self.assertEqual(self.ticks("30 2 * * *", self.local(2026, 10, 24, 12),
+                                    3),
+                         ["10-25 02:30 CEST", "10-26 02:30 CET",
+                          "10-27 02:30 CET"])
+        # Ticks 24 h of wall clock apart are 23 h and 25 h apart in real time.
+        spring = [queuectl.next_tick("0 12 * * *", self.local(2026, 3, d))
+                  for d in (28, 29)]
+        self.assertEqual(spring[1] - spring[0], 23 * 3600)
+        # Computing from inside the repeated hour does not run it again.
+        after_first = queuectl.next_tick("30 2 * * *",
+                                         self.local(2026, 10, 24, 12))
+        for later in (1, 1800, 3600 + 60):
+            again = queuectl.next_tick("30 2 * * *", after_first + later)
+            self.assertEqual(again - after_first, 24 * 3600 + 3600)
+
+    def test_fields_lists_ranges_steps_names_and_shortcuts(self):
+        # Every standard form of a field, and the @ shortcuts.
+        start = self.local(2026, 11, 26, 10, 7)  # a Thursday
+        self.assertEqual(self.ticks("*/15 * * * *", start, 3),
+                         ["11-26 10:15 CET", "11-26 10:30 CET",
+                          "11-26 10:45 CET"])
+        self.assertEqual(self.ticks("0 9-10,17 * * mon-fri", start, 4),
+                         ["11-26 17:00 CET", "11-27 09:00 CET",
+                          "11-27 10:00 CET", "11-27 17:00 CET"])
+        self.assertEqual(self.ticks("0 0 1 jan,JUL *", start, 2),
+                         ["01-01 00:00 CET", "07-01 00:00 CEST"])
+        self.assertEqual(self.ticks("5 4 * * 7", start, 1),
+                         ["11-29 04:05 CET"])  # 7 is Sunday too
+        for shortcut, expected in (
+                ("@hourly", "11-26 11:00 CET"), ("@daily", "11-27 00:00 CET"),
+                ("@midnight", "11-27 00:00 CET"),
+                ("@weekly", "11-29 00:00 CET"),
+                ("@monthly", "12-01 00:00 CET"),
+                ("@yearly", "01-01 00:00 CET"),
+                ("@annually", "01-01 00:00 CET")):
+            self.assertEqual(self.ticks(shortcut, start, 1), [expected])
+        # Strictly after: a tick at `after` itself is not the next one.
+        self.assertEqual(self.ticks("0 11 * * *", self.local(2026, 11, 26, 11),
+                                    1), ["11-27 11:00 CET"])
+
+    def test_day_of_month_or_day_of_week_when_both_are_restricted(self):
+        # Cron's rule: both restricted -> either matches; one a `*` -> both.
+        start = self.local(2026, 11, 26, 12)
+        self.assertEqual(self.ticks("0 0 1 * fri", start, 3),
+                         ["11-27 00:00 CET", "12-01 00:00 CET",
+                          "12-04 00:00 CET"])
+        self.assertEqual(self.ticks("0 0 */1 * fri", start, 2),
+                         ["11-27 00:00 CET", "12-04 00:00 CET"])
+        self.assertIsNone(queuectl.next_tick("0 0 31 2 *", start))
+
+    def test_bad_expressions_name_the_field(self):
+        # Each wrong field is named; nothing else is accepted silently.
+        for expr, message in (
+                ("61 * * * *", "minute: 61 is out of range 0-59"),
+                ("* 24 * * *", "hour: 24 is out of range 0-23"),
+                ("* * 0 * *", "day of month: 0 is out of range 1-31"),
+                ("* * * 13 *", "month: 13 is out of range 1-12"),
+                ("* * * * 8", "day of week: 8 is out of range 0-7"),
+                ("*/0 * * * *", "minute: step \"0\" must be"),
+                ("* * * * mon/x", "day of week: step \"x\" must be"),
+                ("5-1 * * * *", "minute: range \"5-1\" runs backwards"),
+                ("* * * foo *", "month: \"foo\" is not a number or a name"),
+                ("1,,2 * * * *", "minute: \"\" is not a number"),
+                ("* * *", "has 3 field(s); give five"),
+                ("* * * * * *", "has 6 field(s)"),
+                ("@often", "unknown shortcut")):
+            with self.assertRaises(queuectl.InvalidInput) as caught:
+                queuectl.next_tick(expr, 0)
+            self.assertIn(message, str(caught.exception), expr)
+
+    def test_every_skips_missed_ticks_instead_of_bursting(self):
+        # An interval schedule stays on its grid; missed ticks become one.
+        self.assertEqual(queuectl._every_next(60, 1000, 1000), 1060)
+        self.assertEqual(queuectl._every_next(60, 1000, 1000 + 60 * 10 + 5),
+                         1000 + 60 * 11)
+        self.assertEqual(queuectl._every_next(60, 1000, 900), 1000)
+
+
+class TestSchedules(CLITestCase):
+
+    def schedule(self, name):
+        return [s for s in self.ok_json("schedule", "list")
+                if s["name"] == name][0]
+
+    def log(self, worker):
+        with open(worker.log.name) as handle:
+            return handle.read()
+
+    def make_due(self, name, when):
+        self.sql("UPDATE schedules SET next_run = ? WHERE name = ?",
+                 when, name)
+
+    def test_add_list_run_remove(self):
+        # The four commands, their --json, and job flags that flow into jobs.
+        out = self.ok("schedule", "add", "nightly", "30 2 * * *", "echo hi",
+                      "--timeout", "60", "--max-retries", "1",
+                      "--env", "A=b", env={"TZ": "Europe/Berlin"})
+        self.assertRegex(out, r"^nightly: next run \d{4}-\d\d-\d\d 02:30:00"
+                         r" CES?T\n$")
+        added = self.ok_json("schedule", "add", "poll", "--every", "10m",
+                             "--overlap",
+                             '{"command": "echo poll", "priority": 3}')
+        self.assertEqual((added["cron"], added["every"], added["overlap"]),
+                         (None, 600.0, True))
+        self.assertEqual(added["job"], {"command": "echo poll", "priority": 3,
+                                        "cwd": os.path.realpath(self.dir)})
+        listed = self.ok_json("schedule", "list")
+        self.assertEqual([s["name"] for s in listed], ["nightly", "poll"])
+        nightly = listed[0]
+        self.assertEqual(nightly["job"]["env"], {"A": "b"})
+        self.assertEqual((nightly["cron"], nightly["last_job"]),
+                         ("30 2 * * *", None))
+        self.assertGreater(queuectl.parse_time(nightly["next_run"]),
+                           time.time())
+        table = self.ok("schedule", "list")
+        self.assertIn("every 10m", table)
+        self.assertIn("30 2 * * *", table)
+        job_id = self.ok("schedule", "run", "nightly").strip()
+        self.assertTrue(job_id.startswith("nightly:run-"), job_id)
+        job = self.job(job_id)
+        self.assertEqual((job["command"], job["timeout"], job["max_retries"],
+                          job["state"]), ("echo hi", 60.0, 1, "pending"))
+        after = self.schedule("nightly")
+        self.assertEqual((after["last_job"], after["last_job_state"],
+                          after["next_run"]),
+                         (job_id, "pending", nightly["next_run"]))
+        ran = self.ok_json("schedule", "run", "poll")
+        self.assertEqual((ran["command"], ran["priority"]), ("echo poll", 3))
+        self.assertEqual(self.ok("schedule", "remove", "poll"),
+                         "removed schedule poll (its jobs stay)\n")
+        self.assertEqual(self.state(ran["id"]), "pending")
+        self.assertEqual([s["name"] for s in self.ok_json("schedule", "list")],
+                         ["nightly"])
+        self.ok("schedule", "remove", "nightly")
+        self.assertIn("no schedules", self.ok("schedule", "list"))
+        self.assertEqual(self.sql("SELECT value FROM config WHERE key ="
+                                  " '_schedules'"), [("0",)])
+
+    def test_bad_input_changes_nothing(self):
+        # Exit 2 naming what is wrong, exit 1 for a refused change; no
+        # change to the data either way.
+        self.ok("schedule", "add", "taken", "@daily", "true")
+        for code, message, args in (
+                (2, "cron: minute: 61 is out of range 0-59",
+                 ("61 * * * *", "true")),
+                (2, "cron: \"* * *\" has 3 field(s)", ("* * *", "true")),
+                (2, "cron: minute: step \"0\" must be", ("*/0 * * * *",
+                                                         "true")),
+                (2, "cron: day of week: 8 is out of range",
+                 ("0 0 * * 8", "true")),
+                (2, "never happens", ("0 0 30 feb *", "true")),
+                (2, "needs NAME 'CRON' COMMAND", ("@daily",)),
+                (2, "with --every, give NAME COMMAND", ("--every", "1h",
+                                                        "@daily", "true")),
+                (2, "--every: not a duration", ("--every", "soon", "true")),
+                (2, "--every must be at least 1s", ("--every", "0", "true")),
+                (2, "cannot set id", ("@daily", "true", "--id", "x")),
+                (2, "cannot set run-at", ("@daily", "true", "--run-at",
+                                          "2030-01-01T00:00:00Z")),
+                (2, "cannot set after", ("@daily", "true", "--after", "x")),
+                (2, "cannot set id", ("@daily", '{"command": "x", "id": "y"}')),
+                (2, "unknown field 'bogus'", ("@daily",
+                                              '{"command": "x", "bogus": 1}')),
+                (2, "max_retries must be", ("@daily", "true",
+                                            "--max-retries", "-1")),
+                (2, "not -f", ("@daily", "true", "-f", "jobs.json"))):
+            self.expect_failure(code, message, "schedule", "add", "new", *args)
+        self.expect_failure(2, "a schedule name is 1 to 100", "schedule",
+                            "add", "bad name", "@daily", "true")
+        self.expect_failure(2, "a schedule name is 1 to 100", "schedule",
+                            "add", "x" * 101, "@daily", "true")
+        self.expect_failure(1, "a schedule named 'taken' already exists",
+                            "schedule", "add", "taken", "@hourly", "true")
+        for action in ("remove", "run"):
+            self.expect_failure(1, "no schedule named 'nope'", "schedule",
+                                action, "nope")
+            self.expect_failure(2, "a schedule name is", "schedule", action,
+                                "no/pe")
+        self.expect_failure(2, "invalid choice", "schedule", "edit", "taken")
+
+    def test_each_tick_is_enqueued_once_by_many_worker_processes(self):
+        # Three worker processes of three threads race for every tick; each
+        # tick makes exactly one job, and ticks missed while no worker ran
+        # make one job, not a burst.
+        self.ok("schedule", "add", "tick", "--every", "1h", "true")
+        workers = [self.start_worker("--count", "3") for _ in range(3)]
+        base = int(time.time()) - 10 * 3600
+        expected = []
+        for round_ in range(6):
+            tick = base + round_ * 60
+            expected.append("tick:" + time.strftime(
+                "%Y%m%dT%H%M%SZ", time.gmtime(tick)))
+            self.make_due("tick", tick)
+            try:
+                wait_for(lambda: self.sql(
+                    "SELECT j.state FROM schedules s JOIN jobs j ON j.id ="
+                    " s.last_job WHERE s.last_job = ?", expected[-1])
+                    == [("completed",)], timeout=120,
+                    what="tick %d to run" % round_)
+            except AssertionError as exc:
+                raise AssertionError("%s; schedule %s; worker logs:\n%s" % (
+                    exc, self.schedule("tick"),
+                    "".join(self.log(w) for w in workers)))
+        made = [r[0] for r in self.sql("SELECT id FROM jobs ORDER BY seq")]
+        self.assertEqual(made, expected)
+        # Back on its grid (10 h missed: one job), the next tick is ahead.
+        next_run = queuectl.parse_time(self.schedule("tick")["next_run"])
+        self.assertGreater(next_run, time.time())
+        self.assertEqual((next_run - (base + 5 * 60)) % 3600, 0)
+        for worker in workers:
+            worker.terminate()
+            self.assertEqual(worker.wait(60), 0)
+        logs = "".join(self.log(w) for w in workers)
+        self.assertEqual(logs.count(" enqueued"), 6, logs)
+
+    def test_a_tick_is_skipped_while_the_previous_job_runs(self):
+        # Without --overlap a due tick is skipped and logged while the last
+        # job is unfinished; with --overlap it is enqueued anyway.
+        self.ok("schedule", "add", "slow", "--every", "1h", self.hold("slow"))
+        self.ok("schedule", "add", "both", "--every", "1h", "--overlap",
+                self.hold("both"))
+        worker = self.start_worker("--count", "4")
+        now = int(time.time())
+        self.make_due("slow", now - 100)
+        self.make_due("both", now - 100)
+        self.wait_started("slow")
+        self.wait_started("both")
+        self.make_due("slow", now - 50)
+        self.make_due("both", now - 50)
+        wait_for(lambda: re.search(r"slow: tick \S+ skipped: the previous"
+                                   r" job is still processing",
+                                   self.log(worker)),
+                 what="the skip in the log")
+        wait_for(lambda: len(self.sql("SELECT id FROM jobs WHERE id LIKE"
+                                      " 'both:%'")) == 2,
+                 what="the overlapping tick")
+        self.assertEqual(len(self.sql("SELECT id FROM jobs WHERE id LIKE"
+                                      " 'slow:%'")), 1)
+        self.assertGreater(queuectl.parse_time(
+            self.schedule("slow")["next_run"]), time.time())
+        self.release("slow")
+        self.release("both")
+        worker.terminate()
+        self.assertEqual(worker.wait(60), 0)
+
+    def test_a_stale_attempt_at_a_tick_is_a_no_op(self):
+        # The database decides: a worker that saw the tick due but comes
+        # second (its compare-and-set fails) enqueues nothing.
+        self.ok("schedule", "add", "once", "--every", "1h", "true")
+        self.make_due("once", int(time.time()) - 5)
+        first, second = queuectl.Queue(self.db), queuectl.Queue(self.db)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        stale = second.store.schedules("once")[0]
+        events = first.store.fire_schedules(first.now())
+        self.assertEqual(len(events), 1)
+        self.assertIn("enqueued", events[0][3])
+        with second.store.write():
+            self.assertIsNone(second.store._fire(stale, second.now()))
+        self.assertEqual(len(self.sql("SELECT id FROM jobs")), 1)
+        self.assertEqual(first.store.fire_schedules(first.now()), [])
+
+    def test_copy_carries_schedules(self):
+        # `copy --to` moves schedules with the jobs (here into SQLite).
+        self.ok("schedule", "add", "nightly", "30 2 * * *", "echo hi")
+        job_id = self.ok("schedule", "run", "nightly").strip()
+        target = os.path.join(self.dir, "copy.db")
+        self.ok("copy", "--to", target)
+        copied = self.ok_json("schedule", "list", db=target)
+        self.assertEqual(copied, self.ok_json("schedule", "list"))
+        self.assertEqual(copied[0]["last_job"], job_id)
+
+    def test_an_idle_pool_without_schedules_reads_nothing_more(self):
+        # Due ticks are looked for only while schedules exist (the pool's
+        # config read says how many), at most once a second.
+        calls = []
+        original = queuectl._SQLStore.schedules_due
+
+        def counted(store, now):
+            calls.append(now)
+            return original(store, now)
+        queuectl._SQLStore.schedules_due = counted
+        self.addCleanup(setattr, queuectl._SQLStore, "schedules_due",
+                        original)
+        import threading
+        self.ok("status")  # the database exists before the pool starts
+        pool = queuectl.WorkerPool(self.db, log=False)
+        thread = threading.Thread(target=pool.run)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(pool.stop)
+        wait_for(lambda: self.beats(os.getpid()) >= 3,
+                 what="three beats of the pool")
+        self.assertEqual(calls, [])
+        self.ok("schedule", "add", "later", "@yearly", "true")
+        wait_for(lambda: len(calls) >= 2, what="the pool to look for ticks")
+        seen = self.beats(os.getpid())
+        wait_for(lambda: self.beats(os.getpid()) >= seen + 4,
+                 what="four more beats")
+        pool.stop()
+        thread.join()
+        span = calls[-1] - calls[0]
+        self.assertLessEqual(len(calls) - 1, span / 0.9 + 1, calls)
+
+
 # The backend-independent tests, again on PostgreSQL (QUEUECTL_TEST_PG).
 if PG_URL:
     for _base in (TestEnqueue, TestBadInput, TestLifecycle, TestOutput,
                   TestWorkers, TestScripting, TestFaults, TestHeldPromises,
-                  TestStats, TestDashboard, TestControl, TestQueues):
+                  TestStats, TestDashboard, TestControl, TestQueues,
+                  TestSchedules):
         _name = _base.__name__ + "OnPostgres"
         globals()[_name] = type(_name, (_base,), {"STORE": "postgresql"})
     del _base, _name
