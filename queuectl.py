@@ -2774,7 +2774,8 @@ class _PostgresStore(_SQLStore):
             chunk = rows[start:start + _PG_INSERT_ROWS]
             self._run(
                 "INSERT INTO jobs (id, command, priority, run_at, max_retries,"
-                " timeout, cwd, env, created_at, updated_at, state, ready)"
+                " timeout, cwd, env, queue, unique_key, created_at,"
+                " updated_at, state, ready)"
                 " VALUES " + ",".join([_PG_JOB_VALUES] * len(chunk)),
                 [value for row in chunk for value in row])
 
@@ -2996,12 +2997,13 @@ def _redact(url):
     return re.sub(r"^([a-z]+://[^/@:]*):[^/@]*@", r"\1@", url)
 
 
-#: Jobs per multi-row INSERT of a PostgreSQL enqueue (10 parameters each;
+#: Jobs per multi-row INSERT of a PostgreSQL enqueue (12 parameters each;
 #: a statement may have 65,535).
 _PG_INSERT_ROWS = 500
 _PG_JOB_VALUES = ("(?, ?, CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION),"
-                  " CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION), ?, ?,"
-                  " CAST(? AS DOUBLE PRECISION), CAST(? AS DOUBLE PRECISION),"
+                  " CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION), ?, ?, ?,"
+                  " ?, CAST(? AS DOUBLE PRECISION),"
+                  " CAST(? AS DOUBLE PRECISION),"
                   " 'pending', 1)")
 # What a claim restricted to some queues extends (see _SQLStore.claim).
 _PG_CLAIM_DUE = "WHERE ready = 1 AND run_at <= ?"
