@@ -2998,7 +2998,9 @@ class TestQueues(CLITestCase):
                 store._run("BEGIN IMMEDIATE")
         selects = [(s, p) for s, p in seen if s.startswith("SELECT")
                    and "FROM jobs" in s]
-        self.assertEqual(len([s for s, _ in selects if "LIMIT 1" in s]), 2)
+        # The idle check skips paused and full queues in every statement of
+        # its walk (one priority at a time, see _SQLStore._due).
+        self.assertTrue(any(queuectl._OPEN_QUEUES in s for s, _ in selects))
         self.assertTrue(any("queue NOT IN" in s for s, _ in selects))
         self.assertTrue(any("queue IN" in s for s, _ in selects))
         for sql, params in selects:
