@@ -207,6 +207,14 @@ class CLITestCase(unittest.TestCase):
     def enqueue(self, command_or_json, *flags):
         return self.ok("enqueue", command_or_json, *flags).strip()
 
+    def dashboard_free_metrics(self):
+        """/metrics' text, read in-process (no dashboard)."""
+        queue = queuectl.Queue(self.db)
+        try:
+            return queue.metrics()
+        finally:
+            queue.close()
+
     def job(self, job_id):
         return self.ok_json("show", job_id)
 
@@ -2223,13 +2231,6 @@ class TestStats(CLITestCase):
         self.assertIn('queuectl_run_duration_seconds_bucket{le="1"} 0', metrics)
         self.assertIn('queuectl_run_duration_seconds_bucket{le="5"} 1', metrics)
 
-    def dashboard_free_metrics(self):
-        queue = queuectl.Queue(self.db)
-        try:
-            return queue.metrics()
-        finally:
-            queue.close()
-
 
 class TestDashboard(CLITestCase):
     """A live dashboard on a free loopback port, driven with urllib."""
@@ -2757,8 +2758,8 @@ class TestControl(CLITestCase):
         blocker = self.enqueue("true", "--delay", "3600")
         awaited = self.enqueue("true")
         waiter = self.enqueue("true", "--after", "%s,%s" % (awaited, blocker))
-        done = self.enqueue("echo old")
-        dead = self.enqueue("exit 3", "--max-retries", "0")
+        self.enqueue("echo old")  # both deleted: old and awaited by none
+        self.enqueue("exit 3", "--max-retries", "0")
         self.drain()
         before = self.dashboard_free_metrics()
         self.sql("UPDATE jobs SET updated_at = updated_at - 100")
@@ -2777,13 +2778,6 @@ class TestControl(CLITestCase):
             if line.startswith("queuectl_attempts_total"):
                 self.assertIn(line, after)
         self.assertEqual(self.job(awaited)["state"], "completed")
-
-    def dashboard_free_metrics(self):
-        queue = queuectl.Queue(self.db)
-        try:
-            return queue.metrics()
-        finally:
-            queue.close()
 
     @sqlite_only("file size and WAL checkpoints")
     def test_retention_keeps_a_busy_queue_bounded(self):
@@ -2808,7 +2802,8 @@ class TestControl(CLITestCase):
             self.sql("UPDATE jobs SET state = 'completed', ready = NULL,"
                      " runs = 1, attempts = 1, updated_at = 2 WHERE state ="
                      " 'pending' AND id LIKE ?", "r%d-%%" % n)
-            quick = [self.enqueue("true") for _ in range(4)]
+            for _ in range(4):
+                self.enqueue("true")
             self.drain("--count", "2")
             self.assertEqual(self.sql("SELECT COUNT(*) FROM jobs"), [(4,)])
             self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(4,)])
