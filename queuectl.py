@@ -1720,6 +1720,7 @@ class _SQLStore(object):
             self._upsert_config("_cleanup_at", repr(float(now)))
             self._upsert_config("_cleanup_removed", str(int(removed)))
             self._upsert_config("_cleanup_took", repr(round(took, 3)))
+
     def _retake_keys(self, seqs):
         """A finished job run again holds its unique key again.  While
         another job holds it, the run is refused: two jobs with one key
@@ -3655,6 +3656,8 @@ def _new_output(row, shown):
     if dropped + len(output) > shown:
         events.append(("output", output[shown - dropped:]))
     return events
+
+
 def _check_schedule_name(name):
     if not isinstance(name, str) or not _ID_RE.match(name) \
             or len(name) > SCHEDULE_NAME_MAX:
@@ -5645,6 +5648,8 @@ def cmd_retry(args, queue):
 def _retry_arguments(p):
     p.add_argument("ids", nargs="+", metavar="ID")
     _add_json(p)
+
+
 def cmd_queue_list(args, queue):
     return _emit(args, queue.queues(), _queues_table)
 

@@ -2822,6 +2822,8 @@ class TestControl(CLITestCase):
                 self.db + "-wal") if os.path.exists(self.db + "-wal")
                 else os.path.getsize(self.db))
         self.assertLessEqual(max(sizes[1:]), sizes[0] * 1.3, sizes)
+
+
 class TestQueues(CLITestCase):
     """SPEC 10: named queues (caps, pauses, --queue) and unique jobs."""
 
