@@ -2189,10 +2189,14 @@ class _SQLStore(object):
         job_id = "%s:%s" % (name, time.strftime("%Y%m%dT%H%M%SZ",
                                                 time.gmtime(tick)))
         try:
-            self._enqueue_template(name, job, job_id, tick, now)
+            job_id, duplicate = self._enqueue_template(name, job, job_id,
+                                                       tick, now)
         except (InvalidInput, Conflict, NotFound) as exc:
             return ("-", job_id, "schedule", "%s: tick %s not enqueued: %s"
                     % (name, iso(tick), exc))
+        if duplicate:
+            return ("-", job_id, "schedule", "%s: tick %s not enqueued: job"
+                    " %s holds its unique key" % (name, iso(tick), job_id))
         return ("-", job_id, "schedule", "%s: tick %s enqueued"
                 % (name, iso(tick)))
 
@@ -2204,18 +2208,23 @@ class _SQLStore(object):
             if not rows:
                 raise NotFound("no schedule named '%s'" % name)
             job_id = "%s:run-%s" % (name, _random_id()[:6])
-            self._enqueue_template(name, rows[0][3], job_id, now, now)
-            return job_id
+            return self._enqueue_template(name, rows[0][3], job_id, now,
+                                          now)[0]
 
     def _enqueue_template(self, name, template, job_id, tick, now):
         """The enqueue path (validation, insert_jobs) for a schedule's job,
-        inside the caller's write transaction."""
+        inside the caller's write transaction: (the job's id, True if a job
+        holding the template's unique key stood in for it, as for
+        `enqueue --unique`)."""
         spec = json.loads(template)
         spec["id"] = job_id
         job = _validate_job(spec, self.config(), now, spec["cwd"])
-        self.insert_jobs([job], [_job_after(spec)], now)
+        duplicates = []
+        job_id = self.insert_jobs([job], [_job_after(spec)], now,
+                                  duplicates)[0]
         self._run("UPDATE schedules SET last_job = ?, last_run = ? WHERE"
                   " name = ?", (job_id, tick, name))
+        return job_id, duplicates[0]
 
 
 _SCHEDULE_COLUMNS = ("s.name, s.cron, s.every, s.job, s.overlap, s.next_run,"

@@ -3979,6 +3979,21 @@ class TestSchedules(CLITestCase):
         self.assertEqual(len(self.sql("SELECT id FROM jobs")), 1)
         self.assertEqual(first.store.fire_schedules(first.now()), [])
 
+    def test_a_schedule_keeps_its_jobs_unique_key_and_queue(self):
+        # A schedule's template may name a queue and a unique key: while
+        # its job waits, running the schedule again makes no job and
+        # prints the waiting one's id, as `enqueue --unique` does.
+        self.ok("schedule", "add", "s", "--every", "1h", "true", "--queue",
+                "q", "--unique", "k")
+        first = self.ok("schedule", "run", "s").strip()
+        self.assertEqual(self.ok("schedule", "run", "s").strip(), first)
+        self.assertEqual(self.job(first)["queue"], "q")
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM jobs"), [(1,)])
+        self.assertEqual(self.ok_json("schedule", "list")[0]["last_job"],
+                         first)
+        self.drain()
+        self.assertNotEqual(self.ok("schedule", "run", "s").strip(), first)
+
     def test_copy_carries_schedules(self):
         # `copy --to` moves schedules with the jobs (here into SQLite).
         self.ok("schedule", "add", "nightly", "30 2 * * *", "echo hi")
