@@ -4410,5 +4410,21 @@ class TestHostsHarness(unittest.TestCase):
                          _ip("-4", "-o", "addr", "show"))
 
 
+def postgres_tests():
+    """The tests that need QUEUECTL_TEST_PG, as one suite:
+    `python3 -m unittest test_queuectl.postgres_tests`.
+
+    .ci/run runs these in its PostgreSQL steps: the rest of the suite has
+    already run, unchanged, under the same interpreters. Without
+    QUEUECTL_TEST_PG each of them skips, saying why."""
+    classes = [TestDatabaseURLs, TestPostgres, TestManyHosts,
+               TestHostsHarness]
+    classes += [value for name, value in sorted(globals().items())
+                if name.endswith("OnPostgres")]
+    loader = unittest.defaultTestLoader
+    return unittest.TestSuite(loader.loadTestsFromTestCase(cls)
+                              for cls in classes)
+
+
 if __name__ == "__main__":
     unittest.main()
