@@ -1861,6 +1861,16 @@ class TestFaults(CLITestCase):
         self.assertEqual(self.job("big")["command"], big)
 
 
+# stopper.py DB PID: SIGSTOP process PID while holding DB's write lock.
+_STOP_HOLDING_THE_WRITE_LOCK = """\
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+os.kill(int(sys.argv[2]), signal.SIGSTOP)
+conn.execute("ROLLBACK")
+"""
+
+
 class TestHeldPromises(CLITestCase):
     """Issue 9: promises that hostile jobs, numbers and machines broke."""
 
@@ -1929,8 +1939,19 @@ class TestHeldPromises(CLITestCase):
         # is run again by the rescuer: at least once, never at once.)
         self.config(lease_timeout=1, backoff_max=0)
         ran = os.path.join(self.dir, "ran")
-        self.enqueue('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then kill -STOP $PPID;'
-                     ' fi', "--priority", "9")
+        stop = "kill -STOP $PPID"
+        if self.STORE == "sqlite":
+            # Frozen inside a transaction (a heartbeat's), the worker would
+            # hold SQLite's one write lock and block the rescuer as well:
+            # the job takes that lock itself, so the worker freezes
+            # outside any transaction.
+            stop = "%s %s %s $PPID" % (
+                shlex.quote(sys.executable), shlex.quote(os.path.join(
+                    self.dir, "stopper.py")), shlex.quote(self.db))
+            with open(os.path.join(self.dir, "stopper.py"), "w") as handle:
+                handle.write(_STOP_HOLDING_THE_WRITE_LOCK)
+        self.enqueue('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then %s; fi' % stop,
+                     "--priority", "9")
         ids = [self.enqueue('echo "$QUEUECTL_JOB_ID" >> %s' % ran)
                for _ in range(7)]
         frozen = self.start_worker("--count", "1", "--exit-when-idle")
