@@ -3171,6 +3171,37 @@ class TestQueues(CLITestCase):
 class TestPerformanceStructure(CLITestCase):
     """What keeps queuectl fast, checked by structure, never by timing."""
 
+    def test_a_job_exit_is_awaited_without_a_millisecond_sleep(self):
+        # When a job's pipe ends, its shell is still exiting; Popen.wait's
+        # polling would sleep 1 ms first (most of a short job's time). The
+        # worker waits on a pidfd where Linux and Python (3.9+) have one,
+        # sleeping not at all, else sleeps 50 us first.
+        hold = os.path.join(self.dir, "hold")
+        open(hold, "w").close()
+        self.addCleanup(_remove_quietly, hold)
+        proc = subprocess.Popen(["/bin/sh", "-c", "while [ -e %s ]; do sleep"
+                                 " 0.05; done" % shlex.quote(hold)])
+        self.addCleanup(proc.wait)
+        sleeps = []
+        real = queuectl.time.sleep
+
+        def counted(seconds):
+            sleeps.append(seconds)
+            real(seconds)
+        queuectl.time.sleep = counted
+        self.addCleanup(setattr, queuectl.time, "sleep", real)
+        self.assertFalse(queuectl._exits_within(proc, 0.01))
+        os.remove(hold)
+        self.assertTrue(queuectl._exits_within(proc, 60))
+        self.assertIsNotNone(proc.returncode)
+        pidfd = queuectl._pidfd(os.getpid())
+        if pidfd is not None:
+            os.close(pidfd)
+            self.assertEqual(sleeps, [])
+        else:
+            self.assertEqual(sleeps[0], 0.00005)
+            self.assertLessEqual(max(sleeps), 0.05)
+
     def test_enqueue_path_imports_no_worker_modules(self):
         # `enqueue` must not pay for subprocess, threading, sockets...
         # (What argparse itself imports when used, on some versions
