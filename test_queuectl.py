@@ -3298,17 +3298,20 @@ class TestPerformanceStructure(CLITestCase):
                                                                  few))
 
     def test_a_big_enqueue_counts_its_jobs_in_one_statement(self):
-        # From BULK_COUNT_FROM jobs on, the count trigger is dropped and made
-        # again inside the enqueue's transaction: the counts stay exact,
-        # the trigger is back as it was (also after a savepoint rollback,
-        # forced here by a generated id that clashes), and later single
-        # enqueues are counted by it.
+        # From BULK_COUNT_FROM jobs on, the INSERT triggers (counts per
+        # state and per named queue) are dropped and made again inside the
+        # enqueue's transaction: the counts stay exact, the triggers are
+        # back as they were (also after a savepoint rollback, forced here
+        # by a generated id that clashes), and later single enqueues are
+        # counted by them.
         queue = queuectl.Queue(self.db)
         self.addCleanup(queue.close)
         conn = queue.store.conn
-        trigger_sql = "SELECT sql FROM sqlite_master WHERE name = ?"
-        before = conn.execute(trigger_sql, ("jobs_count_insert",)).fetchone()
+        trigger_sql = ("SELECT name, sql FROM sqlite_master WHERE type ="
+                       " 'trigger' ORDER BY name")
+        before = conn.execute(trigger_sql).fetchall()
         queue.enqueue({"command": "true", "id": "aaaaaaaaaaaa"})
+        queue.enqueue({"command": "true", "queue": "mail"})
         real = os.urandom
         draws = []
 
@@ -3318,25 +3321,32 @@ class TestPerformanceStructure(CLITestCase):
         statements = []
         conn.set_trace_callback(lambda sql: statements.append(sql))
         queuectl.os.urandom = fake
+        n = queuectl.BULK_COUNT_FROM
         try:
-            ids = queue.enqueue_many([{"command": "true"}]
-                                     * queuectl.BULK_COUNT_FROM)
+            ids = queue.enqueue_many(
+                [{"command": "true"}] * (n - 300)
+                + [{"command": "true", "queue": "mail"}] * 200
+                + [{"command": "true", "queue": "sms"}] * 100)
         finally:
             queuectl.os.urandom = real
             conn.set_trace_callback(None)
         self.assertEqual(len(draws), 2)
         self.assertEqual(statements.count("ROLLBACK TO insert_jobs"), 1)
-        self.assertEqual(statements.count("DROP TRIGGER jobs_count_insert"),
-                         2)
-        self.assertEqual(len(set(ids)), queuectl.BULK_COUNT_FROM)
-        self.assertEqual(conn.execute(trigger_sql, ("jobs_count_insert",))
-                         .fetchone(), before)
+        for name in ("jobs_count_insert", "jobs_queue_insert"):
+            self.assertEqual(statements.count("DROP TRIGGER " + name), 2)
+        self.assertEqual(len(set(ids)), n)
+        self.assertEqual(conn.execute(trigger_sql).fetchall(), before)
         queue.enqueue({"command": "true"})
-        expected = queuectl.BULK_COUNT_FROM + 2
+        queue.enqueue({"command": "true", "queue": "sms"})
+        expected = n + 4
         self.assertEqual(queue.counts()["pending"], expected)
-        self.assertEqual(self.ok_json("status")["counts"]["pending"], expected)
+        status = self.ok_json("status")
+        self.assertEqual(status["counts"]["pending"], expected)
         self.assertEqual(conn.execute("SELECT COUNT(*) FROM jobs").fetchone(),
                          (expected,))
+        self.assertEqual(
+            {q["name"]: q["counts"]["pending"] for q in status["queues"]},
+            {"default": n - 300 + 2, "mail": 201, "sms": 101})
 
     def test_a_generated_id_clash_is_drawn_again(self):
         # A random id that already exists is replaced, not an error.
