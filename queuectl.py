@@ -826,8 +826,6 @@ _SCHEMA_V1 = (
          UPDATE counts SET n = n + 1 WHERE state = NEW.state; END""",
 )
 
-# jobs_count_insert as sqlite_master holds it (see _SQLiteStore._insert_rows).
-
 # Version 2: when each run was due (for wait times), and totals that only
 # grow, kept by a trigger, for Prometheus counters and the histogram.
 _SCHEMA_V2 = (
