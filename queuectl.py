@@ -161,6 +161,10 @@ BULK_COUNT_FROM = 1000
 #: deep (at least this many per thread are due); otherwise one at a time.
 CLAIM_BATCH = 8
 
+#: Idle worker threads wait this long at most (or poll-interval, if
+#: longer) for the one that polls for them before they look for themselves.
+FOLLOWER_WAIT = 1.0
+
 #: A finished job's result may wait this long to share a transaction with
 #: the next ones; a job that runs longer than RECORD_GROUP_AFTER saves it.
 RESULT_DELAY = 0.05
@@ -4179,6 +4183,8 @@ class _ThreadBatch(object):
         self.first_result = None  # monotonic time the oldest result came
         self.retry_delay = retry_delay  # while the database fails
         self.busy = False         # counted in the pool's _busy
+        self.polls = False        # holds the pool's _poll_turn
+        self.seen = 0             # the pool's _seen_work when last looked
 
     def add(self, job, result):
         if not self.results:
@@ -4248,6 +4254,13 @@ class WorkerPool(object):
         self._slots = max_jobs              # claims --max-jobs has left
         self._busy = 0                      # threads holding claimed jobs
         self._idle_since = time.monotonic()  # when _busy last became 0
+        # One idle thread at a time polls the database for the pool (it
+        # holds _poll_turn); the others wait on _work_seen until it sees
+        # work: an idle pool reads once per poll-interval, not once per
+        # thread (see _worth_a_transaction).
+        self._poll_turn = threading.Lock()
+        self._work_seen = threading.Condition()
+        self._seen_work = 0                 # times a poll saw work
         self.failed = False
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -4274,9 +4287,12 @@ class WorkerPool(object):
 
     def _wake_idle(self):
         # Threads idle in select() (PostgreSQL) wake on this pipe; safe in a
-        # signal handler.
+        # signal handler.  The threads waiting for the polling one wake on
+        # _work_seen, which no signal handler's thread (the main one) holds.
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
+        with self._work_seen:
+            self._work_seen.notify_all()
 
     def _open_store(self):
         return open_store(self.address, self.now)
@@ -4529,7 +4545,7 @@ class WorkerPool(object):
         except Exception as exc:  # report, and stop the other threads too
             self.log(wid, "-", "error", "%s: %s" % (type(exc).__name__, exc))
             self.failed = True
-            self.stopping.set()
+            self.stop()
         finally:
             if store is not None:
                 store.close()
@@ -4541,19 +4557,23 @@ class WorkerPool(object):
     def _loop(self, store, wid):
         local = _ThreadBatch(store.retry_first)
         store.listen()
-        while True:
-            try:
-                if not self._step(store, wid, local):
-                    return
-                local.retry_delay = store.retry_first
-            except StoreError as exc:
-                if not exc.transient:
-                    raise
-                # Keep results and claims, start nothing, try again later.
-                self._store_failed(exc)
-                if self.forced.wait(local.retry_delay):
-                    return  # forced out: unsaved runs are recovered later
-                local.retry_delay = min(local.retry_delay * 2, store.retry_max)
+        try:
+            while True:
+                try:
+                    if not self._step(store, wid, local):
+                        return
+                    local.retry_delay = store.retry_first
+                except StoreError as exc:
+                    if not exc.transient:
+                        raise
+                    # Keep results and claims, start nothing, retry later.
+                    self._store_failed(exc)
+                    if self.forced.wait(local.retry_delay):
+                        return  # forced out: unsaved runs are recovered
+                    local.retry_delay = min(local.retry_delay * 2,
+                                            store.retry_max)
+        finally:
+            self._stop_polling(local)
 
     def _step(self, store, wid, local):
         """Save, claim, run one job, or idle.  False when the thread is done."""
@@ -4577,7 +4597,15 @@ class WorkerPool(object):
         self._set_busy(local, False)
         if self.stopping.is_set() or self.exit_when_idle or self._done():
             return False
-        store.wait_for_work(self._poll_interval(), self.stopping, self._wake_r)
+        if local.polls:
+            store.wait_for_work(self._poll_interval(), self.stopping,
+                                self._wake_r)
+        else:  # woken by the polling thread, stop(), or to take the turn
+            with self._work_seen:
+                self._work_seen.wait_for(
+                    lambda: self._seen_work != local.seen
+                    or self.stopping.is_set(),
+                    max(self._poll_interval(), FOLLOWER_WAIT))
         return True
 
     def _claim_still_ours(self, store, wid, claim, local):
@@ -4619,7 +4647,7 @@ class WorkerPool(object):
                 return False
             self.exit_reason = self.exit_reason or (
                 "idle for --idle-timeout %s" % _seconds_text(self.idle_timeout))
-        self.stopping.set()
+        self.stop()
         return True
 
     def _give_back(self, count):
@@ -4634,13 +4662,34 @@ class WorkerPool(object):
         return self.settings["poll-interval"]
 
     def _worth_a_transaction(self, store, local):
-        """Idle polls read first and take the write lock only for work."""
+        """Idle polls read first and take the write lock only for work.
+
+        Only the thread holding the poll turn reads (with --exit-when-idle
+        every thread, since each decides when to end); the others look
+        once each time it sees work, and take the turn when it is free."""
         if local.results or local.queued or self.stopping.is_set():
             return True
+        if not (self.exit_when_idle or local.polls
+                or local.seen != self._seen_work):
+            local.polls = self._poll_turn.acquire(False)
+            if not local.polls:
+                return False  # another idle thread polls for this one
+        local.seen = self._seen_work
         stop_seq, paused = store.control()
-        if stop_seq != self.stop_seq:
-            return True
-        return not paused and store.anything_due(store.now(), self.queues)
+        found = stop_seq != self.stop_seq or (
+            not paused and store.anything_due(store.now(), self.queues))
+        if found:
+            self._stop_polling(local)
+            with self._work_seen:  # the other idle threads look too
+                self._seen_work += 1
+                local.seen = self._seen_work
+                self._work_seen.notify_all()
+        return found
+
+    def _stop_polling(self, local):
+        if local.polls:
+            local.polls = False
+            self._poll_turn.release()
 
     def _sync(self, store, wid, local):
         """One transaction: save finished runs, then claim or release jobs.
@@ -4654,7 +4703,7 @@ class WorkerPool(object):
                 events = self._save_results(store, local.results, now)
                 stop_seq, paused = store.control()
                 if stop_seq != self.stop_seq:
-                    self.stopping.set()
+                    self.stop()
                 if self.stopping.is_set() or paused:
                     queued = self._release(store, queued, now)
                 elif not queued:
