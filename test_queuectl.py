@@ -3451,6 +3451,14 @@ class TestPostgres(CLITestCase):
         self.assertEqual(code, 1, err)
         self.assertNotIn("w0rd", err)
 
+    def test_sessions_never_compile_statements(self):
+        # jit off: with statistics not yet refreshed after a big enqueue, an
+        # idle check's cost estimate passed jit_above_cost and compiling
+        # took 600 ms of a 0.04 ms read (bench: idle check beside 1M).
+        queue = queuectl.Queue(self.db)
+        self.addCleanup(queue.close)
+        self.assertEqual(queue.store._one("SHOW jit"), ("off",))
+
     def test_unreachable_server_is_one_line_exit_1(self):
         code, out, err = self.cli(
             "status", db="postgresql://nobody:pw@127.0.0.1:1/none")
