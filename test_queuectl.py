@@ -3205,6 +3205,33 @@ class TestPerformanceStructure(CLITestCase):
             self.assertEqual(sleeps[0], 0.00005)
             self.assertLessEqual(max(sleeps), 0.05)
 
+    def test_one_idle_thread_polls_for_the_pool(self):
+        # An idle --count 4 reads the database from one thread only; the
+        # others wait for it (and look when it sees work).
+        import threading
+        callers = []
+        original = queuectl._SQLStore.anything_due
+
+        def counted(store, now, queues=None):
+            callers.append(threading.current_thread().name)
+            return original(store, now, queues)
+        queuectl._SQLStore.anything_due = counted
+        self.addCleanup(setattr, queuectl._SQLStore, "anything_due",
+                        original)
+        self.ok("status")
+        pool = queuectl.WorkerPool(self.db, count=4, poll_interval=0.02,
+                                   log=False)
+        thread = threading.Thread(target=pool.run)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(pool.stop)
+        wait_for(lambda: len(callers) >= 20, what="20 idle polls")
+        self.assertEqual(len(set(callers)), 1, callers)
+        job_id = self.enqueue("true")
+        self.wait_state(job_id, "completed")
+        pool.stop()
+        thread.join()
+
     def test_enqueue_path_imports_no_worker_modules(self):
         # `enqueue` must not pay for subprocess, threading, sockets...
         # (What argparse itself imports when used, on some versions
