@@ -4601,6 +4601,8 @@ class WorkerPool(object):
         self._set_busy(local, False)
         if self.stopping.is_set() or self.exit_when_idle or self._done():
             return False
+        if not local.polls:  # the turn is free when the poller went busy
+            local.polls = self._poll_turn.acquire(False)
         if local.polls:
             store.wait_for_work(self._poll_interval(), self.stopping,
                                 self._wake_r)
