@@ -83,7 +83,7 @@ SCHEMA_VERSION = 3
 
 #: The schema version this code writes in PostgreSQL (meta row); older
 #: schemas are migrated by _PG_MIGRATIONS.
-PG_SCHEMA_VERSION = 2
+PG_SCHEMA_VERSION = 3
 
 #: Job states, in the order status shows them.
 STATES = ("pending", "processing", "completed", "failed", "dead")
@@ -2675,6 +2675,7 @@ class _PostgresStore(_SQLStore):
                 reason=_pg_reason(exc))
         self.conn = conn
         self._measure_clock()
+        self._claim_stripe()
         if self.listening:
             conn.execute("LISTEN queuectl")
         return conn
@@ -2685,6 +2686,16 @@ class _PostgresStore(_SQLStore):
             "SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0]
         self.offset = float(server) - (before + self.clock()) / 2.0
         self.offset_at = time.monotonic()
+
+    def _claim_stripe(self):
+        """Take the lowest counter stripe no live session holds, for as
+        long as this session lives (see _PG_STRIPE).  There are never more
+        sessions than max_connections, so one is always free."""
+        self.conn.execute(
+            "SELECT set_config('queuectl.stripe', CAST(s AS TEXT), false)"
+            " FROM generate_series(0, CAST(current_setting('max_connections')"
+            " AS INTEGER)) AS s WHERE pg_try_advisory_lock(%d, s) LIMIT 1"
+            % _PG_STRIPE_LOCK).fetchall()
 
     def now(self):
         """The server's clock, estimated locally (re-measured each minute):
@@ -3067,13 +3078,97 @@ WHERE j.seq = o.job_seq AND j.ready = 1
 RETURNING p.k, j.seq, j.id, j.command, j.timeout, j.cwd, j.env, j.attempts,
     o.id, o.started_at"""
 
-# Striped counters: each session adds to the row of its own stripe
-# (backend pid modulo 16), and readers sum the stripes.
-_PG_STRIPE = "pg_backend_pid() % 16"
+# Striped counters: each session adds to the rows of its own stripe, and
+# readers sum the stripes.  Schema version 1 striped by backend pid modulo
+# 16, so two sessions could share a row: each locked it for the rest of its
+# transaction, and two of them taking two rows in opposite orders deadlocked
+# (seen in CI).  Since version 3 a session takes the lowest stripe that no
+# live session holds (an advisory lock, _claim_stripe) when it connects: no
+# two sessions ever write the same counter row.
+_PG_STRIPE_V1 = "pg_backend_pid() % 16"
+_PG_STRIPE = "queuectl.stripe()"
+_PG_STRIPE_LOCK = APPLICATION_ID  # advisory locks (this key, stripe)
 
 #: The claim of a worker of every queue while none is paused or capped.
 _PG_CLAIM_ANY_SQL = _PG_CLAIM_SQL.replace(_PG_CLAIM_DUE,
                                           _PG_CLAIM_DUE + _NO_LIMITED_QUEUES)
+
+# The counters' plpgsql, with %(stripe)s for the stripe expression of its
+# schema version.
+# Statement-level triggers with transition tables: a claim of 8 jobs,
+# or an enqueue of 100,000, adds to each state's counter once.
+_PG_COUNT_JOBS = """
+CREATE OR REPLACE FUNCTION count_jobs() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO queuectl.counts AS c SELECT state, %(stripe)s, COUNT(*)
+      FROM new_rows GROUP BY state
+      ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + EXCLUDED.n;
+  ELSIF TG_OP = 'DELETE' THEN
+    INSERT INTO queuectl.counts AS c SELECT state, %(stripe)s, -COUNT(*)
+      FROM old_rows GROUP BY state
+      ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + EXCLUDED.n;
+  ELSE
+    INSERT INTO queuectl.counts AS c SELECT state, %(stripe)s, SUM(d)
+      FROM (SELECT o.state, -1 AS d FROM old_rows o JOIN new_rows n
+            ON n.seq = o.seq WHERE n.state <> o.state
+            UNION ALL
+            SELECT n.state, 1 FROM old_rows o JOIN new_rows n
+            ON n.seq = o.seq WHERE n.state <> o.state) AS moves
+      GROUP BY state
+      ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + EXCLUDED.n;
+  END IF;
+  RETURN NULL;
+END $$"""
+# Runs that just ended: their results, durations and buckets (each run
+# in its own bucket; readers add up the smaller ones).
+_PG_COUNT_ATTEMPTS = """
+CREATE OR REPLACE FUNCTION count_attempts() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO queuectl.totals AS t
+    SELECT CASE WHEN n.error IS NULL THEN 'success'
+                WHEN n.error = 'worker lost' THEN 'lost'
+                WHEN n.error LIKE 'timed out%%' THEN 'timeout'
+                ELSE 'failure' END, %(stripe)s, COUNT(*)
+    FROM old_rows o JOIN new_rows n ON n.id = o.id
+    WHERE o.ended_at IS NULL AND n.ended_at IS NOT NULL GROUP BY 1
+    UNION ALL
+    SELECT 'duration_sum', %(stripe)s, SUM(COALESCE(n.duration, 0))
+    FROM old_rows o JOIN new_rows n ON n.id = o.id
+    WHERE o.ended_at IS NULL AND n.ended_at IS NOT NULL HAVING COUNT(*) > 0
+    ON CONFLICT (name, stripe) DO UPDATE SET value = t.value + EXCLUDED.value;
+  INSERT INTO queuectl.duration_buckets AS b
+    SELECT (SELECT MIN(le) FROM queuectl.duration_buckets k
+            WHERE k.stripe = 0 AND k.le >= COALESCE(n.duration, 0)),
+           %(stripe)s, COUNT(*)
+    FROM old_rows o JOIN new_rows n ON n.id = o.id
+    WHERE o.ended_at IS NULL AND n.ended_at IS NOT NULL GROUP BY 1
+    ON CONFLICT (le, stripe) DO UPDATE SET n = b.n + EXCLUDED.n;
+  RETURN NULL;
+END $$"""
+# Named queues: row triggers whose WHEN default jobs fail.
+_PG_COUNT_QUEUE_JOBS = """
+CREATE OR REPLACE FUNCTION count_queue_jobs() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO queuectl.queues (name) VALUES (NEW.queue)
+      ON CONFLICT (name) DO NOTHING;
+  END IF;
+  IF TG_OP <> 'INSERT' THEN
+    INSERT INTO queuectl.queue_counts AS c
+      VALUES (OLD.queue, OLD.state, %(stripe)s, -1)
+      ON CONFLICT (queue, state, stripe) DO UPDATE SET n = c.n - 1;
+  END IF;
+  IF TG_OP <> 'DELETE' THEN
+    INSERT INTO queuectl.queue_counts AS c
+      VALUES (NEW.queue, NEW.state, %(stripe)s, 1)
+      ON CONFLICT (queue, state, stripe) DO UPDATE SET n = c.n + 1;
+  END IF;
+  RETURN NULL;
+END $$"""
 
 _PG_SCHEMA = (
     "CREATE SCHEMA queuectl",
@@ -3148,30 +3243,7 @@ _PG_SCHEMA = (
     "INSERT INTO duration_buckets SELECT le, 0, 0 FROM (VALUES %s) AS b (le)"
     % ", ".join("(CAST('%r' AS DOUBLE PRECISION))" % le
                 for le in DURATION_BUCKETS + (float("inf"),)),
-    # Statement-level triggers with transition tables: a claim of 8 jobs,
-    # or an enqueue of 100,000, adds to each state's counter once.
-    """CREATE FUNCTION count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-      IF TG_OP = 'INSERT' THEN
-        INSERT INTO queuectl.counts AS c SELECT state, %(stripe)s, COUNT(*)
-          FROM new_rows GROUP BY state
-          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + EXCLUDED.n;
-      ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO queuectl.counts AS c SELECT state, %(stripe)s, -COUNT(*)
-          FROM old_rows GROUP BY state
-          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + EXCLUDED.n;
-      ELSE
-        INSERT INTO queuectl.counts AS c SELECT state, %(stripe)s, SUM(d)
-          FROM (SELECT o.state, -1 AS d FROM old_rows o JOIN new_rows n
-                ON n.seq = o.seq WHERE n.state <> o.state
-                UNION ALL
-                SELECT n.state, 1 FROM old_rows o JOIN new_rows n
-                ON n.seq = o.seq WHERE n.state <> o.state) AS moves
-          GROUP BY state
-          ON CONFLICT (state, stripe) DO UPDATE SET n = c.n + EXCLUDED.n;
-      END IF;
-      RETURN NULL;
-    END $$""" % {"stripe": _PG_STRIPE},
+    _PG_COUNT_JOBS % {"stripe": _PG_STRIPE_V1},
     "CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs REFERENCING"
     " NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION count_jobs()",
     "CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs REFERENCING"
@@ -3179,32 +3251,7 @@ _PG_SCHEMA = (
     "CREATE TRIGGER jobs_count_update AFTER UPDATE ON jobs REFERENCING"
     " OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT"
     " EXECUTE FUNCTION count_jobs()",
-    # Runs that just ended: their results, durations and buckets (each run
-    # in its own bucket; readers add up the smaller ones).
-    """CREATE FUNCTION count_attempts() RETURNS trigger LANGUAGE plpgsql
-    AS $$
-    BEGIN
-      INSERT INTO queuectl.totals AS t
-        SELECT CASE WHEN n.error IS NULL THEN 'success'
-                    WHEN n.error = 'worker lost' THEN 'lost'
-                    WHEN n.error LIKE 'timed out%%' THEN 'timeout'
-                    ELSE 'failure' END, %(stripe)s, COUNT(*)
-        FROM old_rows o JOIN new_rows n ON n.id = o.id
-        WHERE o.ended_at IS NULL AND n.ended_at IS NOT NULL GROUP BY 1
-        UNION ALL
-        SELECT 'duration_sum', %(stripe)s, SUM(COALESCE(n.duration, 0))
-        FROM old_rows o JOIN new_rows n ON n.id = o.id
-        WHERE o.ended_at IS NULL AND n.ended_at IS NOT NULL HAVING COUNT(*) > 0
-        ON CONFLICT (name, stripe) DO UPDATE SET value = t.value + EXCLUDED.value;
-      INSERT INTO queuectl.duration_buckets AS b
-        SELECT (SELECT MIN(le) FROM queuectl.duration_buckets k
-                WHERE k.stripe = 0 AND k.le >= COALESCE(n.duration, 0)),
-               %(stripe)s, COUNT(*)
-        FROM old_rows o JOIN new_rows n ON n.id = o.id
-        WHERE o.ended_at IS NULL AND n.ended_at IS NOT NULL GROUP BY 1
-        ON CONFLICT (le, stripe) DO UPDATE SET n = b.n + EXCLUDED.n;
-      RETURN NULL;
-    END $$""" % {"stripe": _PG_STRIPE},
+    _PG_COUNT_ATTEMPTS % {"stripe": _PG_STRIPE_V1},
     "CREATE TRIGGER attempts_finish AFTER UPDATE ON attempts REFERENCING"
     " OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT"
     " EXECUTE FUNCTION count_attempts()",
@@ -3225,29 +3272,11 @@ _PG_V2_QUEUES = (      # named queues with caps, unique jobs (as SQLite)
         name TEXT COLLATE "C" PRIMARY KEY,
         concurrency BIGINT,
         paused INTEGER NOT NULL DEFAULT 0)""",
-    # Striped like counts; row triggers whose WHEN default jobs fail.
+    # Striped like counts.
     """CREATE TABLE queue_counts (queue TEXT COLLATE "C", state TEXT,
         stripe INTEGER, n BIGINT NOT NULL,
         PRIMARY KEY (queue, state, stripe))""",
-    """CREATE FUNCTION count_queue_jobs() RETURNS trigger LANGUAGE plpgsql
-    AS $$
-    BEGIN
-      IF TG_OP = 'INSERT' THEN
-        INSERT INTO queuectl.queues (name) VALUES (NEW.queue)
-          ON CONFLICT (name) DO NOTHING;
-      END IF;
-      IF TG_OP <> 'INSERT' THEN
-        INSERT INTO queuectl.queue_counts AS c
-          VALUES (OLD.queue, OLD.state, %(stripe)s, -1)
-          ON CONFLICT (queue, state, stripe) DO UPDATE SET n = c.n - 1;
-      END IF;
-      IF TG_OP <> 'DELETE' THEN
-        INSERT INTO queuectl.queue_counts AS c
-          VALUES (NEW.queue, NEW.state, %(stripe)s, 1)
-          ON CONFLICT (queue, state, stripe) DO UPDATE SET n = c.n + 1;
-      END IF;
-      RETURN NULL;
-    END $$""" % {"stripe": _PG_STRIPE},
+    _PG_COUNT_QUEUE_JOBS % {"stripe": _PG_STRIPE_V1},
     "CREATE TRIGGER jobs_queue_insert AFTER INSERT ON jobs FOR EACH ROW"
     " WHEN (NEW.queue <> 'default') EXECUTE FUNCTION count_queue_jobs()",
     "CREATE TRIGGER jobs_queue_delete AFTER DELETE ON jobs FOR EACH ROW"
@@ -3288,8 +3317,18 @@ _PG_V2_SCHEDULES = (     # recurring jobs; see _SCHEMA_V3_SCHEDULES
     "CREATE INDEX schedules_next_run ON schedules (next_run)",
 )
 
+# Version 3: a stripe of its own per session (see _PG_STRIPE).  A session
+# that never took one (an older queuectl, psql) writes to stripes below 0.
+_PG_V3_STRIPES = (
+    "CREATE FUNCTION stripe() RETURNS INTEGER LANGUAGE sql STABLE AS $$"
+    " SELECT COALESCE(CAST(NULLIF(current_setting('queuectl.stripe', true),"
+    " '') AS INTEGER), -1 - pg_backend_pid() % 16) $$",
+) + tuple(text % {"stripe": _PG_STRIPE} for text in (
+    _PG_COUNT_JOBS, _PG_COUNT_ATTEMPTS, _PG_COUNT_QUEUE_JOBS))
+
 #: _PG_MIGRATIONS[v] brings schema queuectl from version v to v + 1.
-_PG_MIGRATIONS = {1: _PG_V2_CONTROL + _PG_V2_QUEUES + _PG_V2_SCHEDULES}
+_PG_MIGRATIONS = {1: _PG_V2_CONTROL + _PG_V2_QUEUES + _PG_V2_SCHEDULES,
+                  2: _PG_V3_STRIPES}
 
 
 def open_store(address=None, clock=time.time):
