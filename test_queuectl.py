@@ -1388,14 +1388,19 @@ class TestNewcomer(CLITestCase):
         self.assertIn("stopped (ran --max-jobs 2)", err)
         self.assertEqual(self.ok_json("status")["counts"]["completed"], 2)
         self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(2,)])
-        # A deep queue is claimed 8 at a time; the budget caps the batch.
+        # A deep queue is claimed CLAIM_BATCH at a time; the budget caps
+        # the second batch at 3.
+        deep, budget = 5 * queuectl.CLAIM_BATCH, queuectl.CLAIM_BATCH + 3
         self.ok("enqueue", "-f", "-", input="\n".join(
-            ['{"command": "true"}'] * 40))
-        self.drain_with("--max-jobs", "11")
-        self.assertEqual(self.ok_json("status")["counts"]["completed"], 13)
-        self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(13,)])
+            ['{"command": "true"}'] * deep))
+        self.drain_with("--max-jobs", str(budget))
+        self.assertEqual(self.ok_json("status")["counts"]["completed"],
+                         2 + budget)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"),
+                         [(2 + budget,)])
         self.assertEqual(self.sql(
-            "SELECT COUNT(*) FROM jobs WHERE attempts = 0"), [(32,)])
+            "SELECT COUNT(*) FROM jobs WHERE attempts = 0"),
+            [(5 + deep - 2 - budget,)])
 
     def test_idle_timeout_exits_and_leaves_later_jobs(self):
         # --idle-timeout S: exit 0 after S idle seconds; a job due after that
@@ -1942,21 +1947,24 @@ class TestHeldPromises(CLITestCase):
                  what="the job's group to be killed")
 
     def test_long_job_without_output_hands_back_its_batch(self):
-        # A worker claims 8 jobs at once from a deep queue; when the first
-        # runs long (and has closed its output) the other 7 go back at once
-        # for other workers instead of waiting behind it.
+        # A worker claims a batch (CLAIM_BATCH jobs) at once from a deep
+        # queue; when the first runs long (and has closed its output) the
+        # others go back at once for other workers instead of waiting
+        # behind it.
         hold = self.hold()
         first = self.enqueue("exec >/dev/null 2>&1; while [ -e %s ]; do"
                              " sleep 0.05; done" % hold, "--priority", "9")
-        rest = [self.enqueue("true") for _ in range(7)]
+        rest = [self.enqueue("true")
+                for _ in range(queuectl.CLAIM_BATCH - 1)]
         holder = self.start_worker("--count", "1")
         self.wait_state(first, "processing")
         wait_for(lambda: self.sql("SELECT pgid FROM attempts a JOIN jobs j"
                                   " ON j.attempt_id = a.id WHERE j.id = ?",
                                   first)[0][0],
                  what="the long job's group to be recorded")
-        self.drain()  # a second worker runs the 7 while the first holds
-        self.assertEqual([self.state(j) for j in rest], ["completed"] * 7)
+        self.drain()  # a second worker runs the rest while the first holds
+        self.assertEqual([self.state(j) for j in rest],
+                         ["completed"] * len(rest))
         self.assertEqual(self.state(first), "processing")
         os.unlink(hold)
         self.wait_state(first, "completed")
@@ -1984,13 +1992,14 @@ class TestHeldPromises(CLITestCase):
         self.enqueue('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then %s; fi' % stop,
                      "--priority", "9")
         ids = [self.enqueue('echo "$QUEUECTL_JOB_ID" >> %s' % ran)
-               for _ in range(7)]
+               for _ in range(queuectl.CLAIM_BATCH - 1)]
         frozen = self.start_worker("--count", "1", "--exit-when-idle")
         wait_for(lambda: _process_state(frozen.pid) == "T",
                  what="the worker to stop itself")
         rescuer = self.start_worker()
-        wait_for(lambda: self.ok_json("status")["counts"]["completed"] == 8,
-                 timeout=60, what="the rescuer to run every job")
+        wait_for(lambda: self.ok_json("status")["counts"]["completed"]
+                 == queuectl.CLAIM_BATCH, timeout=60,
+                 what="the rescuer to run every job")
         before_thaw = len(_read(frozen.log.name))
         os.kill(frozen.pid, signal.SIGCONT)
         # --exit-when-idle: it exits once every claim it held was dealt with.
