@@ -3550,6 +3550,39 @@ class TestPostgres(CLITestCase):
             " queuectl.counts WHERE state = 'pending'"), [(20, 1, 20)])
         self.assertEqual(self.ok_json("status")["counts"]["pending"], 20)
 
+    def test_jobs_not_due_cost_the_claim_nothing(self):
+        # The claim walks the priorities: beside 30,000 jobs due in an hour
+        # (three priorities) it reads about as many buffers as beside 3.
+        # Read in one go, it read every delayed job's index entry.
+        queue = queuectl.Queue(self.db)
+        self.addCleanup(queue.close)
+        store = queue.store
+
+        def claim_buffers():
+            store.conn.execute("BEGIN")
+            try:
+                plan = store.conn.execute(
+                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) "
+                    + store._sql(queuectl._PG_CLAIM_ANY_SQL),
+                    (store.now(), 16, 16, 16, 8, "w", "h", "w")).fetchone()[0]
+            finally:
+                store.conn.execute("ROLLBACK")
+            plan = (json.loads(plan) if isinstance(plan, str) else plan)[0]
+            self.assertEqual(plan["Plan"]["Actual Rows"], 1)  # 2 < 16 due
+            return (plan["Plan"]["Shared Hit Blocks"]
+                    + plan["Plan"]["Shared Read Blocks"])
+
+        def delayed(n):
+            queue.enqueue_many([{"command": "true", "delay": 3600,
+                                 "priority": i % 3} for i in range(n)])
+        delayed(3)
+        queue.enqueue_many([{"command": "true", "priority": 1}] * 2)
+        few = claim_buffers()
+        delayed(30000)
+        many = claim_buffers()
+        self.assertLess(many, few * 2 + 10, "%d buffers beside 30,000"
+                        " delayed jobs, %d beside 3" % (many, few))
+
     def test_unreachable_server_is_one_line_exit_1(self):
         code, out, err = self.cli(
             "status", db="postgresql://nobody:pw@127.0.0.1:1/none")
