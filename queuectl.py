@@ -2052,9 +2052,7 @@ class _SQLStore(object):
         # UPDATE per job (on PostgreSQL each fired the count trigger: a
         # third of the server's time per job, by pg_stat_statements).
         seqs = tuple(c.seq for c in done)
-        if not seqs or self._run("SELECT 1 FROM deps WHERE dep_seq IN (%s)"
-                                 " LIMIT 1" % _marks(seqs), seqs
-                                 ).fetchone() is None:
+        if not seqs or not self._hold_dependents(seqs):
             return set(seqs)
         self._run_many(
             "UPDATE jobs SET waiting = waiting - 1, ready = CASE WHEN waiting"
@@ -2062,6 +2060,11 @@ class _SQLStore(object):
             " dep_seq = ?) AND state = 'pending' AND waiting > 0",
             [(seq,) for seq in seqs])
         return set(seqs)
+
+    def _hold_dependents(self, seqs):
+        """Does any job wait for one of these?  One indexed read."""
+        return self._run("SELECT 1 FROM deps WHERE dep_seq IN (%s) LIMIT 1"
+                         % _marks(seqs), seqs).fetchone() is not None
 
     def _fail(self, claim, error, config, now):
         """A failed run: retry later, or bury.  Returns (new state, run_at)."""
@@ -2977,6 +2980,15 @@ class _PostgresStore(_SQLStore):
                     deep_at, deep_at, deep_at, batch, worker_id, host,
                     worker_id)).fetchall()
         return [_Claim(*row[1:]) for row in sorted(rows)]
+
+    def _hold_dependents(self, seqs):
+        """Lock the pending jobs that wait for these, in seq order: two
+        workers releasing dependents they share never take them in opposite
+        orders (a deadlock).  True if there are any."""
+        return bool(self._run(
+            "SELECT seq FROM jobs WHERE seq IN (SELECT job_seq FROM deps"
+            " WHERE dep_seq IN (%s)) AND state = 'pending' ORDER BY seq"
+            " FOR UPDATE" % _marks(seqs), seqs).fetchall())
 
     def _lock_queues(self, names):
         """Claims of a capped queue with room take turns: FOR UPDATE on its
