@@ -1006,9 +1006,19 @@ class _Claim(object):
         self.cancelled = False  # the worker killed it for a cancel request
 
 
-#: What one run of a job's command came to.
-_Result = collections.namedtuple(
-    "_Result", "exit_code signal error output dropped pgid ended")
+class _Result(object):
+    """What one run of a job's command came to.  (A plain class, like
+    _Claim: a namedtuple costs Python 3.6 a compile at import.)"""
+
+    __slots__ = ("exit_code", "signal", "error", "output", "dropped", "pgid",
+                 "ended")
+
+    def __init__(self, exit_code, signal, error, output, dropped, pgid,
+                 ended):
+        self.exit_code, self.signal, self.error = exit_code, signal, error
+        self.output, self.dropped, self.pgid = output, dropped, pgid
+        self.ended = ended
+
 
 #: What `ready` is in each state: 1 exactly while the job may be claimed
 #: (pending with every dependency met, or failed), NULL otherwise, so one
