@@ -1997,8 +1997,10 @@ class TestHeldPromises(CLITestCase):
         wait_for(lambda: _process_state(frozen.pid) == "T",
                  what="the worker to stop itself")
         rescuer = self.start_worker()
+        # The rescuer runs the batch one job at a time: 8 s a job bounds
+        # the wait on a loaded machine (64 s when the batch was 8).
         wait_for(lambda: self.ok_json("status")["counts"]["completed"]
-                 == queuectl.CLAIM_BATCH, timeout=60,
+                 == queuectl.CLAIM_BATCH, timeout=8 * queuectl.CLAIM_BATCH,
                  what="the rescuer to run every job")
         before_thaw = len(_read(frozen.log.name))
         os.kill(frozen.pid, signal.SIGCONT)
