@@ -118,6 +118,21 @@ def _thread_count(pid):
     return len(os.listdir("/proc/%d/task" % pid))
 
 
+def _remove_test_folder(path):
+    """Remove a test's folder.  A job released at clean-up may still be
+    ending in the background; a file that keeps appearing for seconds is
+    a real leak, reported by name."""
+    for _ in range(50):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("files keep appearing in the test folder: %s"
+                         % sorted(os.listdir(path)))
+
 class CLITestCase(unittest.TestCase):
     """Each test gets its own folder, HOME and database.
 
@@ -128,9 +143,8 @@ class CLITestCase(unittest.TestCase):
     STORE = "sqlite"
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
+        self.dir = tempfile.mkdtemp(prefix="queuectl-test-")
+        self.addCleanup(_remove_test_folder, self.dir)
         self.db = os.path.join(self.dir, "q.db")
         if self.STORE == "postgresql":
             self.db = PG_URL
