@@ -7274,22 +7274,42 @@ class _Bench(object):
         return self.results
 
     def throughput(self):
-        """Baseline and queue alternately, three rounds: the medians."""
+        """Baseline and queue alternately, three rounds: the medians.
+
+        On SQLite, also the CPU time and minor page faults per job of each
+        side (the worker's and its jobs', less those of a worker run on an
+        empty queue): steadier than the rates on a shared machine.  Where
+        Python forks rather than vforks (before 3.10), each fork makes
+        every page the worker then writes fault once more, so the faults
+        show what its own work per job costs every spawn."""
         n = 200 if self.quick else 2000
-        raws, rates, walls = [], [], []
+        raws, rates, walls, costs = [], [], [], []
         for round_number in range(1 if self.quick else 3):
+            before = _usage()
             raws.append(_spawn_rate(n, threads=2))
+            base = _usage(before)
+            start_up = None
+            if self.url is None:
+                before = _usage()
+                self.cli(self.db("empty%d" % round_number), "worker", "start",
+                         "--count", "2", "--exit-when-idle")
+                start_up = _usage(before)
             db = self.db("e2e%d" % round_number)
             queue = Queue(db)
             queue.enqueue_many([{"command": "true"}] * n)
+            before = _usage()
             walls.append(n / self.cli(db, "worker", "start", "--count", "2",
                                       "--exit-when-idle"))
+            ours = _usage(before)
             first, last = queue.store.run_span()
             done = queue.counts()["completed"]
             queue.close()
             if done != n:
                 raise QueueError("bench: %d of %d jobs completed" % (done, n))
             rates.append(n / (last - first))
+            if start_up is not None:
+                costs.append([(ours[i] - start_up[i]) / n for i in (0, 1)]
+                             + [base[i] / n for i in (0, 1)])
         raw = _median(raws)
         self.add("raw spawn rate, 2 threads (sh -c true)", raw, "jobs/s")
         self.add("end-to-end, worker --count 2, %d jobs" % n, _median(rates),
@@ -7297,6 +7317,15 @@ class _Bench(object):
                  " median of %d rounds alternating with the baseline; %.0f"
                  " jobs/s counting worker start-up" % (len(rates),
                                                        _median(walls)))
+        if costs:
+            cpu, faults, base_cpu, base_faults = [
+                _median([c[i] for c in costs]) for i in range(4)]
+            self.add("end-to-end CPU per job, worker and its jobs",
+                     cpu * 1e6, "us", base_cpu * 1e6, None, "vs the"
+                     " baseline's process and its children; a worker's"
+                     " start-up (an empty queue's run) is left out")
+            self.add("end-to-end minor page faults per job", faults,
+                     "faults", base_faults, None, "the same processes")
 
     def bulk_enqueue(self):
         n = 5000 if self.quick else 100000
@@ -7542,6 +7571,17 @@ class _Bench(object):
         finally:
             store.close()
         return db
+
+
+def _usage(since=None):
+    """[CPU seconds, minor page faults] of this process and its waited-for
+    children, in all or since an earlier _usage()."""
+    import resource
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    now = [own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,
+           own.ru_minflt + kids.ru_minflt]
+    return now if since is None else [a - b for a, b in zip(now, since)]
 
 
 def _spawn_rate(n, threads):

@@ -3479,7 +3479,8 @@ class TestPerformanceStructure(CLITestCase):
         # said to be unmeasured (callgrind needs valgrind).
         for word in ("stats --json with", "list page", "drain",
                      "idle check beside", "stats --json beside",
-                     "instructions (callgrind)", "idle worker CPU (--count 4)"):
+                     "instructions (callgrind)", "idle worker CPU (--count 4)",
+                     "CPU per job", "page faults per job"):
             self.assertIn(word, names)
         for r in results:
             if r["value"] is None:
