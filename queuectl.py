@@ -675,18 +675,35 @@ def _job_cwd(value):
             or not _encodable(value):
         raise InvalidInput("cwd must be a non-empty path, got %s"
                            % _short_repr(value))
-    return os.path.abspath(value)
+    if not os.path.isabs(value):
+        value = os.path.join(_current_folder(), value)
+    return os.path.normpath(value)
+
+
+def _current_folder():
+    """os.getcwd() as UTF-8 text, whatever the locale (Python 3.6 under
+    LANG=C decodes paths as ASCII)."""
+    path = os.getcwd()
+    if _isascii(path):
+        return path
+    try:
+        return os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("the current folder's path is not UTF-8: %s"
+                           % _short_repr(path))
 
 
 _isascii = getattr(str, "isascii", lambda text: False)  # 3.7+
 
 
 def _encodable(text):
-    """Can this text become a process argument or environment entry?"""
+    """Is this text UTF-8 (no lone surrogates)?  A job's command, cwd and
+    environment are stored as text and passed to its process as UTF-8,
+    whatever the worker's locale."""
     if _isascii(text):  # the common case, without an encoding
         return True
     try:
-        os.fsencode(text)
+        text.encode("utf-8")
         return True
     except UnicodeError:
         return False
@@ -3529,7 +3546,7 @@ class Queue(object):
             raise InvalidInput("expected a JSON object or an array of objects")
         if not specs:
             raise InvalidInput("no jobs in input")
-        now, cwd = self.now(), os.getcwd()
+        now, cwd = self.now(), _current_folder()
         # Validated before the write lock is taken: a big file must not
         # hold up the workers while it is checked.
         config = self.store.config()
@@ -3871,7 +3888,7 @@ def _schedule_template(spec, config, now):
             raise InvalidInput("a schedule's job cannot set %s: %s"
                                % (field.replace("_", "-"), why))
     template = dict(spec)
-    template["cwd"] = _validate_job(spec, config, now, os.getcwd()).cwd
+    template["cwd"] = _validate_job(spec, config, now, _current_folder()).cwd
     return template
 
 
@@ -4134,13 +4151,15 @@ class _Execution(object):
         import subprocess
         job, script = self.job, None
         try:
-            argv = ["/bin/sh", "-c", job.command]
+            # Bytes, not text: Popen would encode text with the locale's
+            # encoding, which is ASCII for Python 3.6 under LANG=C.
+            argv = [b"/bin/sh", b"-c", job.command.encode("utf-8")]
             env = self._environment()
             if len(job.command) > LONG_COMMAND:
                 script = _write_script(job.command)
                 argv = ["/bin/sh", "-c", '. "$0"', script]
             self.proc = subprocess.Popen(
-                argv, cwd=job.cwd, env=env, stdin=_devnull(),
+                argv, cwd=job.cwd.encode("utf-8"), env=env, stdin=_devnull(),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True)
         except Exception as exc:  # whatever it is, it ends this attempt only
@@ -4171,7 +4190,7 @@ class _Execution(object):
         env = dict(self.base_env)
         if job.env != "{}":
             for key, value in json.loads(job.env).items():
-                env[os.fsencode(key)] = os.fsencode(value)
+                env[key.encode("utf-8")] = value.encode("utf-8")
         env[b"QUEUECTL_JOB_ID"] = job.id.encode()
         env[b"QUEUECTL_ATTEMPT"] = b"%d" % job.attempts
         return env
@@ -4255,7 +4274,7 @@ def _remove(path):
 
 
 def _start_error(exc, job):
-    if isinstance(exc, OSError) and not os.path.isdir(job.cwd):
+    if isinstance(exc, OSError) and not os.path.isdir(job.cwd.encode("utf-8")):
         return "cwd %s: %s" % (job.cwd, _reason(exc))
     return _reason(exc)
 

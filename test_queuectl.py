@@ -959,6 +959,29 @@ class TestOutput(CLITestCase):
             self.assertNotIn("\x1b", out)
         self.assertIn("\\x1b", self.ok("show", job_id, env=env))
 
+    def test_non_ascii_jobs_run_under_a_c_locale(self):
+        # Python 3.6 under LANG=C encodes arguments and paths as ASCII; a
+        # job's command, env and cwd still reach its shell as UTF-8, from
+        # the command line and from a JSON file alike.
+        folder = os.path.join(self.dir, "caf\u00e9")
+        os.mkdir(folder)
+        env = {"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": ""}
+        flags = self.ok("enqueue", "--env", "GREETING=h\u00e9llo", "--cwd",
+                        folder, "--max-retries", "0",
+                        'echo "\u2603 $GREETING $(pwd)"', env=env).strip()
+        path = os.path.join(self.dir, "jobs.jsonl")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"command": "echo \u00fcber", "cwd": "caf"
+                                     "\u00e9", "max_retries": 0}) + "\n")
+        from_file = self.ok("enqueue", "-f", path, env=env).strip()
+        code, out, err = self.cli("worker", "start", "--exit-when-idle",
+                                  env=env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.ok("logs", flags),
+                         "\u2603 h\u00e9llo %s\n" % folder)
+        self.assertEqual(self.ok("logs", from_file), "\u00fcber\n")
+        self.assertEqual(self.job(from_file)["cwd"], folder)
+
     def test_colour_only_on_a_terminal_without_no_color(self):
         # State names are coloured on a TTY; NO_COLOR or a pipe turns it off.
         import pty
