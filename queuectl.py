@@ -5147,6 +5147,9 @@ class _DashboardRoutes(object):
         except QueueError as exc:
             status, kind, body = 409 if isinstance(exc, Conflict) else 500, \
                 "json", {"error": str(exc)}
+        except Exception as exc:  # an answer, never a dropped connection
+            status, kind, body = 500, "json", {"error": "internal error: %s: %s"
+                                               % (type(exc).__name__, exc)}
         finally:
             if queue is not None:
                 queue.close()
@@ -5210,7 +5213,8 @@ class _DashboardRoutes(object):
                                  "total": total, "limit": limit,
                                  "offset": offset}
         if path.startswith("/api/jobs/"):
-            job = queue.get(path[len("/api/jobs/"):], runs=True)
+            job = queue.get(_path_segment(path[len("/api/jobs/"):]),
+                            runs=True)
             if job["runs"]:
                 job["output"], job["output_dropped"], _ = queue.output(
                     job["id"])
@@ -5230,7 +5234,7 @@ class _DashboardRoutes(object):
         if not re.match("^[0-9]{1,12}$", length):
             raise _HTTPError(400, "bad Content-Length: %s" % length[:40])
         self.rfile.read(min(int(length), 65536))
-        parts = path.strip("/").split("/")
+        parts = [_path_segment(part) for part in path.strip("/").split("/")]
         if len(parts) == 4 and parts[:2] == ["api", "jobs"]:
             if parts[3] == "retry":
                 return 200, "json", {"retried": queue.retry([parts[2]])}
@@ -5239,6 +5243,16 @@ class _DashboardRoutes(object):
             if parts[3] == "cancel":
                 return 200, "json", queue.cancel([parts[2]])
         raise _HTTPError(404, "no such action: %s" % path)
+
+
+def _path_segment(text):
+    """A URL path segment as text: the page sends ids through
+    encodeURIComponent, which writes the ':' of a schedule's jobs as %3A."""
+    from urllib.parse import unquote
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidInput("not UTF-8 after %%-decoding: %s" % text[:80])
 
 
 def _query_number(query, name, default, kind, minimum, maximum=MAX_COUNT):

@@ -2477,6 +2477,20 @@ class TestDashboard(CLITestCase):
                                      {"X-Queuectl-Token": token})
         self.assertEqual(code, 404, body)
 
+    def test_ids_with_a_colon_as_the_page_encodes_them(self):
+        # The page sends ids through encodeURIComponent: a schedule's job
+        # 'nightly:...' arrives as nightly%3A...; view and buttons work.
+        job_id = self.enqueue("exit 3", "--id", "nightly:x1",
+                              "--max-retries", "0")
+        self.drain()
+        self.start()
+        token = self.token()
+        self.assertEqual(self.get_json("/api/jobs/nightly%3Ax1")["id"], job_id)
+        code, _, body = self.request("/api/jobs/nightly%3Ax1/retry", "POST",
+                                     {"X-Queuectl-Token": token})
+        self.assertEqual((code, json.loads(body)), (200, {"retried": [job_id]}))
+        self.assertIn("UTF-8", self.get_json("/api/jobs/%FF", 400)["error"])
+
     def test_cancel_button_action(self):
         # POST /api/jobs/ID/cancel: the same token, Host and Origin rules as
         # retry and delete; a pending job becomes dead 'cancelled'; a dead
