@@ -3466,7 +3466,12 @@ def open_store(address=None, clock=time.time):
     URL, or a file path (default: $QUEUECTL_DB or ~/.queuectl/queue.db).
     `clock` gives unix time (tests fake it); PostgreSQL corrects it by the
     server's clock."""
-    address = address or default_db_path()
+    if address is None:
+        address = default_db_path()
+    if not isinstance(address, str) or not address.strip():
+        # `--db "$UNSET"` must not fall back to the default queue.
+        raise InvalidInput("the database path is empty: give a file path or"
+                           " a postgresql:// URL")
     scheme = "://" in address and re.match(
         r"^([A-Za-z][A-Za-z0-9+.-]*)://", address)
     if not scheme:
@@ -3478,6 +3483,8 @@ def open_store(address=None, clock=time.time):
 
 
 def default_db_path():
+    """$QUEUECTL_DB (set but empty counts as unset, as XDG's variables do),
+    else ~/.queuectl/queue.db."""
     return os.path.expanduser(os.environ.get("QUEUECTL_DB") or DEFAULT_DB)
 
 
@@ -6893,7 +6900,7 @@ def main(argv=None):
         args = build_parser(argv).parse_args(argv)
         if getattr(args, "no_database", False):
             return args.func(args, None)
-        queue = Queue(args.db or None)
+        queue = Queue(args.db)
         try:
             return args.func(args, queue)
         finally:

@@ -3537,6 +3537,21 @@ class TestDatabaseURLs(CLITestCase):
                 self.assertIn("unsupported database URL scheme", err)
         self.assertEqual(sorted(os.listdir(self.dir)), [])
 
+    def test_an_empty_database_path_is_refused(self):
+        # `--db "$UNSET"` or `copy --to "$UNSET"` must not fall back to the
+        # default queue (~/.queuectl, HOME being the test's folder).
+        self.enqueue("true")
+        for args, db in ((("--db", "", "status"), None),
+                         (("--db", " ", "enqueue", "true"), None),
+                         (("copy", "--to", ""), self.db)):
+            with self.subTest(args=args):
+                code, out, err = self.cli(*args, db=db)
+                self.assertEqual((code, out), (2, ""), err)
+                self.assertRegex(err, "^queuectl: error: the database path is"
+                                 " empty[^\n]*\n$")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, ".queuectl")))
+        self.assertEqual(self.ok_json("status")["counts"]["pending"], 1)
+
     def test_missing_driver_names_both_installs(self):
         # No psycopg and no psycopg2: exit 1, one line naming both installs,
         # and nothing created where the command ran.
