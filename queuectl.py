@@ -153,6 +153,13 @@ RECORD_GROUP_AFTER = 0.02
 #: file: Linux refuses a single exec argument over 128 KiB.
 LONG_COMMAND = 65536
 
+#: A job's env: one NAME=value string may hold this many bytes (Linux
+#: refuses a longer exec string with "argument list too long")...
+MAX_ENV_ENTRY = 128 * 1024 - 1
+#: ...and all of them this many (exec's total limit, shared with the
+#: worker's own environment, is 2 MiB on Linux and 1 MiB on macOS).
+MAX_ENV_TOTAL = 256 * 1024
+
 #: An enqueue of at least this many jobs (SQLite, no dependencies) adds
 #: them to the per-state counts in one statement, not one trigger per row.
 BULK_COUNT_FROM = 1000
@@ -722,6 +729,16 @@ def _job_env(spec):
             raise InvalidInput("env: value of %s must be a string without NUL"
                                " or lone surrogates, got %s"
                                % (key, _short_repr(value)))
+    sizes = [len(key.encode("utf-8")) + 1 + len(value.encode("utf-8"))
+             for key, value in env.items()]
+    for size, key in zip(sizes, env):
+        if size > MAX_ENV_ENTRY:
+            raise InvalidInput("env: %s=... is %d bytes; one variable can"
+                               " reach a process with at most %d"
+                               % (key, size, MAX_ENV_ENTRY))
+    if sum(sizes) > MAX_ENV_TOTAL:
+        raise InvalidInput("env: %d bytes in all; at most %d can reach a"
+                           " process" % (sum(sizes), MAX_ENV_TOTAL))
     return env
 
 

@@ -2056,6 +2056,18 @@ class TestHeldPromises(CLITestCase):
         for env in ('{"X": "\\ud800"}', '{"\\udfff": "1"}'):
             self.expect_failure(2, "env:", "enqueue",
                                 '{"command": "true", "env": %s}' % env)
+        # Nor one too big for exec: the kernel's 128 KiB for one string,
+        # or more than 256 KiB in all.
+        big = "V=" + "b" * (queuectl.MAX_ENV_ENTRY - 1)
+        self.expect_failure(2, "env: V=... is 131072 bytes", "enqueue",
+                            "--env", big, "true")
+        self.expect_failure(2, "bytes in all", "enqueue", json.dumps({
+            "command": "true",
+            "env": dict(("V%d" % i, "b" * 100000) for i in range(3))}))
+        job_id = self.enqueue("--env", big[:-1], "echo ${#V}",
+                              "--max-retries", "0")
+        self.drain()
+        self.assertEqual(self.ok("logs", job_id), "131069\n")
 
     def test_anything_failing_at_start_fails_only_that_attempt(self):
         # A job that cannot even be started (here an env written by an
