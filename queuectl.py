@@ -2413,9 +2413,19 @@ class _SQLiteStore(_SQLStore):
             raise StoreError("%s was written by a newer queuectl (schema %d,"
                              " this one knows up to %d); upgrade queuectl"
                              % (path, version, SCHEMA_VERSION))
+        if version < 1:  # queuectl marks a database only with its schema
+            raise StoreError("%s is marked as a queuectl database but has no"
+                             " schema version (user_version %d): damaged;"
+                             " left untouched" % (path, version))
         if version < SCHEMA_VERSION:
-            with self.write():
-                _migrate(self.conn, self._one("PRAGMA user_version")[0])
+            try:
+                with self.write():
+                    _migrate(self.conn, self._one("PRAGMA user_version")[0])
+            except StoreError as exc:
+                if exc.transient:
+                    raise
+                raise StoreError("cannot migrate %s from schema %d (left as it"
+                                 " was): %s" % (path, version, exc.reason))
 
     def _set_durable(self, durable):
         """synchronous=FULL (an enqueue that printed its id survives power

@@ -670,6 +670,23 @@ class TestDatabaseFiles(CLITestCase):
         content = content[:len(content) // 2]
         self.assert_refused(content, "malformed")
 
+    def test_tampered_schema_versions_are_refused_untouched(self):
+        # A queuectl mark without a schema version, or a version older than
+        # the tables: one line naming the problem, and the file unchanged.
+        for version, message in ((-1, "has no schema version"),
+                                 (0, "has no schema version"),
+                                 (1, "cannot migrate %s from schema 1" % self.db)):
+            with self.subTest(version=version):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.db)
+                self.ok("enqueue", "true")
+                conn = sqlite3.connect(self.db)
+                conn.execute("PRAGMA user_version=%d" % version)
+                conn.commit()
+                conn.close()
+                with open(self.db, "rb") as handle:
+                    self.assert_refused(handle.read(), message)
+
     def test_missing_folder_is_created_and_file_as_folder_refused(self):
         blocker = os.path.join(self.dir, "file")
         open(blocker, "w").close()
