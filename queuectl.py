@@ -192,6 +192,12 @@ CHECKPOINT_EVERY = 30.0
 #: 31 years), so every due time stays far inside the year 9999.
 MAX_SECONDS = 10 ** 9
 
+#: Worker threads in one process at most: run more processes for more.
+MAX_WORKER_THREADS = 256
+#: Open files a worker thread may need (its database connection's files,
+#: its job's output pipe and pidfd), and the process besides them.
+FILES_PER_THREAD, FILES_PER_POOL = 4, 64
+
 #: The largest count a user may give (retries, --limit, --offset,
 #: --attempt): far inside SQLite's 64-bit integers.
 MAX_COUNT = 2 ** 31 - 1
@@ -309,15 +315,33 @@ def parse_time(text):
                          " %r" % (text,))
     fraction = float(frac) if frac else 0.0
     if zone is None:
-        return time.mktime(fields + (0, 0, -1)) + fraction
-    offset = 0
-    if zone.upper() != "Z":
-        sign = -1 if zone[0] == "-" else 1
-        digits = zone[1:].replace(":", "")
-        if int(digits[:2]) > 23 or int(digits[2:]) > 59:
-            raise ValueError("not a valid UTC offset: %r" % (zone,))
-        offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
-    return calendar.timegm(fields + (0, 0, 0)) - offset + fraction
+        seconds = time.mktime(fields + (0, 0, -1)) + fraction
+    else:
+        offset = 0
+        if zone.upper() != "Z":
+            sign = -1 if zone[0] == "-" else 1
+            digits = zone[1:].replace(":", "")
+            if int(digits[:2]) > 23 or int(digits[2:]) > 59:
+                raise ValueError("not a valid UTC offset: %r" % (zone,))
+            offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+        seconds = calendar.timegm(fields + (0, 0, 0)) - offset + fraction
+    if seconds < 0:  # 1970-01-01 with an offset east of UTC
+        raise ValueError("before 1970-01-01T00:00:00Z: %r" % (text,))
+    return seconds
+
+
+_INTEGER_RE = r"^[+-]?[0-9]+$"
+_DECIMAL_RE = r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
+
+
+def _parse_number(text, kind):
+    """ASCII decimal text -> int (kind int) or float; ValueError otherwise.
+    int() and float() alone also take other scripts' digits ('٣', '３'),
+    underscores ('3_0') and 'inf'."""
+    text = text.strip()
+    if not re.match(_INTEGER_RE if kind is int else _DECIMAL_RE, text):
+        raise ValueError("not a number: %r" % (text,))
+    return kind(text)
 
 
 def parse_duration(text):
@@ -454,7 +478,7 @@ def _cron_field(text, name, low, high, names):
     def value(word):
         if names and word.lower() in names:
             return names.index(word.lower()) + (low if low == 1 else 0)
-        if not word.isdigit():
+        if not re.match(_INTEGER_RE, word) or word[0] in "+-":
             raise InvalidInput("cron: %s: %s is not a number%s" % (
                 name, _short_repr(word), " or a name (%s-%s)" % (
                     names[0], names[-1]) if names else ""))
@@ -468,7 +492,7 @@ def _cron_field(text, name, low, high, names):
         span, slash, step_text = part.partition("/")
         step = 1
         if slash:
-            if not step_text.isdigit() or int(step_text) < 1:
+            if not re.match("^[0-9]+$", step_text) or int(step_text) < 1:
                 raise InvalidInput("cron: %s: step %s must be a whole number"
                                    " >= 1" % (name, _short_repr(step_text)))
             step = int(step_text)
@@ -3953,7 +3977,7 @@ def config_value(key, text):
         if kind == "duration":
             value = parse_duration(text)
         else:
-            value = kind(text) if kind is int else float(text)
+            value = _parse_number(text, int if kind is int else float)
         if not _finite(value):
             raise ValueError
     except (ValueError, TypeError, OverflowError):
@@ -4318,6 +4342,21 @@ def _start_error(exc, job):
 ###############################################################################
 
 
+def _allow_open_files(needed, count):
+    """Raise this process's soft limit on open files to what `count`
+    threads need, if the hard limit allows; else refuse the pool up front
+    rather than fail thread by thread with 'unable to open database'."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    if soft == infinite or soft >= needed:
+        return
+    if hard != infinite and hard < needed:
+        raise InvalidInput("--count %d needs about %d open files; this process"
+                           " may open %d (ulimit -n)" % (count, needed, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 class _Reaper(object):
     """Finds dead workers and hands their jobs back to the queue.
 
@@ -4424,8 +4463,10 @@ class WorkerPool(object):
                  exit_when_idle=False, log=None, now=time.time,
                  idle_timeout=None, max_jobs=None, queues=None):
         import threading
-        if not _is_int(count) or count < 1:
-            raise InvalidInput("--count must be an integer >= 1, got %r" % count)
+        if not _is_int(count) or not 1 <= count <= MAX_WORKER_THREADS:
+            raise InvalidInput("--count must be an integer from 1 to %d, got"
+                               " %r" % (MAX_WORKER_THREADS, count))
+        _allow_open_files(FILES_PER_POOL + FILES_PER_THREAD * count, count)
         if poll_interval is not None and not 0 < poll_interval <= 3600:
             raise InvalidInput("--poll-interval must be > 0 and <= 3600, got %r"
                                % poll_interval)
@@ -5291,7 +5332,8 @@ def _path_segment(text):
 
 def _query_number(query, name, default, kind, minimum, maximum=MAX_COUNT):
     try:
-        value = kind(query.get(name, default))
+        value = query.get(name)
+        value = default if value is None else _parse_number(value, kind)
     except (ValueError, OverflowError):
         raise InvalidInput("%s must be a number" % name)
     if not minimum <= value <= maximum:  # also refuses nan
@@ -5703,7 +5745,11 @@ def _field_flags(args):
     flags = dict((field, getattr(args, attr)) for attr, field in _FLAG_FIELDS
                  if getattr(args, attr) is not None)
     if args.env:
-        flags["env"] = dict(_env_pair(pair) for pair in args.env)
+        flags["env"] = {}
+        for key, value in (_env_pair(pair) for pair in args.env):
+            if key in flags["env"]:  # as JSON refuses a key given twice
+                raise InvalidInput("--env %s is given twice" % key)
+            flags["env"][key] = value
     return flags
 
 
@@ -5734,7 +5780,7 @@ def _enqueue_spec(args):
 def _number_flag(kind, name):
     def parse(text):
         try:
-            value = kind(text)
+            value = _parse_number(text, kind)
         except ValueError:
             raise argparse.ArgumentTypeError("%s must be %s, got %r" % (
                 name, "an integer" if kind is int else "a number", text))
@@ -5774,7 +5820,8 @@ def cmd_worker_start(args, queue):
 
 
 def _worker_start_arguments(p):
-    p.add_argument("--count", type=_positive_int("--count"), default=1,
+    p.add_argument("--count", default=1,
+                   type=_bounded_int("--count", 1, MAX_WORKER_THREADS),
                    metavar="N", help="worker threads (default 1)")
     p.add_argument("--poll-interval", metavar="S",
                    type=_number_flag(float, "--poll-interval"),
@@ -6455,8 +6502,9 @@ def _stats_arguments(p):
 
 
 def cmd_dashboard(args, queue):
-    if args.port > 65535:
-        raise InvalidInput("--port must be 0-65535, got %d" % args.port)
+    if not args.host.strip():  # would listen on every interface
+        raise InvalidInput("--host is empty: give an address to listen on"
+                           " (127.0.0.1, or 0.0.0.0 for every interface)")
     queue.close()
 
     def ready(url):
@@ -6474,7 +6522,8 @@ def cmd_dashboard(args, queue):
 def _dashboard_arguments(p):
     p.add_argument("--host", default="127.0.0.1", help="address to bind"
                    " (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_non_negative_int("--port"), default=8765,
+    p.add_argument("--port", type=_bounded_int("--port", 0, 65535),
+                   default=8765,
                    help="port (default 8765; 0 picks a free one)")
     p.add_argument("--read-only", action="store_true",
                    help="serve no retry or delete")
@@ -6712,15 +6761,15 @@ def _non_negative_int(name):
     return _bounded_int(name, 0)
 
 
-def _bounded_int(name, minimum):
+def _bounded_int(name, minimum, maximum=MAX_COUNT):
     parse = _number_flag(int, name)
 
     def check(text):
         value = parse(text)
-        if not minimum <= value <= MAX_COUNT:
+        if not minimum <= value <= maximum:
             raise argparse.ArgumentTypeError(
                 "%s must be >= %d and <= %d, got %s" % (name, minimum,
-                                                        MAX_COUNT, text))
+                                                        maximum, text))
         return value
     return check
 

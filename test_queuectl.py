@@ -500,6 +500,58 @@ class TestBadInput(CLITestCase):
         self.existing = self.enqueue("true", "--id", "abc123")
         self.enqueue("true", "--id", "abd456")
 
+    def test_numbers_dates_and_flags_a_shell_user_would_not_mean(self):
+        # int() and float() take other scripts' digits and '3_0'; numbers
+        # here are ASCII decimals.  A date east of UTC on 1970-01-01 is
+        # before 1970; a repeated --env is refused as a repeated JSON key;
+        # an empty --host would listen everywhere.
+        cases = [
+            ("max-retries must be", ("config", "set", "max-retries", "\uff13")),
+            ("max-retries must be", ("config", "set", "max-retries", "3_0")),
+            ("--timeout must be a number", ("enqueue", "--timeout",
+                                            "\u0663", "true")),
+            ("--max-retries must be an integer", ("enqueue", "--max-retries",
+                                                  "3_0", "true")),
+            ("is not a number", ("schedule", "add", "n", "\u0663 * * * *",
+                                 "true")),
+            ("before 1970", ("enqueue", "--run-at",
+                             "1970-01-01T00:00:00+23:59", "true")),
+            ("--env X is given twice", ("enqueue", "--env", "X=1", "--env",
+                                        "X=2", "true")),
+            ("<= 65535", ("dashboard", "--port", "70000")),
+            ("--host is empty", ("dashboard", "--host", "")),
+            ("<= 256", ("worker", "start", "--count", "257")),
+        ]
+        for message, args in cases:
+            with self.subTest(args=args):
+                self.expect_failure(2, message, *args)
+
+    def test_a_pool_too_big_for_the_open_file_limit_is_refused(self):
+        # Not hundreds of 'unable to open database' lines, thread by
+        # thread: one line up front.  Under a soft limit only, the pool
+        # raises it and runs.
+        import resource
+
+        def run(soft, hard):
+            return subprocess.run(
+                [sys.executable, SCRIPT, "--db", self.db, "worker", "start",
+                 "--count", "100", "--exit-when-idle"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                preexec_fn=lambda: resource.setrlimit(
+                    resource.RLIMIT_NOFILE, (soft, hard)))
+        job_id = self.enqueue("true")
+        refused = run(100, 100)
+        self.assertEqual(refused.returncode, 2)
+        self.assertEqual(refused.stderr.decode(), "queuectl: error: --count"
+                         " 100 needs about 464 open files; this process may"
+                         " open 100 (ulimit -n)\n")
+        self.assertEqual(self.state(job_id), "pending")
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard == resource.RLIM_INFINITY or hard >= 464:
+            ran = run(100, hard)
+            self.assertEqual(ran.returncode, 0, ran.stderr)
+            self.assertEqual(self.state(job_id), "completed")
+
     def test_bad_json_and_fields(self):
         cases = [
             ('{"command": "x"', "invalid JSON"),
@@ -544,7 +596,7 @@ class TestBadInput(CLITestCase):
         cases = [
             (("enqueue", "true", "--max-retries", "x"), "--max-retries must be an integer"),
             (("enqueue", "true", "--max-retries", "-2"), "max_retries must be an integer >= 0"),
-            (("enqueue", "true", "--timeout", "nan"), "--timeout must be finite"),
+            (("enqueue", "true", "--timeout", "nan"), "--timeout must be a number, got 'nan'"),
             (("enqueue", "true", "--run-at", "soon"), "run_at: not an ISO 8601"),
             (("enqueue", "true", "--run-at", "2030-01-01", "--delay", "1"), "not allowed with"),
             (("enqueue", "true", "--env", "NOEQUALS"), "--env takes KEY=VALUE"),
@@ -561,7 +613,7 @@ class TestBadInput(CLITestCase):
             (("logs", "abc123", "--attempt", "0"), "--attempt must be >= 1"),
             (("frobnicate",), "invalid choice"),
             (("dlq", "retry"), "give job ids or --all"),
-            (("dashboard", "--port", "70000"), "--port must be 0-65535"),
+            (("dashboard", "--port", "70000"), "--port must be >= 0 and <= 65535"),
             (("wait", "abc123", "--timeout", "-1"), "--timeout must be >= 0"),
             (("stats", "--since", "0"), "--since must be > 0"),
         ]
@@ -1487,7 +1539,8 @@ class TestNewcomer(CLITestCase):
         for flag, value, message in (
                 ("--idle-timeout", "0", "--idle-timeout must be > 0"),
                 ("--idle-timeout", "-1", "--idle-timeout must be > 0"),
-                ("--idle-timeout", "nan", "--idle-timeout must be finite"),
+                ("--idle-timeout", "1e999", "--idle-timeout must be finite"),
+                ("--idle-timeout", "nan", "--idle-timeout must be a number"),
                 ("--idle-timeout", "soon", "must be a number"),
                 ("--max-jobs", "0", "--max-jobs must be >= 1"),
                 ("--max-jobs", "1.5", "--max-jobs must be an integer")):
@@ -2435,6 +2488,8 @@ class TestDashboard(CLITestCase):
         self.assertEqual(self.get_json("/api/jobs/nope", 404)["error"],
                          "no job with id 'nope'")
         self.assertIn("limit", self.get_json("/api/jobs?limit=x", 400)["error"])
+        self.assertIn("limit", self.get_json("/api/jobs?limit=%EF%BC%93", 400)
+                      ["error"])
         self.assertIn("unknown state", self.get_json("/api/jobs?state=x", 400)
                       ["error"])
         self.assertIn("no such page", self.get_json("/nope", 404)["error"])
