@@ -330,6 +330,7 @@ def parse_time(text):
     return seconds
 
 
+_DIGITS_RE = r"^[0-9]+$"
 _INTEGER_RE = r"^[+-]?[0-9]+$"
 _DECIMAL_RE = r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
 
@@ -478,7 +479,7 @@ def _cron_field(text, name, low, high, names):
     def value(word):
         if names and word.lower() in names:
             return names.index(word.lower()) + (low if low == 1 else 0)
-        if not re.match(_INTEGER_RE, word) or word[0] in "+-":
+        if not re.match(_DIGITS_RE, word):
             raise InvalidInput("cron: %s: %s is not a number%s" % (
                 name, _short_repr(word), " or a name (%s-%s)" % (
                     names[0], names[-1]) if names else ""))
@@ -492,7 +493,7 @@ def _cron_field(text, name, low, high, names):
         span, slash, step_text = part.partition("/")
         step = 1
         if slash:
-            if not re.match("^[0-9]+$", step_text) or int(step_text) < 1:
+            if not re.match(_DIGITS_RE, step_text) or int(step_text) < 1:
                 raise InvalidInput("cron: %s: step %s must be a whole number"
                                    " >= 1" % (name, _short_repr(step_text)))
             step = int(step_text)
@@ -3976,8 +3977,12 @@ def config_value(key, text):
     try:
         if kind == "duration":
             value = parse_duration(text)
+        elif isinstance(text, str):
+            value = _parse_number(text, kind)
+        elif _is_int(text) or (kind is float and _is_number(text)):
+            value = text  # from the Python API
         else:
-            value = _parse_number(text, int if kind is int else float)
+            raise ValueError
         if not _finite(value):
             raise ValueError
     except (ValueError, TypeError, OverflowError):
