@@ -273,6 +273,22 @@ class CLITestCase(unittest.TestCase):
         self.procs.append(proc)
         return proc
 
+    def wait_for(self, predicate, *args, **kwargs):
+        """self.wait_for(), and on a timeout the end of every background
+        worker's log: a hang seen only on CI must explain itself."""
+        try:
+            return wait_for(predicate, *args, **kwargs)
+        except AssertionError as exc:
+            logs = []
+            for proc in self.procs:
+                log = getattr(proc, "log", None)
+                if log is not None:
+                    lines = _read(log.name).splitlines()[-25:]
+                    logs.append("--- %s (pid %d, exit %r), last lines:\n%s"
+                                % (os.path.basename(log.name), proc.pid,
+                                   proc.poll(), "\n".join(lines)))
+            raise AssertionError("\n".join([str(exc)] + logs)) from None
+
     def spawn(self, *args):
         """queuectl in the background with stdout and stderr piped."""
         proc = subprocess.Popen(
@@ -309,7 +325,7 @@ class CLITestCase(unittest.TestCase):
         return self.job(job_id)["state"]
 
     def wait_state(self, job_id, state, timeout=60):
-        wait_for(lambda: self.state(job_id) == state, timeout,
+        self.wait_for(lambda: self.state(job_id) == state, timeout,
                  what="job %s to be %s" % (job_id, state))
 
     def sql(self, query, *params):
@@ -354,7 +370,7 @@ class CLITestCase(unittest.TestCase):
             os.remove(self.hold_path(name))
 
     def wait_started(self, name="job"):
-        wait_for(lambda: os.path.exists(self.hold_path(name) + ".started"),
+        self.wait_for(lambda: os.path.exists(self.hold_path(name) + ".started"),
                  what="held job %r to start" % name)
 
     def busy_worker(self, command):
@@ -372,7 +388,7 @@ class CLITestCase(unittest.TestCase):
         on it, which ends its idle thread.  A second signal sent before
         Python has run the handler for the first merges with it."""
         worker.send_signal(signum)
-        wait_for(lambda: _thread_count(worker.pid) < threads,
+        self.wait_for(lambda: _thread_count(worker.pid) < threads,
                  what="the worker to act on signal %d" % signum)
 
 
@@ -958,7 +974,7 @@ class TestLifecycle(CLITestCase):
         self.expect_failure(1, "copy only into an empty database", "copy",
                             "--to", dest)
         worker = self.start_worker()
-        wait_for(lambda: self.ok_json("status")["workers"],
+        self.wait_for(lambda: self.ok_json("status")["workers"],
                  what="the worker to register")
         self.expect_failure(1, "workers are running", "copy", "--to",
                             os.path.join(self.dir, "other.db"), live=True)
@@ -1107,13 +1123,13 @@ class TestWorkers(CLITestCase):
         job_id = self.enqueue(self.hold())
         worker = self.start_worker("--count", "2")
         self.wait_started()
-        wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
+        self.wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
                  what="workers to register")
         workers = self.ok_json("status")["workers"]
         self.assertEqual(sorted(w["job"] or "" for w in workers), ["", job_id])
         self.assertEqual(workers[0]["pid"], worker.pid)
         stopper = self.spawn("worker", "stop", "--wait")
-        wait_for(lambda: self.sql("SELECT 1 FROM config"
+        self.wait_for(lambda: self.sql("SELECT 1 FROM config"
                                   " WHERE key = '_stop_seq'"),
                  what="the stop request")
         self.assertEqual(self.state(job_id), "processing")
@@ -1150,7 +1166,7 @@ class TestWorkers(CLITestCase):
         # grandchild sleeps longer than any deadline here.)
         worker, job_id, threads = self.busy_worker(
             "(sleep 3600) & " + self.hold())
-        pgid = wait_for(lambda: self.pgid(job_id),
+        pgid = self.wait_for(lambda: self.pgid(job_id),
                         what="the job's process group to be recorded")
         self.first_signal(worker, threads, signal.SIGINT)
         worker.send_signal(signal.SIGINT)
@@ -1158,7 +1174,7 @@ class TestWorkers(CLITestCase):
         job = self.ok_json("show", job_id)
         self.assertEqual((job["state"], job["attempts"], job["runs"]),
                          ("pending", 0, []))
-        wait_for(lambda: not queuectl.group_alive(pgid), what="group to die")
+        self.wait_for(lambda: not queuectl.group_alive(pgid), what="group to die")
 
     def test_two_worker_processes_share_the_queue(self):
         # Two processes drain one database: every job runs exactly once.
@@ -1220,7 +1236,7 @@ class TestScripting(CLITestCase):
         # The running worker lives on for two more beats (a second or two
         # of its own time, however busy the machine), polling all along.
         beat = self.beats(worker.pid)
-        wait_for(lambda: self.beats(worker.pid) >= beat + 2,
+        self.wait_for(lambda: self.beats(worker.pid) >= beat + 2,
                  what="the paused worker to beat twice")
         self.assertEqual(self.state(second), "pending")
         self.ok("resume")
@@ -1521,7 +1537,7 @@ class TestNewcomer(CLITestCase):
         # worker exits by itself (S = 6 s leaves seconds of slack).
         worker = self.start_worker("--idle-timeout", "6",
                                    "--poll-interval", "0.05")
-        wait_for(lambda: "pool started" in self.log_of(worker),
+        self.wait_for(lambda: "pool started" in self.log_of(worker),
                  what="the worker to start")
         soon = self.enqueue("true", "--delay", "0.5")
         self.assertEqual(worker.wait(timeout=120), 0)
@@ -1741,7 +1757,7 @@ class TestFaults(CLITestCase):
             % self.hold())
         victim = self.start_worker()
         self.wait_started()
-        pgid = wait_for(lambda: self.pgid(job_id),
+        pgid = self.wait_for(lambda: self.pgid(job_id),
                         what="the job's group to be recorded")
         before_kill()
         victim.kill()
@@ -1766,7 +1782,7 @@ class TestFaults(CLITestCase):
 
         def start_survivor():
             survivors.append(self.start_worker())
-            wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
+            self.wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
                      what="the survivor to register")
             survivors[0].send_signal(signal.SIGSTOP)
         job_id, pgid = self._job_killed_with_its_worker(start_survivor)
@@ -1821,7 +1837,7 @@ class TestFaults(CLITestCase):
                 [sys.executable, SCRIPT, "--db", self.db, "enqueue", "-f",
                  path], stdout=subprocess.DEVNULL, env=self.env)
             if callable(point):
-                wait_for(lambda: point() or proc.poll() is not None,
+                self.wait_for(lambda: point() or proc.poll() is not None,
                          interval=0.001, what="the enqueue to write")
             else:
                 time.sleep(point)
@@ -1841,7 +1857,7 @@ class TestFaults(CLITestCase):
                               "--timeout", "0.5", "--max-retries", "0")
         self.drain()
         self.assertEqual(self.job(job_id)["last_error"], "timed out after 0.5s")
-        wait_for(lambda: not _processes_with(marker),
+        self.wait_for(lambda: not _processes_with(marker),
                  what="grandchildren to die")
 
     @sqlite_only("it measures the database file")
@@ -1877,7 +1893,7 @@ class TestFaults(CLITestCase):
             self.assertEqual((proc.returncode, err), (0, b""))
             self.assertRegex(out.decode(), r"^[0-9a-f]{12}\n$")
         total = 200 + 60 * STRESS
-        wait_for(lambda: self.ok_json("status")["counts"]["completed"]
+        self.wait_for(lambda: self.ok_json("status")["counts"]["completed"]
                  == total, 120, what="all jobs to complete")
         self.ok("worker", "stop", "--wait")
         for worker in workers:
@@ -1920,10 +1936,10 @@ class TestFaults(CLITestCase):
         self.addCleanup(end_skewed)
         self.wait_started()
         other = self.start_worker()
-        wait_for(lambda: self.beats(other.pid) >= 2,
+        self.wait_for(lambda: self.beats(other.pid) >= 2,
                  what="the other worker to look for dead workers twice")
         beat = self.beats(os.getpid())
-        wait_for(lambda: self.beats(os.getpid()) >= beat + 2,
+        self.wait_for(lambda: self.beats(os.getpid()) >= beat + 2,
                  what="the skewed worker to beat during its job")
         ahead = queuectl.WorkerPool(self.db, exit_when_idle=True, log=False,
                                     now=lambda: time.time() + 3600)
@@ -2005,11 +2021,30 @@ class TestFaults(CLITestCase):
 
 
 # stopper.py DB PID: SIGSTOP process PID while holding DB's write lock.
+# kill() returns before the stop takes hold: the kernel wakes one thread,
+# which then stops the others.  Released at once, the lock could be taken
+# by a thread not yet stopped, which would then freeze holding it (CI saw
+# the rescuer wait for good), so the lock is kept until every thread of
+# PID is seen stopped.
 _STOP_HOLDING_THE_WRITE_LOCK = """\
-import os, signal, sqlite3, sys
+import os, signal, sqlite3, sys, time
 conn = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
 conn.execute("BEGIN IMMEDIATE")
-os.kill(int(sys.argv[2]), signal.SIGSTOP)
+pid = int(sys.argv[2])
+os.kill(pid, signal.SIGSTOP)
+def running_threads():
+    tasks = "/proc/%d/task" % pid
+    states = []
+    for task in os.listdir(tasks):
+        try:
+            with open("%s/%s/stat" % (tasks, task), "rb") as stat:
+                states.append(stat.read().rsplit(b")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            pass  # the thread ended
+    return [state for state in states if state not in (b"T", b"t")]
+deadline = time.monotonic() + 60
+while running_threads() and time.monotonic() < deadline:
+    time.sleep(0.001)
 conn.execute("ROLLBACK")
 """
 
@@ -2041,16 +2076,16 @@ class TestHeldPromises(CLITestCase):
         job_id = self.enqueue("exec >/dev/null 2>&1; sleep 31.4242")
         worker = self.start_worker()
         self.wait_state(job_id, "processing")
-        wait_for(lambda: self.sql("SELECT pgid FROM attempts")[0][0],
+        self.wait_for(lambda: self.sql("SELECT pgid FROM attempts")[0][0],
                  what="the job's group to be recorded")
         worker.send_signal(signal.SIGTERM)
-        wait_for(lambda: "stopping:" in _read(worker.log.name),
+        self.wait_for(lambda: "stopping:" in _read(worker.log.name),
                  what="the first signal to be taken")
         worker.send_signal(signal.SIGTERM)
         self.assertNotEqual(worker.wait(timeout=30), 0)
         self.assertEqual(self.state(job_id), "pending")
         self.assertEqual(self.job(job_id)["attempts"], 0)
-        wait_for(lambda: not _processes_with("31.4242"),
+        self.wait_for(lambda: not _processes_with("31.4242"),
                  what="the job's group to be killed")
 
     def test_long_job_without_output_hands_back_its_batch(self):
@@ -2065,7 +2100,7 @@ class TestHeldPromises(CLITestCase):
                 for _ in range(queuectl.CLAIM_BATCH - 1)]
         holder = self.start_worker("--count", "1")
         self.wait_state(first, "processing")
-        wait_for(lambda: self.sql("SELECT pgid FROM attempts a JOIN jobs j"
+        self.wait_for(lambda: self.sql("SELECT pgid FROM attempts a JOIN jobs j"
                                   " ON j.attempt_id = a.id WHERE j.id = ?",
                                   first)[0][0],
                  what="the long job's group to be recorded")
@@ -2101,12 +2136,12 @@ class TestHeldPromises(CLITestCase):
         ids = [self.enqueue('echo "$QUEUECTL_JOB_ID" >> %s' % ran)
                for _ in range(queuectl.CLAIM_BATCH - 1)]
         frozen = self.start_worker("--count", "1", "--exit-when-idle")
-        wait_for(lambda: _process_state(frozen.pid) == "T",
+        self.wait_for(lambda: _process_state(frozen.pid) == "T",
                  what="the worker to stop itself")
         rescuer = self.start_worker()
         # The rescuer runs the batch one job at a time: 8 s a job bounds
         # the wait on a loaded machine (64 s when the batch was 8).
-        wait_for(lambda: self.ok_json("status")["counts"]["completed"]
+        self.wait_for(lambda: self.ok_json("status")["counts"]["completed"]
                  == queuectl.CLAIM_BATCH, timeout=8 * queuectl.CLAIM_BATCH,
                  what="the rescuer to run every job")
         before_thaw = len(_read(frozen.log.name))
@@ -2210,7 +2245,7 @@ class TestHeldPromises(CLITestCase):
         self.addCleanup(blocker.close)
         blocker.execute("BEGIN IMMEDIATE")
         os.unlink(hold)
-        wait_for(lambda: "database locked by another process" in log.text(),
+        self.wait_for(lambda: "database locked by another process" in log.text(),
                  timeout=30, what="the worker to report the lock")
         blocker.execute("ROLLBACK")
         runner.join(60)
@@ -2246,7 +2281,7 @@ class TestHeldPromises(CLITestCase):
         finally:
             os.close(fd)
         os.unlink(hold)
-        wait_for(lambda: "database unavailable: disk full" in
+        self.wait_for(lambda: "database unavailable: disk full" in
                  _read(worker.log.name), timeout=30,
                  what="the worker to report the full disk")
         code, out, err = self.cli("enqueue", "true")
@@ -2766,14 +2801,14 @@ class TestControl(CLITestCase):
         job_id = self.enqueue("sh -c 'trap \"\" TERM; sleep 3600' & "
                               + self.hold(), "--max-retries", "5")
         self.wait_started()
-        pgid = wait_for(lambda: self.pgid(job_id), what="the job's group")
+        pgid = self.wait_for(lambda: self.pgid(job_id), what="the job's group")
         data = self.ok_json("cancel", job_id)
         self.assertEqual(data, {"cancelled": [], "stopping": [job_id]})
         self.wait_state(job_id, "dead")
         job = self.job(job_id)
         self.assertEqual(job["last_error"], "cancelled")
         self.assertEqual([r["error"] for r in job["runs"]], ["cancelled"])
-        wait_for(lambda: not queuectl.group_alive(pgid),
+        self.wait_for(lambda: not queuectl.group_alive(pgid),
                  what="the job's process group to be gone")
         # The worker goes on with other jobs.
         self.wait_state(self.enqueue("true"), "completed")
@@ -2800,7 +2835,7 @@ class TestControl(CLITestCase):
                 self.assertIn("is completed", err)
         seen = set()
         for job_id in jobs:
-            wait_for(lambda: self.state(job_id) in ("completed", "dead"),
+            self.wait_for(lambda: self.state(job_id) in ("completed", "dead"),
                      what="job %s to end" % job_id)
             job = self.job(job_id)
             errors = [r["error"] for r in job["runs"]]
@@ -2877,11 +2912,11 @@ class TestControl(CLITestCase):
             "--max-retries", "1")
         self.wait_started("a")
         proc = self.follow(job_id, "-f")
-        wait_for(lambda: "start 1\n" in proc.lines,
+        self.wait_for(lambda: "start 1\n" in proc.lines,
                  what="live output of the held first attempt")
         self.release("a")
         self.wait_started("b")
-        wait_for(lambda: "start 2\n" in proc.lines,
+        self.wait_for(lambda: "start 2\n" in proc.lines,
                  what="live output of the held second attempt")
         self.assertIsNone(proc.poll())
         self.release("b")
@@ -2916,7 +2951,7 @@ class TestControl(CLITestCase):
         running = self.enqueue(self.hold())
         self.wait_started()
         proc = self.follow(running, "-f")
-        wait_for(lambda: proc.lines, what="the attempt's separator line")
+        self.wait_for(lambda: proc.lines, what="the attempt's separator line")
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.wait(timeout=60), 130)
         self.assertEqual(proc.stderr.read(), b"")
@@ -2929,7 +2964,7 @@ class TestControl(CLITestCase):
         job_id = self.enqueue("head -c 300000 /dev/zero | tr '\\0' x; echo;"
                               " echo last-line; " + self.hold())
         self.wait_started()
-        out = wait_for(lambda: (lambda o: o if "last-line" in o else None)(
+        out = self.wait_for(lambda: (lambda o: o if "last-line" in o else None)(
             self.cli("logs", job_id)[1]), what="the saved tail")
         self.assertLessEqual(len(out.encode()), 1000)
         rows = self.sql("SELECT output_dropped, ended_at FROM attempts")
@@ -3112,7 +3147,7 @@ class TestQueues(CLITestCase):
         def started():
             return [n for n in range(5)
                     if os.path.exists(self.hold_path("c%d" % n) + ".started")]
-        wait_for(lambda: len(started()) == 2, what="two capped jobs")
+        self.wait_for(lambda: len(started()) == 2, what="two capped jobs")
         # Quick jobs of the default queue all run meanwhile: the workers
         # went round their claims many times and never took a third.
         quick = [self.enqueue("true") for _ in range(10)]
@@ -3128,7 +3163,7 @@ class TestQueues(CLITestCase):
             self.assertLessEqual(len(running), 2)
             self.release("c%d" % running[0])
             released += 1
-            wait_for(lambda: len(started()) == min(5, released + 2)
+            self.wait_for(lambda: len(started()) == min(5, released + 2)
                      and self.queue_counts("capped")["counts"]["completed"]
                      == released, what="the next capped job")
         for job_id in capped:
@@ -3407,14 +3442,14 @@ class TestPerformanceStructure(CLITestCase):
         thread.start()
         self.addCleanup(thread.join)
         self.addCleanup(pool.stop)
-        wait_for(lambda: len(callers) >= 20, what="20 idle polls")
+        self.wait_for(lambda: len(callers) >= 20, what="20 idle polls")
         self.assertEqual(len(set(callers)), 1, callers)
         for round_number in range(3):
             # Seeing work, the others look once too; then polling goes on.
             job_id = self.enqueue("true")
             self.wait_state(job_id, "completed")
             seen = len(callers)
-            wait_for(lambda: len(callers) >= seen + 20,
+            self.wait_for(lambda: len(callers) >= seen + 20,
                      what="20 more idle polls after a job")
         pool.stop()
         thread.join()
@@ -3823,7 +3858,7 @@ class TestPostgres(CLITestCase):
         # test's deadline.
         self.config(poll_interval=3600)
         worker = self.start_worker("--count", "2")
-        wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
+        self.wait_for(lambda: len(self.ok_json("status")["workers"]) == 2,
                  what="the workers to register")
         job_id = self.enqueue("true")
         self.wait_state(job_id, "completed", timeout=60)
@@ -3889,7 +3924,7 @@ class TestManyHosts(CLITestCase):
                                                    peak))
         for host in hosts:
             self.start_on(host, "--count", "3")
-        wait_for(lambda: len(set(w["host"] for w in self.ok_json("status")[
+        self.wait_for(lambda: len(set(w["host"] for w in self.ok_json("status")[
             "workers"])) == 3, 120, what="workers on every host")
         capped = [self.enqueue("%s; %s; %s" % (
             count % "+", self.hold("c%d" % n), count % "-"),
@@ -3899,7 +3934,7 @@ class TestManyHosts(CLITestCase):
             return [n for n in range(6) if os.path.exists(
                 self.hold_path("c%d" % n) + ".started")]
         for released in range(6):
-            wait_for(lambda: len(started()) == min(6, released + 2), 120,
+            self.wait_for(lambda: len(started()) == min(6, released + 2), 120,
                      what="the next capped job")
             quick = self.enqueue("true")  # runs beside the capped ones
             self.wait_state(quick, "completed", 120)
@@ -3936,7 +3971,7 @@ class TestManyHosts(CLITestCase):
                             " a.id = j.attempt_id WHERE j.state ="
                             " 'processing' AND a.host = ?",
                             host.hostname)[0][0]
-        wait_for(lambda: all(running_on(h) for h in hosts), 60,
+        self.wait_for(lambda: all(running_on(h) for h in hosts), 60,
                  what="every host to run jobs")
         victim = workers[killed_host.hostname]
         victim.kill()
@@ -3947,12 +3982,12 @@ class TestManyHosts(CLITestCase):
                                                       "2")
         cut_host.cut()
         cut_log = workers[cut_host.hostname].log.name
-        wait_for(lambda: "fenced" in _read(cut_log), 60,
+        self.wait_for(lambda: "fenced" in _read(cut_log), 60,
                  what="the cut-off worker to fence itself")
         lost = lambda host: self.sql(
             "SELECT COUNT(*) FROM attempts WHERE error = 'worker lost' AND"
             " host = ?", host.hostname)[0][0]
-        wait_for(lambda: lost(cut_host) and lost(killed_host), 90,
+        self.wait_for(lambda: lost(cut_host) and lost(killed_host), 90,
                  what="the lost runs to be recovered elsewhere")
         cut_host.restore()
         for job_id in ids:
@@ -4261,7 +4296,7 @@ class TestSchedules(CLITestCase):
                 "%Y%m%dT%H%M%SZ", time.gmtime(tick)))
             self.make_due("tick", tick)
             try:
-                wait_for(lambda: self.sql(
+                self.wait_for(lambda: self.sql(
                     "SELECT j.state FROM schedules s JOIN jobs j ON j.id ="
                     " s.last_job WHERE s.last_job = ?", expected[-1])
                     == [("completed",)], timeout=120,
@@ -4296,11 +4331,11 @@ class TestSchedules(CLITestCase):
         self.wait_started("both")
         self.make_due("slow", now - 50)
         self.make_due("both", now - 50)
-        wait_for(lambda: re.search(r"slow: tick \S+ skipped: the previous"
+        self.wait_for(lambda: re.search(r"slow: tick \S+ skipped: the previous"
                                    r" job is still processing",
                                    self.log(worker)),
                  what="the skip in the log")
-        wait_for(lambda: len(self.sql("SELECT id FROM jobs WHERE id LIKE"
+        self.wait_for(lambda: len(self.sql("SELECT id FROM jobs WHERE id LIKE"
                                       " 'both:%'")) == 2,
                  what="the overlapping tick")
         self.assertEqual(len(self.sql("SELECT id FROM jobs WHERE id LIKE"
@@ -4373,13 +4408,13 @@ class TestSchedules(CLITestCase):
         thread.start()
         self.addCleanup(thread.join)
         self.addCleanup(pool.stop)
-        wait_for(lambda: self.beats(os.getpid()) >= 3,
+        self.wait_for(lambda: self.beats(os.getpid()) >= 3,
                  what="three beats of the pool")
         self.assertEqual(calls, [])
         self.ok("schedule", "add", "later", "@yearly", "true")
-        wait_for(lambda: len(calls) >= 2, what="the pool to look for ticks")
+        self.wait_for(lambda: len(calls) >= 2, what="the pool to look for ticks")
         seen = self.beats(os.getpid())
-        wait_for(lambda: self.beats(os.getpid()) >= seen + 4,
+        self.wait_for(lambda: self.beats(os.getpid()) >= seen + 4,
                  what="four more beats")
         pool.stop()
         thread.join()
