@@ -4199,7 +4199,7 @@ class _Execution(object):
     """One run of a job's command: spawn, read a bounded tail, wait."""
 
     def __init__(self, job, output_limit, on_long_run, base_env=None,
-                 on_output=None):
+                 on_output=None, spawn_folder=None):
         self.job = job
         self.output_limit = output_limit
         self.on_long_run = on_long_run  # called once with the process
@@ -4207,6 +4207,9 @@ class _Execution(object):
         # while new output came, never in the first such interval.
         self.on_output = on_output
         self.base_env = base_env if base_env is not None else os.environb
+        # (device, inode) of the worker's own folder when jobs run in it
+        # may be started by _spawn_shell (see _direct_spawn_folder).
+        self.spawn_folder = spawn_folder
         self.proc = None
 
     def run(self):
@@ -4221,10 +4224,15 @@ class _Execution(object):
             if len(job.command) > LONG_COMMAND:
                 script = _write_script(job.command)
                 argv = ["/bin/sh", "-c", '. "$0"', script]
-            self.proc = subprocess.Popen(
-                argv, cwd=job.cwd.encode("utf-8"), env=env, stdin=_devnull(),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True)
+            cwd = job.cwd.encode("utf-8")
+            if self.spawn_folder is not None \
+                    and _folder_id(cwd) == self.spawn_folder:
+                self.proc = _spawn_shell(argv, env)
+            if self.proc is None:
+                self.proc = subprocess.Popen(
+                    argv, cwd=cwd, env=env, stdin=_devnull(),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    start_new_session=True)
         except Exception as exc:  # whatever it is, it ends this attempt only
             _remove(script)
             return (None, None, "cannot start: %s" % _start_error(exc, job),
@@ -4308,6 +4316,99 @@ class _Execution(object):
                 # The shell exited but a background child holds the pipe:
                 # the job is over; its leftovers keep running on their own.
                 return tail, dropped, False
+
+
+def _direct_spawn_folder():
+    """(device, inode) of this process's folder when the jobs that run in
+    it may be started by _spawn_shell, else None; for `worker start` only.
+
+    Popen's own Python code was most of a short job's cost: the
+    environment converted entry by entry for every job, and before Python
+    3.10 a fork of the whole worker, whose pages then fault as the worker
+    writes them.  os.posix_spawn does its work in C and vforks, but it
+    cannot set a folder (so it serves jobs whose folder is the worker's
+    own), needs Python 3.8 for setsid, and does not close inherited
+    descriptors as Popen's close_fds does: those above 2 are marked
+    close-on-exec here, which is why a program that embeds WorkerPool (and
+    may chdir or make descriptors inheritable) keeps Popen."""
+    if sys.version_info < (3, 8) or not hasattr(os, "posix_spawn"):
+        return None
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            fds = [int(name) for name in os.listdir(listing)]
+        except (OSError, ValueError):
+            continue
+        for fd in fds:
+            if fd > 2:
+                with contextlib.suppress(OSError):  # the listing's own fd
+                    os.set_inheritable(fd, False)
+        return _folder_id(".")
+    return None
+
+
+def _folder_id(path):
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _spawn_shell(argv, env):
+    """Start a job's shell with os.posix_spawn as Popen would start it in
+    this folder: stdin from /dev/null, output and errors into one pipe, a
+    new session, and the signals Python ignores back at their defaults
+    (restore_signals).  None where it cannot: a standard descriptor is
+    closed, or there is no setsid (macOS before 10.15)."""
+    import signal
+    restored = [getattr(signal, name) for name in
+                ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name)]
+    stdin = _devnull()
+    read_end, write_end = os.pipe()
+    pid = None
+    try:
+        if min(stdin, read_end, write_end) > 2:
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+                (os.POSIX_SPAWN_DUP2, stdin, 0),
+                (os.POSIX_SPAWN_DUP2, write_end, 1),
+                (os.POSIX_SPAWN_DUP2, write_end, 2)],
+                setsid=True, setsigdef=restored)
+    except NotImplementedError:
+        pass
+    finally:
+        os.close(write_end)
+        if pid is None:
+            os.close(read_end)
+    return None if pid is None else _SpawnedShell(pid, read_end)
+
+
+class _SpawnedShell(object):
+    """What the worker uses of a Popen, for a shell from _spawn_shell."""
+
+    def __init__(self, pid, read_end):
+        import threading
+        self.pid = pid
+        self.stdout = os.fdopen(read_end, "rb", 0)
+        self.returncode = None
+        self._lock = threading.Lock()  # kill_group polls from other threads
+
+    def poll(self):
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # SIGCHLD ignored: as Popen does
+                    pid, status = self.pid, 0
+                if pid:
+                    self.returncode = (-os.WTERMSIG(status)
+                                       if os.WIFSIGNALED(status)
+                                       else os.WEXITSTATUS(status))
+        return self.returncode
+
+    def wait(self):
+        while not _exits_within(self, 1.0):
+            pass
+        return self.returncode
 
 
 _DEVNULL = []
@@ -4499,7 +4600,7 @@ class WorkerPool(object):
         self.forced = threading.Event()     # kill running jobs, requeue them
         self._finished = threading.Event()  # every worker thread has ended
         self._lock = threading.Lock()       # guards _running and _alive
-        self._running = {}                  # worker id -> (Popen, job)
+        self._running = {}                  # worker id -> (process, job)
         self._alive = count                 # worker threads not yet ended
         self._trouble = None                # why the database fails, if it does
         self.beat_ok = time.monotonic()     # the last beat that was written
@@ -4524,6 +4625,8 @@ class WorkerPool(object):
         self.host, self.pid = _host(), os.getpid()
         # Encoded once: converting os.environ for every job is costly.
         self.base_env = dict(os.environb)
+        # Set by `worker start` alone: see _direct_spawn_folder.
+        self.spawn_folder = None
         suffix = _random_id()[:6]
         self.ids = ["%s-%d-%d-%s" % (self.host.split(".")[0], self.pid, n,
                                      suffix) for n in range(1, count + 1)]
@@ -5053,7 +5156,8 @@ class WorkerPool(object):
                                  store, wid, claim, local, proc),
                              self.base_env,
                              lambda tail, dropped: self._save_tail(
-                                 store, claim, limit, tail, dropped)).run()
+                                 store, claim, limit, tail, dropped),
+                             self.spawn_folder).run()
         finally:
             with self._lock:
                 self._running.pop(wid, None)
@@ -5803,6 +5907,7 @@ def cmd_worker_start(args, queue):
                       exit_when_idle=args.exit_when_idle,
                       idle_timeout=args.idle_timeout, max_jobs=args.max_jobs,
                       queues=args.queue)
+    pool.spawn_folder = _direct_spawn_folder()
     signals = []
 
     def on_signal(signum, frame):

@@ -2174,6 +2174,38 @@ class TestHeldPromises(CLITestCase):
         self.drain()
         self.assertEqual(self.ok("logs", job_id), "131069\n")
 
+    def test_jobs_start_alike_in_and_out_of_the_workers_folder(self):
+        # `worker start` spawns jobs that run in its own folder with
+        # posix_spawn (Python 3.8+), others with Popen: either way a job
+        # gets its folder, a session of its own, stdin from /dev/null,
+        # SIGPIPE at its default (Python ignores it) and no descriptor but
+        # 0-2: none the worker inherited, none of its database's.
+        elsewhere = os.path.join(self.dir, "elsewhere")
+        os.mkdir(elsewhere)
+        inherited = os.open(os.path.join(self.dir, "inherited"),
+                            os.O_CREAT | os.O_RDONLY)
+        self.addCleanup(os.close, inherited)
+        look = ("import os, sys; print(os.getcwd(), os.getsid(0) == os.getpid(),"
+                " os.getpgid(0) == os.getpid(),"
+                " os.path.samestat(os.fstat(0), os.stat(os.devnull)),"
+                " *sorted(os.listdir('/dev/fd')))")
+        command = "yes | head -n 1; exec %s -c %s" % (
+            shlex.quote(sys.executable), shlex.quote(look))
+        here = self.enqueue(command)
+        code, out, err = self.cli("enqueue", command, cwd=elsewhere)
+        self.assertEqual((code, err), (0, ""))
+        argv = [sys.executable, SCRIPT, "--db", self.db, "worker", "start",
+                "--exit-when-idle"]
+        worker = subprocess.run(argv, pass_fds=[inherited], cwd=self.dir,
+                                env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(worker.returncode, 0, worker.stderr)
+        for job_id, folder in ((here, self.dir), (out.strip(), elsewhere)):
+            # The fourth descriptor is the one that lists them.
+            self.assertEqual(self.ok("logs", job_id).split(), [
+                "y", os.path.realpath(folder), "True", "True", "True",
+                "0", "1", "2", "3"], job_id)
+
     def test_anything_failing_at_start_fails_only_that_attempt(self):
         # A job that cannot even be started (here an env written by an
         # older queuectl) fails as 'cannot start', and the pool goes on.
