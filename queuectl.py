@@ -4322,10 +4322,10 @@ def _direct_spawn_folder():
     """(device, inode) of this process's folder when the jobs that run in
     it may be started by _spawn_shell, else None; for `worker start` only.
 
-    Popen's own Python code was most of a short job's cost: the
-    environment converted entry by entry for every job, and before Python
-    3.10 a fork of the whole worker, whose pages then fault as the worker
-    writes them.  os.posix_spawn does its work in C and vforks, but it
+    Popen runs a page of Python for every job (the environment converted
+    entry by entry, among others) and, before Python 3.10, forks the whole
+    worker, whose pages then fault as the worker writes them: on 3.9 that
+    was more CPU than a `true` job itself.  os.posix_spawn does its work in C and vforks, but it
     cannot set a folder (so it serves jobs whose folder is the worker's
     own), needs Python 3.8 for setsid, and does not close inherited
     descriptors as Popen's close_fds does: those above 2 are marked
@@ -7505,9 +7505,10 @@ class _Bench(object):
         On SQLite, also the CPU time and minor page faults per job of each
         side (the worker's and its jobs', less those of a worker run on an
         empty queue): steadier than the rates on a shared machine.  Where
-        Python forks rather than vforks (before 3.10), each fork makes
-        every page the worker then writes fault once more, so the faults
-        show what its own work per job costs every spawn."""
+        a side forks rather than vforks (the baseline before Python 3.10,
+        the worker on 3.6 and 3.7: see _direct_spawn_folder), each fork
+        makes every page that process then writes fault once more, so the
+        faults show what its own work per job costs every spawn."""
         n = 200 if self.quick else 2000
         raws, rates, walls, costs = [], [], [], []
         for round_number in range(1 if self.quick else 3):
