@@ -149,7 +149,7 @@ KILL_GRACE = 2.0
 #: Shorter jobs skip that write: it is the biggest cost of a tiny job.
 RECORD_GROUP_AFTER = 0.02
 
-#: Commands longer than this many characters run from a private temporary
+#: Commands longer than this many bytes (UTF-8) run from a private temporary
 #: file: Linux refuses a single exec argument over 128 KiB.
 LONG_COMMAND = 65536
 
@@ -4221,7 +4221,7 @@ class _Execution(object):
             # encoding, which is ASCII for Python 3.6 under LANG=C.
             argv = [b"/bin/sh", b"-c", job.command.encode("utf-8")]
             env = self._environment()
-            if len(job.command) > LONG_COMMAND:
+            if len(argv[2]) > LONG_COMMAND:
                 script = _write_script(job.command)
                 argv = ["/bin/sh", "-c", '. "$0"', script]
             cwd = job.cwd.encode("utf-8")
@@ -4342,16 +4342,22 @@ def _direct_spawn_folder():
             if fd > 2:
                 with contextlib.suppress(OSError):  # the listing's own fd
                     os.set_inheritable(fd, False)
-        return _folder_id(".")
+        try:
+            return _folder_id(os.getcwdb())
+        except OSError:  # the folder was removed
+            return None
     return None
 
 
 def _folder_id(path):
+    """The folder at path (bytes) by name and by inode: the name tells two
+    bind mounts of one folder apart (one may be read-only), the inode a
+    folder removed and made again under the same name."""
     try:
         found = os.stat(path)
     except OSError:
         return None
-    return found.st_dev, found.st_ino
+    return path, found.st_dev, found.st_ino
 
 
 def _spawn_shell(argv, env):
@@ -4359,7 +4365,7 @@ def _spawn_shell(argv, env):
     this folder: stdin from /dev/null, output and errors into one pipe, a
     new session, and the signals Python ignores back at their defaults
     (restore_signals).  None where it cannot: a standard descriptor is
-    closed, or there is no setsid (macOS before 10.15)."""
+    closed, or posix_spawn cannot (see below)."""
     import signal
     restored = [getattr(signal, name) for name in
                 ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name)]
@@ -4373,7 +4379,10 @@ def _spawn_shell(argv, env):
                 (os.POSIX_SPAWN_DUP2, write_end, 1),
                 (os.POSIX_SPAWN_DUP2, write_end, 2)],
                 setsid=True, setsigdef=restored)
-    except NotImplementedError:
+    except (NotImplementedError, ValueError):
+        # No setsid (macOS before 10.15), or an environment entry Popen
+        # takes and posix_spawn refuses (`env '=x=1'` gives the worker a
+        # variable with an empty name): Popen starts this one.
         pass
     finally:
         os.close(write_end)
@@ -5211,8 +5220,8 @@ class WorkerPool(object):
     def log_lines(self, entries):
         """Several events in one write: a batch of results costs one call."""
         stream = self._log_stream if self._log_stream is not None else sys.stderr
-        if stream is False or not entries:
-            return
+        if stream is None or stream is False or not entries:
+            return  # no log, or started with stderr closed (2>&-)
         stamp = iso(self.now())
         text = "".join("%s %s %s %s%s\n" % (
             stamp, wid, job_id, event, " " + _printable(detail) if detail
@@ -5908,6 +5917,9 @@ def cmd_worker_start(args, queue):
                       idle_timeout=args.idle_timeout, max_jobs=args.max_jobs,
                       queues=args.queue)
     pool.spawn_folder = _direct_spawn_folder()
+    # Started with SIGCHLD ignored, the kernel would reap every job itself
+    # and its exit status would be lost (recorded as 0).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signals = []
 
     def on_signal(signum, frame):

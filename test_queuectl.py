@@ -2206,6 +2206,53 @@ class TestHeldPromises(CLITestCase):
                 "y", os.path.realpath(folder), "True", "True", "True",
                 "0", "1", "2", "3"], job_id)
 
+    def test_a_worker_started_oddly_still_runs_and_records_its_jobs(self):
+        # Found by a red-team pass: started with SIGCHLD ignored, a worker
+        # recorded every job as completed (the kernel reaped them first);
+        # with stderr closed (2>&-) it stopped at its first log line; an
+        # environment entry with an empty name (`env '=x=1'`) made
+        # posix_spawn refuse every job; and a command under 65,536
+        # characters but over 128 KiB in UTF-8 could not start.
+        failing = self.enqueue("exit 3", "--max-retries", "0")
+        wide = self.ok("enqueue", "-f", "-", input=json.dumps(
+            {"command": "echo %s | wc -c" % ("\u20ac" * 50000)})).strip()
+
+        def start_oddly():
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+            os.close(2)
+        argv = [sys.executable, SCRIPT, "--db", self.db, "worker", "start",
+                "--exit-when-idle"]
+        worker = subprocess.run(argv, preexec_fn=start_oddly, cwd=self.dir,
+                                env=dict(self.env, **{"": "x=1"}),
+                                stdout=subprocess.PIPE, timeout=120)
+        self.assertEqual(worker.returncode, 0)
+        job = self.job(failing)
+        self.assertEqual((job["state"], job["last_error"]),
+                         ("dead", "exit code 3"))
+        self.assertEqual(self.ok("logs", wide).strip(), "150001")
+
+    @unittest.skipUnless(sys.platform.startswith("linux")
+                         and os.geteuid() == 0,
+                         "needs root on Linux to bind-mount a folder")
+    def test_a_job_runs_in_its_own_view_of_a_bind_mounted_folder(self):
+        # Two bind mounts of one folder share its device and inode, but one
+        # may be read-only: a job enqueued in the writable one must not run
+        # in the worker's read-only one (found by a red-team pass).
+        real, view = (os.path.join(self.dir, name) for name in ("real", "view"))
+        os.mkdir(real)
+        os.mkdir(view)
+        subprocess.check_call(["mount", "--bind", real, view])
+        self.addCleanup(subprocess.check_call, ["umount", view])
+        subprocess.check_call(["mount", "-o", "remount,bind,ro", view])
+        code, out, err = self.cli("enqueue", "touch written && pwd -P",
+                                  "--max-retries", "0", cwd=real)
+        self.assertEqual((code, err), (0, ""))
+        code, _, err = self.cli("worker", "start", "--exit-when-idle",
+                                cwd=view)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.ok("logs", out.strip()), real + "\n")
+        self.assertTrue(os.path.exists(os.path.join(real, "written")))
+
     def test_anything_failing_at_start_fails_only_that_attempt(self):
         # A job that cannot even be started (here an env written by an
         # older queuectl) fails as 'cannot start', and the pool goes on.
