@@ -4207,7 +4207,7 @@ class _Execution(object):
         # while new output came, never in the first such interval.
         self.on_output = on_output
         self.base_env = base_env if base_env is not None else os.environb
-        # (device, inode) of the worker's own folder when jobs run in it
+        # _folder_id of the worker's own folder when jobs that run in it
         # may be started by _spawn_shell (see _direct_spawn_folder).
         self.spawn_folder = spawn_folder
         self.proc = None
@@ -4319,18 +4319,19 @@ class _Execution(object):
 
 
 def _direct_spawn_folder():
-    """(device, inode) of this process's folder when the jobs that run in
-    it may be started by _spawn_shell, else None; for `worker start` only.
+    """_folder_id of this process's folder when the jobs that run in it
+    may be started by _spawn_shell, else None; for `worker start` only.
 
     Popen runs a page of Python for every job (the environment converted
     entry by entry, among others) and, before Python 3.10, forks the whole
     worker, whose pages then fault as the worker writes them: on 3.9 that
-    was more CPU than a `true` job itself.  os.posix_spawn does its work in C and vforks, but it
-    cannot set a folder (so it serves jobs whose folder is the worker's
-    own), needs Python 3.8 for setsid, and does not close inherited
-    descriptors as Popen's close_fds does: those above 2 are marked
-    close-on-exec here, which is why a program that embeds WorkerPool (and
-    may chdir or make descriptors inheritable) keeps Popen."""
+    was more CPU than a `true` job itself.  os.posix_spawn does its work in
+    C and vforks, but it cannot set a folder (so it serves jobs whose
+    folder is the worker's own), needs Python 3.8 for setsid, and does not
+    close inherited descriptors as Popen's close_fds does: those above 2
+    are marked close-on-exec here, which is why a program that embeds
+    WorkerPool (and may chdir or make descriptors inheritable) keeps
+    Popen."""
     if sys.version_info < (3, 8) or not hasattr(os, "posix_spawn"):
         return None
     for listing in ("/proc/self/fd", "/dev/fd"):
