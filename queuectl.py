@@ -4375,11 +4375,13 @@ def _spawn_shell(argv, env):
     pid = None
     try:
         if min(stdin, read_end, write_end) > 2:
-            pid = os.posix_spawn(argv[0], argv, env, file_actions=[
-                (os.POSIX_SPAWN_DUP2, stdin, 0),
-                (os.POSIX_SPAWN_DUP2, write_end, 1),
-                (os.POSIX_SPAWN_DUP2, write_end, 2)],
-                setsid=True, setsigdef=restored)
+            # Python 3.8+ only, which _direct_spawn_folder checked first.
+            dup2 = os.POSIX_SPAWN_DUP2  # novermin
+            actions = [(dup2, stdin, 0), (dup2, write_end, 1),
+                       (dup2, write_end, 2)]
+            pid = os.posix_spawn(  # novermin
+                argv[0], argv, env, file_actions=actions, setsid=True,
+                setsigdef=restored)
     except (NotImplementedError, ValueError):
         # No setsid (macOS before 10.15), or an environment entry Popen
         # takes and posix_spawn refuses (`env '=x=1'` gives the worker a
