@@ -1703,6 +1703,12 @@ def _counter_lines(queue):
     finally:
         queue.close()
 
+def _sleep_marker(seconds):
+    """A sleep's length that no other test process uses: `.ci/run` runs
+    two suites at once, and _processes_with sees the other one's jobs."""
+    return "%d.%d" % (seconds, os.getpid())
+
+
 def _processes_with(marker):
     """Pids of live (non-zombie) processes whose command line has `marker`."""
     found = []
@@ -1851,7 +1857,7 @@ class TestFaults(CLITestCase):
     def test_timeout_kills_background_grandchildren(self):
         # Timeout kills the job's whole group, double-forked children too.
         # (They would sleep past every deadline here.)
-        marker = "2718.28"
+        marker = _sleep_marker(2718)
         job_id = self.enqueue("(sleep %s &); sleep %s & sleep %s; wait"
                               % (marker, marker, marker),
                               "--timeout", "0.5", "--max-retries", "0")
@@ -2062,18 +2068,20 @@ class TestHeldPromises(CLITestCase):
     def test_job_that_closes_its_output_still_times_out(self):
         # A job's lifetime is its process, not its pipe: redirecting its
         # own output must not let it escape the timeout.
-        job_id = self.enqueue("exec >/dev/null 2>&1; sleep 30.1234",
+        marker = _sleep_marker(30)
+        job_id = self.enqueue("exec >/dev/null 2>&1; sleep %s" % marker,
                               "--timeout", "1", "--max-retries", "0")
         self.drain()
         job = self.job(job_id)
         self.assertEqual((job["state"], job["last_error"]),
                          ("dead", "timed out after 1s"))
-        self.assertEqual(_processes_with("30.1234"), [])
+        self.assertEqual(_processes_with(marker), [])
 
     def test_forced_stop_kills_a_job_that_closed_its_output(self):
         # Its group is recorded (for recovery) and a second SIGTERM kills
         # it and requeues it uncounted.
-        job_id = self.enqueue("exec >/dev/null 2>&1; sleep 31.4242")
+        marker = _sleep_marker(31)
+        job_id = self.enqueue("exec >/dev/null 2>&1; sleep %s" % marker)
         worker = self.start_worker()
         self.wait_state(job_id, "processing")
         self.wait_for(lambda: self.sql("SELECT pgid FROM attempts")[0][0],
@@ -2085,7 +2093,7 @@ class TestHeldPromises(CLITestCase):
         self.assertNotEqual(worker.wait(timeout=30), 0)
         self.assertEqual(self.state(job_id), "pending")
         self.assertEqual(self.job(job_id)["attempts"], 0)
-        self.wait_for(lambda: not _processes_with("31.4242"),
+        self.wait_for(lambda: not _processes_with(marker),
                  what="the job's group to be killed")
 
     def test_long_job_without_output_hands_back_its_batch(self):
@@ -4036,10 +4044,11 @@ class TestManyHosts(CLITestCase):
         hosts = _start_hosts(self, 3)
         self.config(lease_timeout=4, backoff_max=0)
         events = os.path.join(self.dir, "events.txt")
+        marker = _sleep_marker(6)
         script = (
             'log() { echo "$1 $QUEUECTL_JOB_ID $QUEUECTL_ATTEMPT $(hostname)'
             ' $(date +%%s.%%N)" >> %s; }; trap \'log term; exit 143\' TERM;'
-            ' log start; sleep 6 & wait; log end' % events)
+            ' log start; sleep %s & wait; log end' % (events, marker))
         ids = [self.enqueue(script) for _ in range(12)]
         killed_host, cut_host, _ = hosts
         workers = {h.hostname: self.start_on(h, "--count", "2")
@@ -4087,7 +4096,7 @@ class TestManyHosts(CLITestCase):
             [h.hostname for h in hosts], _read(events)) + "".join(
                 "\n== %s\n%s" % (h.hostname, _read(os.path.join(
                     self.dir, "%s.log" % h.hostname))) for h in hosts))
-        self.assertEqual(_processes_with("sleep 6"), [])
+        self.assertEqual(_processes_with("sleep " + marker), [])
 
     def test_cancel_and_follow_across_hosts(self):
         # logs --follow on one host prints the output of a job running on
