@@ -4442,45 +4442,50 @@ class _LibcSpawn(object):
             return None  # not glibc, or a Python built without ctypes
 
     def __init__(self, ctypes):
-        self.ctypes = ctypes
-        self.libc = libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.buffer, self.pid_of = ctypes.create_string_buffer, ctypes.byref
+        self.pid_type, self.strings = ctypes.c_int, ctypes.c_char_p
+        # Looked up now, so a libc without them fails load(), not a job.
+        self.spawn = libc.posix_spawn
+        self.actions_init = libc.posix_spawn_file_actions_init
+        self.add_dup2 = libc.posix_spawn_file_actions_adddup2
+        self.actions_destroy = libc.posix_spawn_file_actions_destroy
         # posix_spawnattr_t and sigset_t are opaque: glibc's are 336 and
         # 128 bytes; these buffers leave room to spare.  The attributes are
         # the same for every job and posix_spawn only reads them.
-        self.attributes = ctypes.create_string_buffer(1024)
-        signals = ctypes.create_string_buffer(1024)
+        self.attributes = self.buffer(1024)
+        signals = self.buffer(1024)
         _check_errno(libc.posix_spawnattr_init(self.attributes))
-        _check_errno(libc.sigemptyset(signals) and ctypes.get_errno())
-        for number in _restored_signals():
-            _check_errno(libc.sigaddset(signals, number) and ctypes.get_errno())
+        if libc.sigemptyset(signals) or any(
+                libc.sigaddset(signals, number)
+                for number in _restored_signals()):
+            raise OSError("cannot build a signal set")
         _check_errno(libc.posix_spawnattr_setsigdefault(self.attributes,
                                                         signals))
         _check_errno(libc.posix_spawnattr_setflags(
             self.attributes, ctypes.c_short(self.SETSIGDEF | self.SETSID)))
 
     def __call__(self, argv, env, stdin, output):
-        ctypes, libc = self.ctypes, self.libc
         argv = [os.fsencode(arg) for arg in argv]
+        if any(b"\0" in arg for arg in argv):
+            raise ValueError("embedded null byte")
         entries = []
         for key, value in env.items():  # refused as os.posix_spawn does
             if not key or b"=" in key or b"\0" in key or b"\0" in value:
                 raise ValueError("illegal environment variable")
             entries.append(key + b"=" + value)
-        if any(b"\0" in arg for arg in argv):
-            raise ValueError("embedded null byte")
-        actions = ctypes.create_string_buffer(1024)  # glibc's: 80 bytes
-        _check_errno(libc.posix_spawn_file_actions_init(actions))
+        actions = self.buffer(1024)  # glibc's posix_spawn_file_actions_t: 80
+        _check_errno(self.actions_init(actions))
         try:
             for fd, target in ((stdin, 0), (output, 1), (output, 2)):
-                _check_errno(libc.posix_spawn_file_actions_adddup2(
-                    actions, fd, target))
-            pid = ctypes.c_int()
-            _check_errno(libc.posix_spawn(
-                ctypes.byref(pid), argv[0], actions, self.attributes,
-                (ctypes.c_char_p * (len(argv) + 1))(*argv),
-                (ctypes.c_char_p * (len(entries) + 1))(*entries)))
+                _check_errno(self.add_dup2(actions, fd, target))
+            pid = self.pid_type()
+            _check_errno(self.spawn(  # ctypes releases the GIL meanwhile
+                self.pid_of(pid), argv[0], actions, self.attributes,
+                (self.strings * (len(argv) + 1))(*argv),
+                (self.strings * (len(entries) + 1))(*entries)))
         finally:
-            libc.posix_spawn_file_actions_destroy(actions)
+            self.actions_destroy(actions)
         return pid.value
 
 
