@@ -513,6 +513,27 @@ class TestEnqueue(CLITestCase):
         self.expect_failure(2, "job 2: priority must be an integer", "enqueue", "-f", "-",
                   input=lines)
 
+    def test_json_lines_are_read_alike_however_they_are_laid_out(self):
+        # Most lines are read by the decoder's scanner alone; padded, blank,
+        # CRLF and bad lines must read (or fail) as json.loads would.
+        lines = ('{"command": "true", "id": "c1"}\r\n'
+                 '   {"command": "true", "id": "c2"}   \n'
+                 '\t\n'
+                 '{"command": "true", "id": "c3", "env": {"A": "\\u20ac"}}\n')
+        self.assertEqual(self.ok("enqueue", "-f", "-", input=lines),
+                         "c1\nc2\nc3\n")
+        self.assertEqual(self.job("c3")["env"], {"A": "\u20ac"})
+        for bad, message in (
+                ('{"command": "true", "command": "false"}',
+                 'line 4: invalid JSON: duplicate key "command"'),
+                ('{"command": "true"} x', "line 4: invalid JSON: Extra data"),
+                ('{"command": "true"', "line 4: invalid JSON: Expecting"),
+                ("[" * 100000, "line 4: invalid JSON: nested too deeply"),
+                ('"true"', "job 3: a job must be a JSON object")):
+            self.expect_failure(2, message, "enqueue", "-f", "-", input=(
+                '{"command": "true"}\n\n{"command": "true"}\n' + bad + "\n"))
+        self.assertEqual(len(self.ok_json("list")), 3)
+
     def test_generated_ids_are_unique_and_durable(self):
         # Ids survive the process; many enqueues never clash.
         ids = set(self.ok("enqueue", "-f", "-", input="\n".join(
