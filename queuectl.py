@@ -4219,7 +4219,7 @@ class _Execution(object):
         # while new output came, never in the first such interval.
         self.on_output = on_output
         self.base_env = base_env if base_env is not None else os.environb
-        # _folder_id of the worker's own folder when jobs that run in it
+        # The worker's own folder (_SpawnFolder) when jobs that run in it
         # may be started by _spawn_shell (see _direct_spawn_folder).
         self.spawn_folder = spawn_folder
         self.proc = None
@@ -4238,7 +4238,7 @@ class _Execution(object):
                 argv = ["/bin/sh", "-c", '. "$0"', script]
             cwd = job.cwd.encode("utf-8")
             if self.spawn_folder is not None \
-                    and _folder_id(cwd) == self.spawn_folder:
+                    and self.spawn_folder.serves(cwd):
                 self.proc = _spawn_shell(argv, env)
             if self.proc is None:
                 self.proc = subprocess.Popen(
@@ -4345,7 +4345,7 @@ class _Execution(object):
 
 
 def _direct_spawn_folder():
-    """_folder_id of this process's folder when the jobs that run in it
+    """This process's folder (_SpawnFolder) when the jobs that run in it
     may be started by _spawn_shell, else None; for `worker start` only.
 
     Popen runs a page of Python for every job (the environment converted
@@ -4354,8 +4354,8 @@ def _direct_spawn_folder():
     was more CPU than a `true` job itself.  os.posix_spawn does its work in
     C and vforks (so does glibc's, which _LibcSpawn calls on 3.6 and 3.7),
     but it cannot set a folder (so it serves jobs whose folder is the
-    worker's own), and it does not close inherited descriptors as Popen's close_fds does: those above 2
-    are marked close-on-exec here, which is why a program that embeds
+    worker's own), and it does not close inherited descriptors as Popen's
+    close_fds does: those above 2 are marked close-on-exec here, which is why a program that embeds
     WorkerPool (and may chdir or make descriptors inheritable) keeps
     Popen."""
     if _posix_spawner() is None:
@@ -4370,10 +4370,51 @@ def _direct_spawn_folder():
                 with contextlib.suppress(OSError):  # the listing's own fd
                     os.set_inheritable(fd, False)
         try:
-            return _folder_id(os.getcwdb())
+            folder = _folder_id(os.getcwdb())
         except OSError:  # the folder was removed
             return None
+        return _SpawnFolder.watch(folder)
     return None
+
+
+class _SpawnFolder(object):
+    """The worker's own folder, and whether a job's folder is still it.
+
+    Its path and inode tell most other folders apart (_folder_id), but not
+    a mount over the same path: `mount --bind -o ro` of the folder onto
+    itself leaves both alike, yet a job enqueued there must see the
+    read-only view, and Popen, which changes into the folder by its path,
+    gives it that.  So on Linux the mount table is watched (it polls
+    POLLPRI when it changes, see proc(5)), and after any change every job
+    goes through Popen."""
+
+    def __init__(self, folder, mounts):
+        self.folder = folder
+        self.mounts = mounts  # /proc/self/mountinfo, open; None elsewhere
+        self.remounted = False
+
+    @classmethod
+    def watch(cls, folder):
+        if folder is None:
+            return None
+        if not sys.platform.startswith("linux"):
+            return cls(folder, None)
+        try:
+            return cls(folder, os.open("/proc/self/mountinfo", os.O_RDONLY))
+        except OSError:  # no /proc: a mount could not be seen
+            return None
+
+    def serves(self, cwd):
+        """May the job whose folder is cwd (bytes) start in this one?"""
+        if self.remounted or _folder_id(cwd) != self.folder:
+            return False
+        if self.mounts is not None:
+            import select
+            poller = select.poll()  # one per call: threads share the fd
+            poller.register(self.mounts, select.POLLPRI)
+            if poller.poll(0):
+                self.remounted = True  # the event is seen once: keep it
+        return not self.remounted
 
 
 def _folder_id(path):

@@ -2307,6 +2307,35 @@ class TestHeldPromises(CLITestCase):
         self.assertEqual(self.ok("logs", out.strip()), real + "\n")
         self.assertTrue(os.path.exists(os.path.join(real, "written")))
 
+    @unittest.skipUnless(sys.platform.startswith("linux")
+                         and os.geteuid() == 0,
+                         "needs root on Linux to bind-mount a folder")
+    def test_a_job_sees_a_mount_made_over_the_workers_folder(self):
+        # Found by a red-team pass: a folder bind-mounted read-only onto
+        # itself keeps its path and inode, so a worker started before the
+        # mount took a job enqueued there for one in its own folder, and
+        # ran it in the writable view the worker still had.
+        folder = os.path.join(self.dir, "folder")
+        os.mkdir(folder)
+        self.enqueue(CLITestCase.hold(self, "first"))
+        worker = subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db, "worker", "start",
+             "--exit-when-idle"], cwd=folder, env=self.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.procs.append(worker)
+        self.wait_started("first")
+        subprocess.check_call(["mount", "--bind", folder, folder])
+        self.addCleanup(subprocess.check_call, ["umount", folder])
+        subprocess.check_call(["mount", "-o", "remount,bind,ro", folder])
+        code, out, err = self.cli("enqueue", "touch written", "--max-retries",
+                                  "0", cwd=folder)
+        self.assertEqual((code, err), (0, ""))
+        self.release("first")
+        _, err = worker.communicate(timeout=120)
+        self.assertEqual(worker.returncode, 0, err)
+        self.assertEqual(self.job(out.strip())["state"], "dead")
+        self.assertIn("Read-only file system", self.ok("logs", out.strip()))
+
     def test_anything_failing_at_start_fails_only_that_attempt(self):
         # A job that cannot even be started (here an env written by an
         # older queuectl) fails as 'cannot start', and the pool goes on.
