@@ -4287,61 +4287,47 @@ class _Execution(object):
         """
         import select
         proc, limit = self.proc, self.output_limit
-        pipe = proc.stdout.fileno()
+        fd = proc.stdout.fileno()
         poller = select.poll()
-        poller.register(pipe, select.POLLIN | select.POLLHUP | select.POLLERR)
-        # Readable once the shell has exited (Linux, Python 3.9+): then one
-        # poll waits for output and exit alike.  Elsewhere _exits_within.
-        exit_fd = _pidfd(proc.pid)
-        if exit_fd is not None:
-            poller.register(exit_fd, select.POLLIN)
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         started = time.monotonic()
         deadline = started + self.job.timeout if self.job.timeout else None
         tail, dropped, reported, pipe_open = bytearray(), 0, False, True
         saved_at, unsaved = started, False
-        try:
-            while True:
-                now = time.monotonic()
-                if not reported and now - started >= RECORD_GROUP_AFTER:
-                    reported = True
-                    self.on_long_run(proc)
-                wait = RECORD_GROUP_AFTER if not reported else 1.0
-                if unsaved and self.on_output is not None:
-                    if now - saved_at >= TAIL_SAVE_EVERY:
-                        self.on_output(tail, dropped)
-                        saved_at, unsaved = time.monotonic(), False
-                    else:
-                        wait = min(wait, saved_at + TAIL_SAVE_EVERY - now)
-                if deadline is not None:
-                    if now >= deadline:
-                        kill_group(proc.pid, proc=proc)
-                        return tail, dropped, True
-                    wait = min(wait, deadline - now)
-                if not pipe_open and exit_fd is None:
-                    if _exits_within(proc, wait):
-                        return tail, dropped, False
-                    continue
-                ready = dict(poller.poll(wait * 1000))
-                events = ready.get(pipe, 0)
-                if events & (select.POLLIN | select.POLLERR):
-                    chunk = os.read(pipe, 65536)
-                    if chunk:
-                        dropped += _keep_tail(tail, chunk, limit)
-                        unsaved = True
-                        continue
-                if events:  # EOF (POLLHUP alone: nothing left to read)
-                    pipe_open = False
-                    poller.unregister(pipe)
-                # Once the shell has exited the job is over, even if a
-                # background child still holds the pipe: its leftovers
-                # keep running on their own.
-                exited = (exit_fd in ready if exit_fd is not None
-                          else proc.poll() is not None)
-                if exited:
+        while True:
+            now = time.monotonic()
+            if not reported and now - started >= RECORD_GROUP_AFTER:
+                reported = True
+                self.on_long_run(proc)
+            wait = RECORD_GROUP_AFTER if not reported else 1.0
+            if unsaved and self.on_output is not None:
+                if now - saved_at >= TAIL_SAVE_EVERY:
+                    self.on_output(tail, dropped)
+                    saved_at, unsaved = time.monotonic(), False
+                else:
+                    wait = min(wait, saved_at + TAIL_SAVE_EVERY - now)
+            if deadline is not None:
+                if now >= deadline:
+                    kill_group(proc.pid, proc=proc)
+                    return tail, dropped, True
+                wait = min(wait, deadline - now)
+            if not pipe_open:
+                if _exits_within(proc, wait):
                     return tail, dropped, False
-        finally:
-            if exit_fd is not None:
-                os.close(exit_fd)
+            elif poller.poll(wait * 1000):
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    dropped += _keep_tail(tail, chunk, limit)
+                    unsaved = True
+                    continue
+                pipe_open = False  # EOF: now follow the process itself
+                poller.unregister(fd)
+                if proc.poll() is not None:
+                    return tail, dropped, False
+            elif proc.poll() is not None:
+                # The shell exited but a background child holds the pipe:
+                # the job is over; its leftovers keep running on their own.
+                return tail, dropped, False
 
 
 def _direct_spawn_folder():
@@ -4355,9 +4341,9 @@ def _direct_spawn_folder():
     C and vforks (so does glibc's, which _LibcSpawn calls on 3.6 and 3.7),
     but it cannot set a folder (so it serves jobs whose folder is the
     worker's own), and it does not close inherited descriptors as Popen's
-    close_fds does: those above 2 are marked close-on-exec here, which is why a program that embeds
-    WorkerPool (and may chdir or make descriptors inheritable) keeps
-    Popen."""
+    close_fds does: those above 2 are marked close-on-exec here, which is
+    why a program that embeds WorkerPool (and may chdir or make descriptors
+    inheritable) keeps Popen."""
     if _posix_spawner() is None:
         return None
     for listing in ("/proc/self/fd", "/dev/fd"):
