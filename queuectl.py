@@ -713,16 +713,26 @@ def _job_cwd(value):
 
 
 def _current_folder():
-    """os.getcwd() as UTF-8 text, whatever the locale (Python 3.6 under
-    LANG=C decodes paths as ASCII)."""
-    path = os.getcwd()
-    if _isascii(path):
-        return path
+    """os.getcwd() as UTF-8 text, whatever the locale."""
+    return _utf8_text(os.getcwd(), "the current folder's path")
+
+
+def _utf8_text(text, what):
+    """Text from the system (arguments, environment, os.getcwd()) as real
+    UTF-8 text.  Python 3.6 under LANG=C hands non-ASCII bytes over as
+    surrogate escapes, and a path joined from both kinds holds each."""
+    if _isascii(text):
+        return text
     try:
-        return os.fsencode(path).decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("the current folder's path is not UTF-8: %s"
-                           % _short_repr(path))
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        raise InvalidInput("%s is not UTF-8: %s" % (what, _short_repr(text)))
+
+
+def _native(path):
+    """A UTF-8 text path as the bytes a system call takes: given text,
+    Python 3.6 under LANG=C would encode it as ASCII and fail."""
+    return path.encode("utf-8")
 
 
 _isascii = getattr(str, "isascii", lambda text: False)  # 3.7+
@@ -2396,7 +2406,8 @@ class _SQLiteStore(_SQLStore):
         " WHERE ended_at >= ? GROUP BY m")
 
     def __init__(self, path, clock=time.time):
-        path = os.path.abspath(os.path.expanduser(path))
+        path = _utf8_text(os.path.abspath(os.path.expanduser(path)),
+                          "the database path")
         _SQLStore.__init__(self, path, clock)
         self.path = path
         self.durable = None  # the connection's synchronous=FULL, once set
@@ -2405,12 +2416,13 @@ class _SQLiteStore(_SQLStore):
     # -- opening: files, identity, migrations -------------------------------
 
     def _connect(self):
-        path = self.path
+        path, native = self.path, _native(self.path)
         try:
-            if os.path.islink(path) and not os.path.exists(path):
+            if os.path.islink(native) and not os.path.exists(native):
+                target = os.readlink(native).decode("utf-8", "replace")
                 raise OSError(0, "it is a symbolic link to %s, which does"
-                              " not exist" % os.readlink(path))
-            if not os.path.exists(path):
+                              " not exist" % target)
+            if not os.path.exists(native):
                 _create_database(path)
             _check_writable(path)
             conn = _sqlite_open(path)
@@ -2625,9 +2637,10 @@ def _write_txn(conn):
 def _check_writable(path):
     # Workers and commands alike write (state, heartbeats, the WAL files
     # beside the database): refuse up front rather than half-way.
-    if not os.access(path, os.R_OK | os.W_OK):
+    native = _native(path)
+    if not os.access(native, os.R_OK | os.W_OK):
         raise OSError(0, "the file is not readable and writable by this user")
-    if not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+    if not os.access(os.path.dirname(native), os.W_OK | os.X_OK):
         raise OSError(0, "its folder is not writable by this user (SQLite"
                       " keeps -wal and -shm files beside it)")
 
@@ -2659,7 +2672,7 @@ def _store_reason(exc, path):
 
 def _disk_full(path):
     try:
-        return os.statvfs(os.path.dirname(path) or ".").f_bavail == 0
+        return os.statvfs(os.path.dirname(_native(path)) or b".").f_bavail == 0
     except OSError:
         return False
 
@@ -2670,9 +2683,10 @@ def _create_database(path):
     So no process ever sees a half-made queuectl database: a file at `path`
     is either complete or not ours (an empty file is an error, not a queue).
     """
-    _make_private_folders(os.path.dirname(path))
+    _make_private_folders(os.path.dirname(_native(path)))
     tmp = "%s.%d-%s.tmp" % (path, os.getpid(), _random_id())
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    os.close(os.open(_native(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     0o600))
     try:
         conn = _sqlite_open(tmp)
         try:
@@ -2683,13 +2697,13 @@ def _create_database(path):
         finally:
             conn.close()
         try:
-            os.link(tmp, path)
+            os.link(_native(tmp), _native(path))
         except FileExistsError:
             pass  # another process created it first; theirs is as good
     finally:
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(OSError):
-                os.unlink(tmp + suffix)
+                os.unlink(_native(tmp + suffix))
 
 
 def _make_private_folders(folder):
@@ -3549,7 +3563,8 @@ def open_store(address=None, clock=time.time):
 def default_db_path():
     """$QUEUECTL_DB (set but empty counts as unset, as XDG's variables do),
     else ~/.queuectl/queue.db."""
-    return os.path.expanduser(os.environ.get("QUEUECTL_DB") or DEFAULT_DB)
+    return _utf8_text(os.path.expanduser(
+        os.environ.get("QUEUECTL_DB") or DEFAULT_DB), "$QUEUECTL_DB")
 
 
 ###############################################################################
@@ -4231,9 +4246,11 @@ class _Execution(object):
         try:
             # Bytes, not text: Popen would encode text with the locale's
             # encoding, which is ASCII for Python 3.6 under LANG=C.
-            argv = [b"/bin/sh", b"-c", job.command.encode("utf-8")]
+            # "--": a command that starts with - or + is a command, not
+            # more options for sh (POSIX lets -c be followed by options).
+            argv = [b"/bin/sh", b"-c", b"--", job.command.encode("utf-8")]
             env = self._environment()
-            if len(argv[2]) > LONG_COMMAND:
+            if len(argv[3]) > LONG_COMMAND:
                 script = _write_script(job.command)
                 argv = ["/bin/sh", "-c", '. "$0"', script]
             cwd = job.cwd.encode("utf-8")
@@ -4603,9 +4620,14 @@ def _remove(path):
 
 
 def _start_error(exc, job):
-    if isinstance(exc, OSError) and not os.path.isdir(job.cwd.encode("utf-8")):
-        return "cwd %s: %s" % (job.cwd, _reason(exc))
-    return _reason(exc)
+    cwd, reason = job.cwd.encode("utf-8"), _reason(exc)
+    if isinstance(exc, OSError) and not os.path.isdir(cwd):
+        # Python 3.6's Popen ends the reason with the folder's repr.
+        repeated = (": %r" % cwd).lower()
+        if reason.endswith(repeated):
+            reason = reason[:-len(repeated)]
+        return "cwd %s: %s" % (job.cwd, reason)
+    return reason
 
 
 ###############################################################################
@@ -5966,13 +5988,13 @@ def _is_job_file(text):
     but names nothing is refused: running it as a command never works."""
     if not text.lower().endswith(_JOB_FILE_SUFFIXES) or text != text.strip():
         return False
-    if os.path.isfile(text):
+    if os.path.isfile(_native(text)):
         return True
     if re.search(r"\s", text):
         return False  # a command line, e.g. 'jq . in.json > out.json'
     raise InvalidInput("%s: %s (an argument ending in .json or .jsonl is"
                        " read as a job file); to run a command named so, %s"
-                       % (text, "not a file" if os.path.exists(text)
+                       % (text, "not a file" if os.path.exists(_native(text))
                           else "no such file", _command_hint(text)))
 
 
@@ -6000,7 +6022,7 @@ def _read_input(name):
     try:
         if name == "-":
             return sys.stdin.buffer.read().decode("utf-8")
-        with open(name, "rb") as handle:
+        with open(_native(name), "rb") as handle:
             return handle.read().decode("utf-8")
     except OSError as exc:
         raise InvalidInput("cannot read %s: %s" % (name, _reason(exc)))
@@ -6468,6 +6490,7 @@ def cmd_demo(args, queue):
     import tempfile
     import threading
     with tempfile.TemporaryDirectory(prefix="queuectl-demo-") as folder:
+        folder = _utf8_text(folder, "$TMPDIR")
         path = os.path.join(folder, "demo.db")
         demo = Queue(path)
         pool = WorkerPool(path, count=2, poll_interval=0.05, log=_DemoLog())
@@ -6527,7 +6550,7 @@ def _demo_script(demo, pool, worker, folder):
     _demo_step("6. Fix the cause (create ready.flag) and retry the job from"
                " the DLQ:\n   attempts start again from 0.",
                "dlq retry needs-flag")
-    open(os.path.join(folder, "ready.flag"), "w").close()
+    open(_native(os.path.join(folder, "ready.flag")), "w").close()
     demo.retry(["needs-flag"])
     demo.wait(["needs-flag"])
     _demo_step("7. Final status: both jobs completed.", "status")
@@ -6548,6 +6571,7 @@ def cmd_smoke_test(args, queue):
     _print("queuectl %s smoke test: Python %s, %s" % (
         __version__, platform.python_version(), _SQLiteStore.describe()))
     with tempfile.TemporaryDirectory(prefix="queuectl-smoke-") as folder:
+        folder = _utf8_text(folder, "$TMPDIR")
         check = _SmokeTest(folder)
         try:
             for number, (title, step) in enumerate(check.steps(), 1):
@@ -6656,7 +6680,7 @@ class _SmokeTest(object):
                 job["attempts"], job["last_error"]))
 
     def dlq_retry(self):
-        open(os.path.join(self.folder, "ready"), "w").close()
+        open(_native(os.path.join(self.folder, "ready")), "w").close()
         self.queue.retry([self.failing_id])
         job = self._finished(self.failing_id)
         if job["state"] != "completed":
@@ -7278,10 +7302,7 @@ def main(argv=None):
 
 def _decoded_argv(argv):
     """Python 3.6 under LANG=C decodes arguments as ASCII: redo it as UTF-8."""
-    try:
-        return [os.fsencode(arg).decode("utf-8") for arg in argv]
-    except UnicodeDecodeError:
-        raise InvalidInput("arguments must be UTF-8 text")
+    return [_utf8_text(arg, "an argument") for arg in argv]
 
 
 def _error_exit(message, code):
@@ -8081,6 +8102,12 @@ def run_bench(quick=False, progress=lambda text: None, db=None):
     if db is not None:
         _check_bench_target(db)
     with tempfile.TemporaryDirectory(prefix="queuectl-bench-") as folder:
+        if _utf8_text(folder, "$TMPDIR") != folder:
+            # Python 3.6 under LANG=C: its sqlite3 cannot open such a path,
+            # and the baseline scripts bench times are plain sqlite3.
+            raise InvalidInput("bench needs an ASCII $TMPDIR under an ASCII"
+                               " locale (%s); set TMPDIR or LANG=C.UTF-8"
+                               % _short_repr(folder))
         try:
             return _Bench(folder, quick, progress, db).run()
         finally:

@@ -790,6 +790,41 @@ class TestDatabaseFiles(CLITestCase):
                 with open(self.db, "rb") as handle:
                     self.assert_refused(handle.read(), message)
 
+    def test_non_ascii_paths_under_a_c_locale(self):
+        # Python 3.6 under LANG=C encodes paths as ASCII: a database, a job
+        # file, $QUEUECTL_DB and $TMPDIR named in UTF-8 still work (3.7+
+        # switch to UTF-8 by themselves), and a path that is not UTF-8 is
+        # one line of error.
+        env = {"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": ""}
+        folder = os.path.join(self.dir, "caf\u00e9")
+        os.mkdir(folder)
+        db = os.path.join(folder, "\u00fc.db")
+        jobs = os.path.join(folder, "j\u00f6bs.jsonl")
+        with open(jobs, "w") as handle:
+            handle.write('{"command": "pwd", "max_retries": 0}\n')
+        job_id = self.ok("enqueue", "-f", jobs, db=db, env=env).strip()
+        here_id = self.ok("enqueue", "--max-retries", "0", "pwd", db=db,
+                          env=env, cwd=folder).strip()
+        counts = self.ok_json("status", db=None,
+                              env=dict(env, QUEUECTL_DB=db))["counts"]
+        self.assertEqual(counts["pending"], 2)
+        code, out, err = self.cli("worker", "start", "--exit-when-idle",
+                                  db=db, env=env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.ok("logs", job_id, db=db), self.dir + "\n")
+        self.assertEqual(self.ok("logs", here_id, db=db), folder + "\n")
+        self.assertEqual(self.ok_json("status", db=db)["counts"]["completed"],
+                         2)
+        link = os.path.join(folder, "l\u00efnk.db")
+        os.symlink(os.path.join(folder, "n\u00f6ne"), link)
+        self.expect_failure(1, "ne, which does not exist", "status", db=link,
+                            env=env)
+        self.ok("smoke-test", db=None, env=dict(env, TMPDIR=folder))
+        code, out, err = self.cli("status", db=None, env=dict(
+            env, QUEUECTL_DB=os.fsdecode(b"/tmp/\xff.db")))
+        self.assertEqual((code, err), (2, "queuectl: error: $QUEUECTL_DB is"
+                                          " not UTF-8: \"/tmp/\\udcff.db\"\n"))
+
     def test_missing_folder_is_created_and_file_as_folder_refused(self):
         blocker = os.path.join(self.dir, "file")
         open(blocker, "w").close()
@@ -887,8 +922,26 @@ class TestLifecycle(CLITestCase):
                              "%s 1 hi there /tmp\neof\n" % job_id)
         job = self.job(bad)
         self.assertEqual(job["state"], "dead")
-        self.assertTrue(job["last_error"].startswith(
-            "cannot start: cwd /nonexistent/dir"), job["last_error"])
+        self.assertEqual(job["last_error"], "cannot start: cwd"
+                         " /nonexistent/dir: no such file or directory")
+
+    def test_a_command_may_start_with_a_dash_or_a_plus(self):
+        # sh takes options after -c: queuectl ends them, so the command is
+        # the user's, as typed, whatever its first character.
+        folder = os.path.join(self.dir, "bin")
+        os.mkdir(folder)
+        for name in ("-greet", "+greet"):
+            with open(os.path.join(folder, name), "w") as handle:
+                handle.write("#!/bin/sh\necho \"$0 $1\"\n")
+            os.chmod(os.path.join(folder, name), 0o755)
+        path = folder + os.pathsep + os.environ["PATH"]
+        ids = [self.enqueue(json.dumps({"command": "%sgreet %s" % (c, c),
+                                        "env": {"PATH": path}}))
+               for c in "-+"]
+        self.drain()
+        for job_id, first in zip(ids, "-+"):
+            self.assertEqual(self.ok("logs", job_id), "%s/%sgreet %s\n"
+                             % (folder, first, first))
 
     def test_signal_death_is_recorded(self):
         job_id = self.enqueue("kill -9 $$", "--max-retries", "0")
