@@ -782,7 +782,9 @@ def _job_after(spec):
         return ()
     after = spec["after"]
     if isinstance(after, str):
-        after = [part for part in after.split(",") if part]
+        # Every part must be an id: `--after "$BUILD"` with BUILD unset (an
+        # earlier enqueue failed) must not mean "run at once".
+        after = after.split(",")
     if not isinstance(after, list):
         raise InvalidInput("after must be a list of job ids, got %s"
                            % _short_repr(after))
@@ -5414,8 +5416,6 @@ class WorkerPool(object):
 # Dashboard: a web page, JSON endpoints and Prometheus metrics ################
 ###############################################################################
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 def serve_dashboard(path, host="127.0.0.1", port=8765, read_only=False,
                     ready=None):
@@ -5443,7 +5443,8 @@ def serve_dashboard(path, host="127.0.0.1", port=8765, read_only=False,
     server.read_only = read_only
     server.token = os.urandom(16).hex()
     server.port = server.server_address[1]
-    server.allowed_hosts = _allowed_hosts(host, server.port)
+    server.allowed_hosts = _allowed_hosts(host, server.server_address[0],
+                                          server.port)
     url = "http://%s:%d/" % ("[%s]" % host if ":" in host else host,
                              server.port)
     if ready is not None:
@@ -5454,12 +5455,23 @@ def serve_dashboard(path, host="127.0.0.1", port=8765, read_only=False,
         server.server_close()
 
 
-def _allowed_hosts(host, port):
-    """Host headers we answer: DNS rebinding must not reach a local page."""
-    if host in _LOOPBACK:
-        return set("%s:%d" % (name, port) for name in
-                   ("127.0.0.1", "localhost", "[::1]"))
-    return None  # bound to a public address on purpose: any name for it
+def _allowed_hosts(host, bound, port):
+    """Host headers we answer (lower case), or None for any: DNS rebinding
+    must not reach a local page.
+
+    Loopback is judged by the address the socket got, so every spelling
+    of it (127.0.0.2, 127.1, LOCALHOST, ::ffff:127.0.0.1) is guarded; the
+    names are the usual three, the --host given and the address itself.
+    A browser leaves the port out of Host for port 80."""
+    import ipaddress
+    address = ipaddress.ip_address(bound.split("%")[0])  # no IPv6 scope
+    mapped = getattr(address, "ipv4_mapped", None)
+    if not (address.is_loopback or (mapped and mapped.is_loopback)):
+        return None  # bound to a public address on purpose: any name for it
+    names = set("[%s]" % name if ":" in name else name for name in
+                ("127.0.0.1", "localhost", "::1", host.lower(), bound))
+    allowed = set("%s:%d" % (name, port) for name in names)
+    return allowed | names if port == 80 else allowed
 
 
 class _HTTPError(Exception):
@@ -5477,6 +5489,10 @@ class _DashboardRoutes(object):
 
     server_version = "queuectl/" + __version__
     timeout = HTTP_TIMEOUT
+    # http.server's default, HTTP/0.9, answers a request line it cannot
+    # read (or one without a version) with a bare body: no status line and
+    # none of the security headers.  Nobody speaks 0.9 any more.
+    default_request_version = "HTTP/1.0"
 
     def log_message(self, format, *args):
         pass  # one line per request would drown the terminal
@@ -5530,7 +5546,8 @@ class _DashboardRoutes(object):
         allowed = self.server.allowed_hosts
         if len(self.headers.get_all("Host") or ()) > 1:
             raise _HTTPError(400, "more than one Host header")
-        if allowed is not None and self.headers.get("Host") not in allowed:
+        if allowed is not None and \
+                (self.headers.get("Host") or "").lower() not in allowed:
             raise _HTTPError(403, "unexpected Host header")
 
     def _send(self, status, kind, body):

@@ -698,6 +698,13 @@ class TestBadInput(CLITestCase):
         self.expect_failure(1, "has no attempt yet", "logs", "abc123")
         self.expect_failure(1, "after: no job with id 'ghost'", "enqueue", "true",
                   "--after", "ghost")
+        # An empty id (`--after "$BUILD"` with BUILD unset) is refused, not
+        # read as "no dependency", which would run the job at once.
+        for after in ("", ",", "abc123,", ",abc123", "abc123,,abd456"):
+            self.expect_failure(2, "after must be 1-128 characters", "enqueue",
+                                "true", "--after", after)
+            self.expect_failure(2, "after must be 1-128 characters", "enqueue",
+                                json.dumps({"command": "true", "after": after}))
 
     def test_exact_id_beats_prefix(self):
         # An id that is also a prefix of another id resolves to itself.
@@ -2811,6 +2818,40 @@ class TestDashboard(CLITestCase):
                                      {"X-Queuectl-Token": token})
         self.assertEqual(code, 404, body)
 
+    def test_every_loopback_spelling_is_guarded_against_rebinding(self):
+        # The Host check follows the socket's address, not --host's text:
+        # 127.0.0.2 and 127.1 are loopback too, and a page of another site
+        # must not read them.  Host names compare without case.
+        import http.client
+        for host, bound in (("127.0.0.2", "127.0.0.2"), ("127.1", "127.0.0.1")):
+            proc = subprocess.Popen(
+                [sys.executable, SCRIPT, "--db", self.db, "dashboard",
+                 "--host", host, "--port", "0"], stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=self.env)
+            self.procs.append(proc)
+            port = int(proc.stdout.readline().decode().split()[2]
+                       .rstrip("/").rsplit(":", 1)[1])
+            for name, status in (("evil.example", 403), (host, 200),
+                                 (bound, 200), ("LocalHost", 200)):
+                conn = http.client.HTTPConnection(bound, port, timeout=10)
+                try:
+                    conn.putrequest("GET", "/api/status", skip_host=True)
+                    conn.putheader("Host", "%s:%d" % (name, port))
+                    conn.endheaders()
+                    response = conn.getresponse()
+                    self.assertEqual(response.status, status, (host, name))
+                    response.read()
+                finally:
+                    conn.close()
+            proc.kill()
+        # A browser sends no port for port 80 (binding it needs root).
+        self.assertEqual(queuectl._allowed_hosts("127.0.0.1", "127.0.0.1", 80),
+                         {"127.0.0.1", "localhost", "[::1]", "127.0.0.1:80",
+                          "localhost:80", "[::1]:80"})
+        self.assertIsNone(queuectl._allowed_hosts("0.0.0.0", "0.0.0.0", 80))
+        self.assertIn("[::1]:8", queuectl._allowed_hosts(
+            "::ffff:127.0.0.1", "::ffff:127.0.0.1", 8))
+
     def test_ids_with_a_colon_as_the_page_encodes_them(self):
         # The page sends ids through encodeURIComponent: a schedule's job
         # 'nightly:...' arrives as nightly%3A...; view and buttons work.
@@ -2943,6 +2984,12 @@ class TestDashboard(CLITestCase):
             (post % "-1", 400, "bad Content-Length"),
             ("GET /api/status HTTP/1.1\r\n" + host + host +
              "Connection: close\r\n\r\n", 400, "more than one Host"),
+            # A request line http.server cannot read, or one without a
+            # version (HTTP/0.9), still gets a status line and headers.
+            ("GET / HTTP/1.x\r\n" + host + "\r\n", 400, "Bad request version"),
+            ("GET / HTTP/2.0\r\n" + host + "\r\n", 505, "Invalid HTTP version"),
+            ("GARBAGE\r\n\r\n", 400, "Bad request syntax"),
+            ("GET /api/status\r\n\r\n", 403, "unexpected Host header"),
         ] + [("%s /api/status HTTP/1.1\r\n%sConnection: close\r\n\r\n"
               % (method, host), 405, "method not allowed")
              for method in ("PUT", "DELETE", "OPTIONS", "TRACE", "PATCH",
