@@ -1153,26 +1153,33 @@ _OPEN_QUEUES = (" AND queue NOT IN (SELECT name FROM queues WHERE paused = 1"
 
 
 def _filtered(sql, where):
-    """A claim-walk statement with a condition on queues before its ORDER
-    BY (the walk's parameters come first, the condition's next)."""
+    """A claim-walk statement with a condition on queues (no parameters of
+    its own: _quoted) before its ORDER BY."""
     return sql.replace(" ORDER BY", where + " ORDER BY", 1) if where else sql
 
 #: _queue_plan's answer when no queue is paused or capped.
-_NO_FILTER = ("", (), False)
+_NO_FILTER = ("", False)
 
 
 def _claim_filter(served, blocked, one):
-    """(condition on jobs.queue, parameters, one) for _queue_plan; None
-    when the worker serves only blocked queues."""
+    """(condition on jobs.queue, one) for _queue_plan; None when the
+    worker serves only blocked queues."""
     if served is not None:
         open_ = [name for name in served if name not in blocked]
         if not open_:
             return None
-        return " AND queue IN (%s)" % _marks(open_), tuple(open_), one
+        return " AND queue IN (%s)" % _quoted(open_), one
     if blocked:
-        return (" AND queue NOT IN (%s)" % _marks(blocked), tuple(blocked),
-                one)
-    return "", (), one
+        return " AND queue NOT IN (%s)" % _quoted(blocked), one
+    return "", one
+
+
+def _quoted(names):
+    """Queue names as SQL string literals, not parameters: a worker may
+    serve, or meet, more paused and capped queues than SQLite 3.7.17's 999
+    parameters a statement (and names come checked, but from a database
+    too: quotes are doubled all the same)."""
+    return ", ".join("'%s'" % name.replace("'", "''") for name in names)
 
 
 _JOB_COLUMNS = ("seq, id, command, state, priority, run_at, max_retries,"
@@ -1956,31 +1963,30 @@ class _SQLStore(object):
         """A plain read (no write lock): is any job claimable now (of the
         named queues, if given; not of a paused or full queue, so idle
         workers do not take the write lock for jobs they may not claim)?"""
-        served = " AND queue IN (%s)" % _marks(queues) if queues else ""
+        served = " AND queue IN (%s)" % _quoted(queues) if queues else ""
         with self._translated():
-            return bool(self._due(now, 1, served + _OPEN_QUEUES,
-                                  tuple(queues or ())))
+            return bool(self._due(now, 1, served + _OPEN_QUEUES))
 
-    def _due(self, now, limit, where="", params=()):
+    def _due(self, now, limit, where=""):
         """Up to `limit` claimable rows (_CLAIM_SQL's columns), in claim
         order, read one priority at a time so that jobs not due yet cost
         nothing: an index seek finds the next priority in use, a range of
-        the claim index gives its due jobs.  `where` (with `params`) is a
-        condition on queues that every statement of the walk adds."""
+        the claim index gives its due jobs.  `where` is a condition on
+        queues that every statement of the walk adds."""
         rows, below = [], _TOP_PRIORITY
         next_priority = _filtered(_NEXT_PRIORITY_SQL, where)
         claim_at = _filtered(_CLAIM_AT_SQL, where)
         for _ in range(_PRIORITY_STEPS):
-            found = self._run(next_priority, (below,) + params).fetchone()
+            found = self._run(next_priority, (below,)).fetchone()
             if found is None:
                 return rows
-            rows.extend(self._run(claim_at, (found[0], now) + params
-                                  + (limit - len(rows),)))
+            rows.extend(self._run(claim_at, (found[0], now,
+                                             limit - len(rows))))
             if len(rows) >= limit:
                 return rows
             below = found[0] - 1
         rows.extend(self._run(_filtered(_CLAIM_BELOW_SQL, where),
-                              (below, now) + params + (limit - len(rows),)))
+                              (below, now, limit - len(rows))))
         return rows
 
 
@@ -2006,10 +2012,10 @@ class _SQLStore(object):
             plan = self._queue_plan(queues)
             if plan is None or (queues is None and plan == _NO_FILTER):
                 return []  # nothing due, or only in closed queues
-            where, params, one = plan
+            where, one = plan
             if one:
                 batch = deep_at = 1
-            rows = self._due(now, deep_at, where, params)
+            rows = self._due(now, deep_at, where)
         claims = []
         for seq, job_id, command, timeout, cwd, env, attempts, runs, due in \
                 rows[:batch] if len(rows) >= deep_at else rows[:1]:
@@ -2083,7 +2089,7 @@ class _SQLStore(object):
         as many rows as jobs running)."""
         return dict(self._run(
             "SELECT queue, COUNT(*) FROM jobs WHERE state = 'processing' AND"
-            " queue IN (%s) GROUP BY queue" % _marks(names), names).fetchall())
+            " queue IN (%s) GROUP BY queue" % _quoted(names)).fetchall())
 
     def claim_holds(self, claim):
         """Is this claim still the job's current one?"""
@@ -3081,12 +3087,12 @@ class _PostgresStore(_SQLStore):
             plan = self._queue_plan(queues)
             if plan is None or (queues is None and plan == _NO_FILTER):
                 return []
-            where, params, one = plan
+            where, one = plan
             if one:
                 batch = deep_at = 1
             rows = self._run(_PG_CLAIM_SQL.replace(
-                _PG_CLAIM_DUE, _PG_CLAIM_DUE + where), (now,) + params + (
-                    deep_at, deep_at, deep_at, batch, worker_id, host,
+                _PG_CLAIM_DUE, _PG_CLAIM_DUE + where), (
+                    now, deep_at, deep_at, deep_at, batch, worker_id, host,
                     worker_id)).fetchall()
         return [_Claim(*row[1:]) for row in sorted(rows)]
 
@@ -3104,7 +3110,7 @@ class _PostgresStore(_SQLStore):
         row, held to COMMIT, in name order (no deadlock between two
         workers); the caller counts again after it (a fresh snapshot)."""
         self._run("SELECT name FROM queues WHERE name IN (%s) ORDER BY name"
-                  " FOR UPDATE" % _marks(names), tuple(names)).fetchall()
+                  " FOR UPDATE" % _quoted(names)).fetchall()
         return True
 
     # -- listening ----------------------------------------------------------

@@ -3330,6 +3330,30 @@ class TestQueues(CLITestCase):
 
     # -- named queues -------------------------------------------------------
 
+    def test_a_thousand_paused_capped_and_served_queues(self):
+        # Each list of queue names a claim uses goes into its SQL: 1,000 of
+        # them must not meet SQLite 3.7.17's 999 parameters a statement
+        # (CI runs this suite against 3.7.17 too).
+        queue = queuectl.Queue(self.db)
+        try:
+            for number in range(1000):
+                queue.set_queue_paused("paused%d" % number, True)
+                queue.set_queue_concurrency("capped%d" % number, 1)
+        finally:
+            queue.close()
+        ids = {name: self.enqueue("true", "--queue", name) for name in
+               ("default", "open", "capped7", "paused7", "served")}
+        self.drain()
+        states = dict((name, self.state(job_id))
+                      for name, job_id in ids.items())
+        self.assertEqual(states, {"default": "completed", "open": "completed",
+                                  "capped7": "completed", "paused7": "pending",
+                                  "served": "completed"})
+        served = self.enqueue("true", "--queue", "served")
+        names = ["capped%d" % n for n in range(999)] + ["served"]
+        self.drain("--queue", ",".join(names))
+        self.assertEqual(self.state(served), "completed")
+
     def test_queue_field_list_and_status(self):
         a = self.enqueue("true", "--queue", "mail")
         b = self.enqueue("true")
