@@ -327,7 +327,12 @@ def parse_time(text):
         seconds = calendar.timegm(fields + (0, 0, 0)) - offset + fraction
     if seconds < 0:  # 1970-01-01 with an offset east of UTC
         raise ValueError("before 1970-01-01T00:00:00Z: %r" % (text,))
+    if seconds >= _YEAR_10000:  # 9999-12-31 with an offset west of UTC
+        raise ValueError("after 9999-12-31T23:59:59Z: %r" % (text,))
     return seconds
+
+
+_YEAR_10000 = 253402300800  # 10000-01-01T00:00:00Z, which iso() cannot say
 
 
 _DIGITS_RE = r"^[0-9]+$"
@@ -342,7 +347,14 @@ def _parse_number(text, kind):
     text = text.strip()
     if not re.match(_INTEGER_RE if kind is int else _DECIMAL_RE, text):
         raise ValueError("not a number: %r" % (text,))
+    if kind is int:
+        # As many digits still name a number out of every field's range,
+        # and int() refuses over 4,300 on 3.7+ (with advice to programmers).
+        text = text[:_MAX_DIGITS]
     return kind(text)
+
+
+_MAX_DIGITS = 400
 
 
 def parse_duration(text):
@@ -363,6 +375,10 @@ def parse_json(text):
         return _JSON_DECODER.decode(text)  # one decoder for every line
     except RecursionError:
         raise ValueError("nested too deeply")
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # Python 3.7+'s limit
+            raise ValueError("a number of more than 4300 digits")
+        raise
 
 
 def _unique_keys(pairs):
@@ -483,20 +499,21 @@ def _cron_field(text, name, low, high, names):
             raise InvalidInput("cron: %s: %s is not a number%s" % (
                 name, _short_repr(word), " or a name (%s-%s)" % (
                     names[0], names[-1]) if names else ""))
-        number = int(word)
-        if not low <= number <= high:
-            raise InvalidInput("cron: %s: %d is out of range %d-%d"
-                               % (name, number, low, high))
-        return number
+        if len(word.lstrip("0")) > 2 or not low <= int(word) <= high:
+            raise InvalidInput("cron: %s: %s is out of range %d-%d" % (
+                name, _short_repr(word).strip('"'), low, high))
+        return int(word)
     values = set()
     for part in text.split(","):
         span, slash, step_text = part.partition("/")
         step = 1
         if slash:
-            if not re.match(_DIGITS_RE, step_text) or int(step_text) < 1:
+            digits = step_text.lstrip("0")
+            if not re.match(_DIGITS_RE, step_text) or not digits:
                 raise InvalidInput("cron: %s: step %s must be a whole number"
                                    " >= 1" % (name, _short_repr(step_text)))
-            step = int(step_text)
+            # A step past the field's range takes its first value only.
+            step = int(digits) if len(digits) <= 4 else high + 1
         if span == "*":
             start, end = low, high
         else:
@@ -591,8 +608,16 @@ def _check_id(value, what="id"):
 
 
 def _short_repr(value):
-    text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return _clipped(json.dumps(value) if not isinstance(value, bytes)
+                    else repr(value))
+
+
+def _clipped(text):
+    """At most 40 characters of a text quoted in an error (any other value
+    as it is)."""
+    if not isinstance(text, str) or len(text) <= 40:
+        return text
+    return text[:37] + "..."
 
 
 def _field_number(spec, name, minimum, exclusive=False, integer=False):
@@ -4021,10 +4046,12 @@ def config_value(key, text):
         if not _finite(value):
             raise ValueError
     except (ValueError, TypeError, OverflowError):
-        raise InvalidInput("%s must be %s, got %r" % (key, what, text))
+        raise InvalidInput("%s must be %s, got %r" % (key, what,
+                                                      _clipped(text)))
     if (value < minimum or (exclusive and value == minimum)
             or value > maximum):
-        raise InvalidInput("%s must be %s, got %r" % (key, what, text))
+        raise InvalidInput("%s must be %s, got %r" % (key, what,
+                                                      _clipped(text)))
     return int(value) if float(value).is_integer() else value
 
 
@@ -6102,7 +6129,8 @@ def _number_flag(kind, name):
             value = _parse_number(text, kind)
         except ValueError:
             raise argparse.ArgumentTypeError("%s must be %s, got %r" % (
-                name, "an integer" if kind is int else "a number", text))
+                name, "an integer" if kind is int else "a number",
+                _clipped(text)))
         if not _finite(value):
             raise argparse.ArgumentTypeError("%s must be finite" % name)
         return value
@@ -7315,6 +7343,8 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         return _error_exit("interrupted", 130)
+    except MemoryError:  # `enqueue -f` of more than fits: nothing written
+        return _error_exit("out of memory", 1)
     except OSError as exc:
         return _error_exit("%s" % exc, 1)
     except Exception as exc:  # never a traceback; QUEUECTL_DEBUG=1 shows one

@@ -572,10 +572,47 @@ class TestBadInput(CLITestCase):
             ("<= 65535", ("dashboard", "--port", "70000")),
             ("--host is empty", ("dashboard", "--host", "")),
             ("<= 256", ("worker", "start", "--count", "257")),
+            # Numbers past the 4,300 digits Python 3.7+'s int() refuses,
+            # and dates past 9999 through an offset; quoted in 40 characters.
+            ("cron: minute: 9999", ("schedule", "add", "n", "9" * 5000 +
+                                    " * * * *", "true")),
+            ("priority must be an integer, got 9999", (
+                "enqueue", "--priority", "9" * 5000, "true")),
+            ("--priority must be an integer, got 'x999", (
+                "enqueue", "--priority", "x" + "9" * 5000, "true")),
+            ("max-retries must be", ("config", "set", "max-retries",
+                                     "9" * 5000)),
+            ("invalid JSON: a number of more than 4300 digits"
+             if hasattr(sys, "set_int_max_str_digits") else
+             "priority must be an integer", (
+                 "enqueue", '{"command": "true", "priority": %s}' % ("9" * 5000))),
+            ("after 9999-12-31T23:59:59Z", ("enqueue", "--run-at",
+                                            "9999-12-31T23:59:59-23:59",
+                                            "true")),
         ]
         for message, args in cases:
             with self.subTest(args=args):
                 self.expect_failure(2, message, *args)
+                code, out, err = self.main(*args)
+                self.assertLess(len(err), 200, err)
+
+    def test_input_larger_than_memory_is_one_line_and_changes_nothing(self):
+        # `enqueue -f /dev/zero` under a memory limit: MemoryError is
+        # "out of memory", not an internal error; the queue is as it was.
+        import resource
+        self.enqueue("true")
+        before = self.dump()
+        limit = 400 << 20
+
+        def small():
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        proc = subprocess.run(
+            [sys.executable, SCRIPT, "--db", self.db, "enqueue", "-f",
+             "/dev/zero"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=self.env, preexec_fn=small, timeout=120)
+        self.assertEqual((proc.returncode, proc.stdout, proc.stderr),
+                         (1, b"", b"queuectl: error: out of memory\n"))
+        self.assertEqual(self.dump(), before)
 
     def test_a_pool_too_big_for_the_open_file_limit_is_refused(self):
         # Not hundreds of 'unable to open database' lines, thread by
@@ -4454,7 +4491,12 @@ class TestCron(unittest.TestCase):
                 ("1,,2 * * * *", "minute: \"\" is not a number"),
                 ("* * *", "has 3 field(s); give five"),
                 ("* * * * * *", "has 6 field(s)"),
-                ("@often", "unknown shortcut")):
+                ("@often", "unknown shortcut"),
+                # Past Python 3.7+'s 4,300 digits int() would refuse.
+                ("9" * 5000 + " * * * *", "minute: 99999999999999999999"
+                                          "9999999999999999... is out of"),
+                ("1-%s * * * *" % ("9" * 5000), "is out of range 0-59"),
+                ("0060 * * * *", "minute: 0060 is out of range 0-59")):
             with self.assertRaises(queuectl.InvalidInput) as caught:
                 queuectl.next_tick(expr, 0)
             self.assertIn(message, str(caught.exception), expr)
