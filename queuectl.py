@@ -2452,9 +2452,7 @@ class _SQLiteStore(_SQLStore):
         path, native = self.path, _native(self.path)
         try:
             if os.path.islink(native) and not os.path.exists(native):
-                target = os.readlink(native).decode("utf-8", "replace")
-                raise OSError(0, "it is a symbolic link to %s, which does"
-                              " not exist" % target)
+                raise OSError(0, _broken_link(native))
             if not os.path.exists(native):
                 _create_database(path)
             _check_writable(path)
@@ -2665,6 +2663,18 @@ def _write_txn(conn):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
+
+
+def _broken_link(native):
+    """Why the symbolic link at the database path leads nowhere."""
+    import errno
+    try:
+        os.stat(native)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "it is a loop of symbolic links"
+    return ("it is a symbolic link to %s, which does not exist"
+            % os.readlink(native).decode("utf-8", "replace"))
 
 
 def _check_writable(path):
@@ -7145,7 +7155,7 @@ def _add_commands(parser, dest, table, only=None):
             epilog=_named("example:\n  " + example),
             formatter_class=argparse.RawDescriptionHelpFormatter)
         if handler is not None:
-            p.set_defaults(func=handler)
+            p.set_defaults(func=handler, command_parser=p)
         if add_arguments is not None:
             add_arguments(p)
 
@@ -7326,7 +7336,10 @@ def main(argv=None):
         if argv is None:
             argv = _decoded_argv(sys.argv[1:])
         argv = _other_spellings(argv)
-        args = build_parser(argv).parse_args(argv)
+        args, extra = build_parser(argv).parse_known_args(argv)
+        if extra:  # argparse would point at the top --help, not the command's
+            args.command_parser.error("unrecognized arguments: %s"
+                                      % " ".join(extra))
         if getattr(args, "no_database", False):
             return args.func(args, None)
         queue = Queue(args.db)

@@ -1741,6 +1741,11 @@ class TestNewcomer(CLITestCase):
                 code, out, err = run("frob")
                 self.assertTrue(err.startswith("queuectl: error: "), err)
                 self.assertIn("(see '%s --help')" % name, err)
+                # An unknown argument points at its command's own --help.
+                code, out, err = run("worker", "start", "--frob")
+                self.assertEqual((code, err), (2, "queuectl: error:"
+                                 " unrecognized arguments: --frob (see '%s"
+                                 " worker start --help')\n" % name))
 
     def test_executable_script_runs_through_its_shebang(self):
         # `./queuectl.py --version` works: the file is executable. The
@@ -2575,6 +2580,11 @@ class TestHeldPromises(CLITestCase):
         link = os.path.join(self.dir, "link.db")
         os.symlink(os.path.join(self.dir, "missing", "q.db"), link)
         self.expect_failure(1, "is a symbolic link to", "status", db=link)
+        loop = os.path.join(self.dir, "loop.db")
+        os.symlink(loop + "2", loop)
+        os.symlink(loop, loop + "2")
+        self.expect_failure(1, "it is a loop of symbolic links", "status",
+                            db=loop)
 
 
 class _LockedLog(object):
