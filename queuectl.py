@@ -462,7 +462,7 @@ class _Cron(object):
     def __init__(self, text):
         if not isinstance(text, str):
             raise InvalidInput("a cron expression must be a string")
-        self.text = text.strip()
+        self.text = " ".join(text.split())  # tabs would break `schedule list`
         expanded = _CRON_SHORTCUTS.get(self.text.lower(), self.text)
         if expanded.startswith("@"):
             raise InvalidInput("cron: unknown shortcut %s (known: %s)" % (

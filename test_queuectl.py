@@ -4535,8 +4535,9 @@ class TestSchedules(CLITestCase):
 
     def test_add_list_run_remove(self):
         # The four commands, their --json, and job flags that flow into jobs.
-        out = self.ok("schedule", "add", "nightly", "30 2 * * *", "echo hi",
-                      "--timeout", "60", "--max-retries", "1",
+        # Tabs and runs of spaces are stored as one space (the table).
+        out = self.ok("schedule", "add", "nightly", " 30\t2  * * *\n",
+                      "echo hi", "--timeout", "60", "--max-retries", "1",
                       "--env", "A=b", env={"TZ": "Europe/Berlin"})
         self.assertRegex(out, r"^nightly: next run \d{4}-\d\d-\d\d 02:30:00"
                          r" CES?T\n$")
