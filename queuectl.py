@@ -501,7 +501,7 @@ def _cron_field(text, name, low, high, names):
                     names[0], names[-1]) if names else ""))
         if len(word.lstrip("0")) > 2 or not low <= int(word) <= high:
             raise InvalidInput("cron: %s: %s is out of range %d-%d" % (
-                name, _short_repr(word).strip('"'), low, high))
+                name, _clipped(word), low, high))
         return int(word)
     values = set()
     for part in text.split(","):
