@@ -2984,9 +2984,19 @@ class _PostgresStore(_SQLStore):
     # pg_stat_statements).  These take the rows as arrays, in one UPDATE.
 
     def _save_runs(self, rows):
+        rows = [row[:6] + (_without_nul(row[6]),) + row[7:] for row in rows]
         if len(rows) < 2:
             return _SQLStore._save_runs(self, rows)
         self._run(_PG_SAVE_RUNS_SQL, _pg_arrays(rows, _PG_SAVE_RUNS_TYPES))
+
+    def save_tail(self, claim, output, dropped):
+        _SQLStore.save_tail(self, claim, _without_nul(output), dropped)
+
+    def import_all(self, tables, totals, buckets):
+        tables = [(table, cols, [tuple(_without_nul(value) for value in row)
+                                 for row in rows])
+                  for table, cols, rows in tables]
+        _SQLStore.import_all(self, tables, totals, buckets)
 
     def _move(self, to_state, rows, sets="", held=False):
         if len(rows) < 2 or "?" in sets:
@@ -3234,6 +3244,14 @@ def _pg_driver():
 def _pg_reason(exc):
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:300]
+
+
+def _without_nul(value):
+    """PostgreSQL text cannot hold NUL: a job's output that has one (which
+    SQLite keeps) gets U+FFFD there instead, as bad UTF-8 does."""
+    if isinstance(value, str) and "\0" in value:
+        return value.replace("\0", "\ufffd")
+    return value
 
 
 def _redact(url):

@@ -1072,6 +1072,40 @@ class TestLifecycle(CLITestCase):
         self.assertEqual((job["state"], job["attempts"], len(job["runs"])),
                          ("dead", 4, 4))
 
+    def test_output_with_a_nul_byte_is_kept_and_the_pool_goes_on(self):
+        # PostgreSQL text cannot hold NUL: there it becomes U+FFFD, in the
+        # saved result and in the tail saved while the job runs; the pool
+        # runs on.  SQLite keeps the byte.  A SQLite queue holding such
+        # output copies into PostgreSQL.
+        shown = "a\ufffdb" if self.STORE == "postgresql" else "a\x00b"
+        held = os.path.join(self.dir, "held")
+        open(held, "w").close()
+        running = self.enqueue("printf 'a\\000b'; while [ -e %s ]; do sleep"
+                               " 0.05; done" % held)
+        done = self.enqueue("printf 'a\\000b'")
+        after = self.enqueue("echo after")
+        worker = self.start_worker("--count", "2")
+        self.wait_for(lambda: self.state(done) == "completed" and
+                      self.ok("logs", running) == shown,
+                      what="the running job's tail to be saved")
+        os.remove(held)
+        self.wait_for(lambda: self.state(running) == "completed",
+                      what="the held job to end")
+        self.assertEqual(self.ok("logs", done), shown)
+        self.assertEqual(self.state(after), "completed")
+        worker.terminate()
+        self.assertEqual(worker.wait(timeout=60), 0)
+        if self.STORE == "postgresql":
+            source = os.path.join(self.dir, "nul.db")
+            job_id = self.ok("enqueue", "printf 'a\\000b'",
+                             db=source).strip()
+            code, _, err = self.cli("worker", "start", "--exit-when-idle",
+                                    db=source)
+            self.assertEqual(code, 0, err)
+            _pg_sql(PG_URL, "DROP SCHEMA IF EXISTS queuectl CASCADE")
+            self.ok("copy", "--to", PG_URL, db=source)
+            self.assertEqual(self.ok("logs", job_id), "a\ufffdb")
+
     def test_copy_moves_the_whole_queue_into_an_empty_database(self):
         # copy --to: every job with its attempts, output, dependencies and
         # counters, and the config, into an empty SQLite file (from SQLite,
