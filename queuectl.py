@@ -2804,6 +2804,7 @@ class _PostgresStore(_SQLStore):
     def __init__(self, url, clock=time.time):
         _SQLStore.__init__(self, url, clock)
         self.display = _redact(url)
+        self.secrets = _url_secrets(url)  # never in an error either
         self.driver = _pg_driver()
         self._driver_errors = (self.driver.Error,)
         self._integrity_error = self.driver.IntegrityError
@@ -2839,9 +2840,9 @@ class _PostgresStore(_SQLStore):
                 keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
                 tcp_user_timeout=5000))
         except self.driver.Error as exc:
+            reason = _pg_reason(exc, self.secrets)
             raise StoreError("cannot connect to %s: %s" % (
-                self.display, _pg_reason(exc)), transient=True,
-                reason=_pg_reason(exc))
+                self.display, reason), transient=True, reason=reason)
         self.conn = conn
         self._measure_clock()
         self._claim_stripe()
@@ -2945,7 +2946,7 @@ class _PostgresStore(_SQLStore):
                     self.conn.execute("COMMIT")
 
     def _translate(self, exc):
-        reason = _pg_reason(exc)
+        reason = _pg_reason(exc, self.secrets)
         lost = self.conn is None or self.conn.closed or isinstance(
             exc, (self.driver.OperationalError, self.driver.InterfaceError))
         if lost:
@@ -3241,8 +3242,12 @@ def _pg_driver():
                          ' python3-psycopg2)')
 
 
-def _pg_reason(exc):
+def _pg_reason(exc, secrets):
+    """A driver's error in one line, without the URL's password (libpq
+    quotes the part of a URL it cannot read, password included)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    for secret in secrets:
+        text = text.replace(secret, "***")
     return text[:300]
 
 
@@ -3255,8 +3260,37 @@ def _without_nul(value):
 
 
 def _redact(url):
-    """The URL without its password: what status, logs and errors show."""
-    return re.sub(r"^([a-z]+://[^/@:]*):[^/@]*@", r"\1@", url)
+    """The URL without its password: what status, logs and errors show.
+
+    Everything up to the last @ is taken for user:password (a password
+    may hold an unencoded @ or /), and a password=... parameter goes."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep:
+        return url
+    if at >= 0:
+        user = rest[:at].split(":", 1)[0]
+        rest = (user + "@" if user else "") + rest[at + 1:]
+    rest = re.sub(r"(?i)([?&])password=[^&#]*(&|$)", r"\1", rest)
+    return scheme + sep + re.sub(r"[?&]$", "", rest)
+
+
+def _url_secrets(url):
+    """The URL's passwords as written and %-decoded, longest first; and the
+    pieces libpq may quote of one it cannot read (an unencoded @ / ? # :
+    splits it into host, port and path)."""
+    from urllib.parse import unquote
+    rest = url.partition("://")[2]
+    found = re.findall(r"(?i)[?&]password=([^&#]*)", rest)
+    userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
+    if ":" in userinfo:
+        password = userinfo.split(":", 1)[1]
+        found.append(password)
+        found += [piece for piece in re.split(r"[@/?#:]", password)
+                  if len(piece) >= 3]
+    found += [unquote(secret) for secret in found]
+    return sorted(set(secret for secret in found if secret), key=len,
+                  reverse=True)
 
 
 #: Jobs per multi-row INSERT of a PostgreSQL enqueue (12 parameters each;
@@ -3616,7 +3650,9 @@ def open_store(address=None, clock=time.time):
     if not scheme:
         return _SQLiteStore(address, clock)
     if scheme.group(1).lower() in ("postgresql", "postgres"):
-        return _PostgresStore(address, clock)
+        # Schemes are case-insensitive; libpq takes lower case only.
+        return _PostgresStore(scheme.group(1).lower() + address[
+            len(scheme.group(1)):], clock)
     raise InvalidInput("unsupported database URL scheme '%s://': give a file"
                        " path or a postgresql:// URL" % scheme.group(1))
 
@@ -5950,6 +5986,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one `queuectl: error:` line."""
 
     def error(self, message):
+        # It may quote a URL given in the wrong place: not its password.
+        message = re.sub(r"\w+://[^\s']+", lambda m: _redact(m.group()),
+                         message)
         raise InvalidInput("%s (see '%s --help')" % (message, self.prog))
 
 

@@ -4082,6 +4082,26 @@ class TestPostgres(CLITestCase):
         code, out, err = self.cli("status", db=bad)
         self.assertEqual(code, 1, err)
         self.assertNotIn("w0rd", err)
+        # Other spellings: a password parameter, an upper-case scheme, and
+        # passwords libpq cannot read (unencoded % or @ and /), which its
+        # errors quote; a URL misplaced among the arguments too.
+        bare = re.sub(r"^postgres(?:ql)?://[^@/]*@", "", self.db)
+        user = re.match(r"^postgres(?:ql)?://([^:@/]*)", self.db).group(1)
+        spellings = [self.db + ("&" if "?" in self.db else "?") +
+                     "password=Sekr3tA", "POSTGRESQL://%s:Sekr3tB@%s"
+                     % (user, bare)]
+        for spelling in spellings:
+            out = self.ok("status", "--json", db=spelling)
+            self.assertNotIn("Sekr3t", out)
+        for password in ("Top%Sekr3tC", "p@ss:w/Sekr3tD?#x", "a/Sekr3tE"):
+            code, out, err = self.cli("status", db="postgresql://%s:%s@%s"
+                                      % (user, password, bare))
+            self.assertNotIn("Sekr3t", out + err)
+            self.assertTrue(err.startswith("queuectl: error: ") or code == 0,
+                            err)
+        code, out, err = self.cli("status", spellings[0], db=None)
+        self.assertEqual(code, 2)
+        self.assertNotIn("Sekr3t", err)
 
     def test_sessions_never_compile_statements(self):
         # jit off: with statistics not yet refreshed after a big enqueue, an
