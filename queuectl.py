@@ -2892,7 +2892,12 @@ class _PostgresStore(_SQLStore):
             if meta.get("application") != "queuectl":
                 raise StoreError("%s has a schema 'queuectl' that is not"
                                  " queuectl's; left untouched" % self.display)
-            version = int(meta.get("schema_version", 0))
+            text = meta.get("schema_version") or ""
+            version = int(text) if re.match(r"^[0-9]{1,9}$", text) else 0
+            if version < 1:  # queuectl writes it with the schema
+                raise StoreError("%s has a queuectl schema but no schema"
+                                 " version (%s): damaged; left untouched"
+                                 % (self.display, _short_repr(text)))
             if version > PG_SCHEMA_VERSION:
                 raise StoreError("%s was written by a newer queuectl (schema"
                                  " %d, this one knows up to %d); upgrade"

@@ -4223,6 +4223,13 @@ class TestPostgres(CLITestCase):
         self.sql("UPDATE queuectl.meta SET value = '99' WHERE key ="
                  " 'schema_version'")
         self.expect_failure(1, "written by a newer queuectl", "status")
+        # A version that is no version (tampered, or its row gone).
+        for value in ("abc", "", "3.0", "-1", " 3", "0"):
+            self.sql("UPDATE queuectl.meta SET value = ? WHERE key ="
+                     " 'schema_version'", value)
+            self.expect_failure(1, "but no schema version", "status")
+        self.sql("DELETE FROM queuectl.meta WHERE key = 'schema_version'")
+        self.expect_failure(1, "but no schema version", "status")
 
     def test_server_clock_decides_not_the_workers(self):
         # Workers whose clocks are an hour off neither start a job early
