@@ -4893,6 +4893,7 @@ class WorkerPool(object):
         self._lock = threading.Lock()       # guards _running and _alive
         self._running = {}                  # worker id -> (process, job)
         self._alive = count                 # worker threads not yet ended
+        self._drained = False               # a thread ended: nothing was due
         self._trouble = None                # why the database fails, if it does
         self.beat_ok = time.monotonic()     # the last beat that was written
         self.fenced = False                 # no job may start (see _fence_watch)
@@ -4946,6 +4947,25 @@ class WorkerPool(object):
 
     def _open_store(self):
         return open_store(self.address, self.now)
+
+    def _open_store_patiently(self, give_up):
+        """A thread's own connection.  A server that refuses it for now (a
+        connection limit, a restart) is waited for as an outage is, with
+        backoff; None once give_up() says the thread is not needed."""
+        delay = 1.0
+        while True:
+            try:
+                return self._open_store()
+            except StoreError as exc:
+                if not exc.transient:
+                    raise
+                self._store_failed(exc)
+            waited_until = time.monotonic() + delay
+            while time.monotonic() < waited_until:
+                if give_up():
+                    return None
+                self._finished.wait(0.2)
+            delay = min(delay * 2, 30.0)
 
     # -- main loop ----------------------------------------------------------
 
@@ -5120,8 +5140,8 @@ class WorkerPool(object):
         stop request ends a pass between two batches."""
         store = None
         try:
-            store = self._open_store()
-            while True:
+            store = self._open_store_patiently(self._finished.is_set)
+            while store is not None:
                 self._guard(self._clean_up, store)
                 if self._finished.wait(CLEANUP_EVERY):
                     break
@@ -5190,8 +5210,12 @@ class WorkerPool(object):
     def _work(self, wid):
         store = None
         try:
-            store = self._open_store()
-            self._loop(store, wid)
+            # With --exit-when-idle, once a thread found nothing due, one
+            # that never got a connection has nothing left to do either.
+            store = self._open_store_patiently(
+                lambda: self.stopping.is_set() or self._drained)
+            if store is not None:
+                self._loop(store, wid)
         except Exception as exc:  # report, and stop the other threads too
             self.log(wid, "-", "error", "%s: %s" % (type(exc).__name__, exc))
             self.failed = True
@@ -5206,7 +5230,12 @@ class WorkerPool(object):
 
     def _loop(self, store, wid):
         local = _ThreadBatch(store.retry_first)
-        store.listen()
+        try:
+            store.listen()
+        except StoreError as exc:  # the next use reconnects and listens
+            if not exc.transient:
+                raise
+            self._store_failed(exc)
         try:
             while True:
                 try:
@@ -5246,6 +5275,7 @@ class WorkerPool(object):
             return True
         self._set_busy(local, False)
         if self.stopping.is_set() or self.exit_when_idle or self._done():
+            self._drained = self.exit_when_idle
             return False
         if not local.polls:  # the turn is free when the poller went busy
             local.polls = self._poll_turn.acquire(False)

@@ -4187,6 +4187,33 @@ class TestPostgres(CLITestCase):
         self.assertIn("password authentication failed", err)
         self.assertNotIn("wr0ng-one", err)
 
+    def test_a_connection_limit_is_waited_for_not_fatal(self):
+        # A role allowed 2 connections runs `worker start --count 4`: the
+        # threads that cannot connect wait for a connection (one log line),
+        # the others run the jobs, and --exit-when-idle ends the pool, 0.
+        from urllib.parse import urlsplit
+        role = "qc_lim_%d" % os.getpid()
+        where = urlsplit(self.db)
+        database = where.path.lstrip("/")
+        self.sql("DROP ROLE IF EXISTS %s" % role)
+        self.sql("CREATE ROLE %s LOGIN PASSWORD 'pw' CONNECTION LIMIT 2"
+                 % role)
+        self.addCleanup(self.sql, "DROP ROLE IF EXISTS %s" % role)
+        self.sql('GRANT CREATE ON DATABASE "%s" TO %s' % (database, role))
+        self.addCleanup(self.sql, 'REVOKE CREATE ON DATABASE "%s" FROM %s'
+                        % (database, role))
+        self.addCleanup(self.sql, "DROP SCHEMA IF EXISTS queuectl CASCADE")
+        url = "postgresql://%s:pw@%s%s" % (
+            role, where.netloc.rsplit("@", 1)[-1], where.path)
+        ids = [self.ok("enqueue", "echo %d" % n, db=url).strip()
+               for n in range(3)]
+        code, out, err = self.cli("worker", "start", "--count", "4",
+                                  "--exit-when-idle", db=url)
+        self.assertEqual(code, 0, err)
+        self.assertIn("too many connections", err)
+        self.assertEqual([self.state(job_id) for job_id in ids],
+                         ["completed"] * 3)
+
     def test_foreign_schema_is_refused_untouched(self):
         # A schema named queuectl that is someone else's: exit 1, unchanged.
         self.sql("CREATE SCHEMA queuectl")
