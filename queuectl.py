@@ -5247,6 +5247,9 @@ class WorkerPool(object):
                         raise
                     # Keep results and claims, start nothing, retry later.
                     self._store_failed(exc)
+                    if self.stopping.is_set() and not (local.results or
+                                                       local.queued):
+                        return  # stopping, and nothing left to save
                     if self.forced.wait(local.retry_delay):
                         return  # forced out: unsaved runs are recovered
                     local.retry_delay = min(local.retry_delay * 2,
