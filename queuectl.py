@@ -4901,6 +4901,7 @@ class WorkerPool(object):
         self.cancel_ids = frozenset()       # claims asked to stop (cancel),
                                             # replaced with every beat
         self._slots = max_jobs              # claims --max-jobs has left
+        self._claiming = 0                  # claims in flight, slots reserved
         self._busy = 0                      # threads holding claimed jobs
         self._idle_since = time.monotonic()  # when _busy last became 0
         # One idle thread at a time polls the database for the pool (it
@@ -5323,7 +5324,7 @@ class WorkerPool(object):
     def _done(self):
         """--max-jobs used up, or --idle-timeout passed (stops the pool)."""
         with self._lock:
-            if self._slots == 0:
+            if self._slots == 0 and not self._claiming:
                 self.exit_reason = self.exit_reason or (
                     "ran --max-jobs %d" % self.max_jobs)
                 return True
@@ -5415,9 +5416,12 @@ class WorkerPool(object):
         than --max-jobs has left: threads reserve their share first."""
         batch = CLAIM_BATCH
         if self.max_jobs is not None:
+            # While this claim is in flight, the slots it reserved are
+            # neither free nor spent: _done must not end the pool on them.
             with self._lock:
                 batch = min(self._slots, CLAIM_BATCH)
                 self._slots -= batch
+                self._claiming += 1
         claims = []
         try:
             if batch:
@@ -5425,6 +5429,9 @@ class WorkerPool(object):
                                      CLAIM_BATCH * self.count, self.queues)
         finally:
             self._give_back(batch - len(claims))
+            if self.max_jobs is not None:
+                with self._lock:
+                    self._claiming -= 1
         return claims
 
     def _save_results(self, store, results, now):

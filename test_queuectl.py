@@ -1283,6 +1283,25 @@ class TestOutput(CLITestCase):
 
 class TestWorkers(CLITestCase):
 
+    def test_max_jobs_keeps_every_thread_working(self):
+        # A thread that found --max-jobs' slots reserved by another's claim
+        # in flight took them for spent and ended: --count 3 ran on two
+        # threads.  Three jobs that each wait until three have started
+        # (or 60 s) show how many threads ran at once (the old code: two,
+        # in two runs of three on PostgreSQL).
+        started = os.path.join(self.dir, "started")
+        for _ in range(6):
+            self.enqueue("echo x >> %s; n=0; while [ $(wc -l < %s) -lt 3 ]"
+                         " && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done;"
+                         " wc -l < %s" % (started, started, started))
+        code, out, err = self.cli("worker", "start", "--max-jobs", "6",
+                                  "--count", "3", timeout=180)
+        self.assertEqual(code, 0, err)
+        self.assertIn("stopped (ran --max-jobs 6)", err)
+        firsts = sorted(int(self.ok("logs", job["id"])) for job in
+                        self.ok_json("list"))
+        self.assertGreaterEqual(firsts[0], 3, "jobs at once: %s" % firsts)
+
     def test_worker_stop_request_and_status(self):
         # A running worker shows in status with its job; `worker stop
         # --wait` lets the running job finish and returns once it has ended.
