@@ -1763,8 +1763,8 @@ class _SQLStore(object):
                    "attempts = 0, run_at = ?")
         for seq in seqs:
             dead = self._run(
-                "SELECT j.id FROM deps d JOIN jobs j ON j.seq = d.dep_seq"
-                " WHERE d.job_seq = ? AND j.state = 'dead' LIMIT 1",
+                "SELECT j.id FROM deps d CROSS JOIN jobs j WHERE j.seq ="
+                " d.dep_seq AND d.job_seq = ? AND j.state = 'dead' LIMIT 1",
                 (seq,)).fetchone()
             if dead:
                 raise Conflict("job '%s' waits on dead job '%s'; retry that"
@@ -2228,10 +2228,13 @@ class _SQLStore(object):
         while frontier:
             dep = frontier.pop()
             dep_id = self._id(dep)
+            # CROSS JOIN: SQLite walks deps first, by deps_dep; left free,
+            # it walked every pending job by state (40 ms a dead job beside
+            # 300,000 delayed ones, and `cancel` of many ids quadratic).
             waiting = [r[0] for r in self._run(
-                "SELECT job_seq FROM deps d JOIN jobs j ON j.seq = d.job_seq"
-                " WHERE d.dep_seq = ? AND j.state = 'pending' AND j.waiting"
-                " > 0", (dep,))]
+                "SELECT job_seq FROM deps d CROSS JOIN jobs j WHERE j.seq ="
+                " d.job_seq AND d.dep_seq = ? AND j.state = 'pending' AND"
+                " j.waiting > 0", (dep,))]
             self._move("dead", [(now, "dependency %s failed" % dep_id, s)
                                 for s in waiting], "last_error = ?")
             frontier.extend(waiting)
