@@ -1735,10 +1735,19 @@ class _SQLStore(object):
 
     # -- changing jobs ------------------------------------------------------
 
+    def _resolve_each(self, prefixes):
+        """[(seq, id)] of the jobs named, each once however often named
+        (`retry a a`, or an id and its prefix)."""
+        rows = collections.OrderedDict()
+        for prefix in prefixes:
+            seq, job_id = self.resolve(prefix)
+            rows[seq] = job_id
+        return list(rows.items())
+
     def retry_dead(self, prefixes, now):
         """Named dead jobs back to pending, attempts reset; their ids."""
         with self.write():
-            rows = [self.resolve(p) for p in prefixes]
+            rows = self._resolve_each(prefixes)
             states = self.states([seq for seq, _ in rows])
             for seq, job_id in rows:
                 if states[seq] != "dead":
@@ -1776,7 +1785,7 @@ class _SQLStore(object):
         """Completed or dead jobs run again (attempts reset, due now,
         attempt history kept), all or none; their ids."""
         with self.write():
-            rows = [self.resolve(p) for p in prefixes]
+            rows = self._resolve_each(prefixes)
             states = self.states([seq for seq, _ in rows])
             for seq, job_id in rows:
                 if states[seq] not in ("completed", "dead"):
@@ -1791,7 +1800,7 @@ class _SQLStore(object):
         worker reads with its next heartbeat.  Returns (dead ids, requested
         ids)."""
         with self.write():
-            rows = [self.resolve(p) for p in prefixes]
+            rows = self._resolve_each(prefixes)
             states = self.states([seq for seq, _ in rows])
             for seq, job_id in rows:
                 if states[seq] in ("completed", "dead"):
@@ -1892,7 +1901,7 @@ class _SQLStore(object):
     def delete(self, prefixes):
         """Delete jobs (and their attempts) that are not processing."""
         with self.write():
-            rows = [self.resolve(p) for p in prefixes]
+            rows = self._resolve_each(prefixes)
             doomed = set(job_id for _, job_id in rows)
             states = self.states([seq for seq, _ in rows])
             for seq, job_id in rows:
@@ -4035,8 +4044,13 @@ class Queue(object):
             if all(s in ("completed", "dead") for s in states.values()):
                 return dict((seqs[s], states[s]) for s in seqs)
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("timed out after %s waiting for %d job(s)"
-                                   % (_seconds_text(timeout), len(seqs)))
+                waiting = [seqs[s] for s in seqs
+                           if states[s] not in ("completed", "dead")]
+                raise TimeoutError("timed out after %s; %d job(s) not"
+                                   " finished: %s%s" % (
+                                       _seconds_text(timeout), len(waiting),
+                                       ", ".join(waiting[:10]),
+                                       ", ..." if len(waiting) > 10 else ""))
             time.sleep(interval)
 
 

@@ -1381,6 +1381,17 @@ class TestWorkers(CLITestCase):
 
 class TestScripting(CLITestCase):
 
+    def test_a_job_named_twice_is_acted_on_and_reported_once(self):
+        # By the same id or by an id and its prefix.
+        job_id = self.enqueue("true", "--id", "twice")
+        self.assertEqual(self.ok("cancel", job_id, job_id, "twi"),
+                         "twice cancelled\n")
+        self.assertEqual(self.ok("dlq", "retry", job_id, job_id), "twice\n")
+        self.drain()
+        self.assertEqual(self.ok("retry", job_id, "twic"), "twice\n")
+        self.ok("cancel", job_id)
+        self.assertEqual(self.ok("delete", job_id, job_id, "tw"), "twice\n")
+
     def test_wait_exit_codes(self):
         # wait: 0 all completed, 1 any dead, 124 timeout, 2 unknown id.
         self.config(backoff_max=0)
@@ -1399,9 +1410,10 @@ class TestScripting(CLITestCase):
         self.assertIn("1 job(s) dead: " + bad, err.decode())
         self.assertEqual(self.cli("wait", good)[0], 0)
         later = self.enqueue("true", "--delay", "3600")
-        code, out, err = self.cli("wait", later, "--timeout", "0.2")
-        self.assertEqual(code, 124)
-        self.assertIn("timed out after 0.2s", err)
+        code, out, err = self.cli("wait", good, later, bad, "--timeout", "0.2")
+        self.assertEqual((code, err), (124, "queuectl: error: timed out after"
+                                       " 0.2s; 1 job(s) not finished: %s\n"
+                                       % later))
         self.expect_failure(2, "no job with id 'ghost'", "wait", good, "ghost")
 
     def test_pause_and_resume(self):
