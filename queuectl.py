@@ -1947,9 +1947,10 @@ class _SQLStore(object):
                                " FROM attempts"))
 
     def is_empty(self):
-        """No job, attempt or setting yet: a fit target for copy --to."""
+        """No row of any table copy --to fills, nor a setting: a fit
+        target (a queue paused or capped there would clash, or stay)."""
         return not any(self._one("SELECT 1 FROM %s LIMIT 1" % table)
-                       for table in ("jobs", "attempts", "config"))
+                       for table, _ in _COPIED_TABLES)
 
     def export(self):
         """Every row to copy, table by table, read in one snapshot:
@@ -3975,8 +3976,9 @@ class Queue(object):
             if target.address == self.address:
                 raise InvalidInput("--to names the database being copied")
             if not target.is_empty():
-                raise Conflict("%s already holds jobs or settings; copy only"
-                               " into an empty database" % target.display)
+                raise Conflict("%s already holds jobs, queues or settings;"
+                               " copy only into an empty database"
+                               % target.display)
             tables, totals, buckets = self.store.export()
             target.import_all(tables, totals, buckets)
         finally:

@@ -1139,6 +1139,10 @@ class TestLifecycle(CLITestCase):
                       counters[0])
         self.expect_failure(1, "copy only into an empty database", "copy",
                             "--to", dest)
+        paused_only = os.path.join(self.dir, "paused.db")
+        self.ok("queue", "pause", "mail", db=paused_only)
+        self.expect_failure(1, "copy only into an empty database", "copy",
+                            "--to", paused_only)
         worker = self.start_worker()
         self.wait_for(lambda: self.ok_json("status")["workers"],
                  what="the worker to register")
