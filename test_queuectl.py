@@ -4495,6 +4495,21 @@ class TestManyHosts(CLITestCase):
                     self.dir, "%s.log" % h.hostname))) for h in hosts))
         self.assertEqual(_processes_with("sleep " + marker), [])
 
+    def test_a_graceful_stop_during_an_outage_ends_an_idle_worker(self):
+        # `systemctl stop` of an idle worker cut off from its server: it
+        # holds no result and no claim, so it ends (exit 0) instead of
+        # waiting for a server that may not come back.
+        host = _start_hosts(self, 1)[0]
+        worker = self.start_on(host, "--count", "2")
+        self.wait_for(lambda: self.ok_json("status")["workers"], 60,
+                      what="the worker to register")
+        host.cut()
+        self.wait_for(lambda: "database unavailable" in _read(
+            worker.log.name), 120, what="the worker to see the outage")
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(timeout=180), 0, _read(worker.log.name))
+        host.restore()
+
     def test_cancel_and_follow_across_hosts(self):
         # logs --follow on one host prints the output of a job running on
         # another as it comes; cancel from that host makes the worker on
