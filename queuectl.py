@@ -559,11 +559,21 @@ def _local_times(day, hour, minute):
     first of two when the clock went back), or, in a gap, the first second
     after the gap; as a list."""
     wall = (day.year, day.month, day.day, hour, minute)
-    guesses = [time.mktime(wall + (0, 0, 0, isdst)) for isdst in (1, 0)]
+    guesses = []
+    for isdst in (1, 0):
+        with contextlib.suppress(OverflowError):  # a day the zone skipped
+            guesses.append(time.mktime(wall + (0, 0, 0, isdst)))
     found = sorted(set(t for t in guesses if time.localtime(t)[:5] == wall))
     if found:
         return found[:1]
-    low, high = int(min(guesses)), int(max(guesses))
+    if len(guesses) == 2:
+        low, high = int(min(guesses)), int(max(guesses))
+    else:  # mktime fails in a whole day skipped (Samoa, 2011-12-30); the
+        # first second after it is within two days of the wall time read as
+        # UTC (offsets are under 15 h, the gap at most a day)
+        import calendar
+        low = calendar.timegm(wall + (0, 0, 0)) - 2 * 86400
+        high = low + 4 * 86400
     while low < high:  # the clock jumps over `wall` between the guesses
         middle = (low + high) // 2
         if time.localtime(middle)[:5] >= wall:

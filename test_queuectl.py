@@ -4617,6 +4617,22 @@ class TestCron(unittest.TestCase):
             again = queuectl.next_tick("30 2 * * *", after_first + later)
             self.assertEqual(again - after_first, 24 * 3600 + 3600)
 
+    def test_a_day_the_zone_skipped_runs_its_ticks_once_after_it(self):
+        # Samoa skipped 2011-12-30 whole (UTC-10 to UTC+14), where mktime
+        # has no answer: that day's ticks run once, at the first minute of
+        # the next day, like a time skipped by daylight saving.
+        os.environ["TZ"] = "Pacific/Apia"
+        time.tzset()
+        start = self.local(2011, 12, 29, 12)
+        self.assertEqual(time.strftime("%Z", time.localtime(start)), "-10",
+                         "no tzdata for Pacific/Apia")
+        self.assertEqual(self.ticks("0 12 * * *", start, 3),
+                         ["12-31 00:00 +14", "12-31 12:00 +14",
+                          "01-01 12:00 +14"])
+        self.assertEqual(self.ticks("59 23 * * *", start, 3),
+                         ["12-29 23:59 -10", "12-31 00:00 +14",
+                          "12-31 23:59 +14"])
+
     def test_fields_lists_ranges_steps_names_and_shortcuts(self):
         # Every standard form of a field, and the @ shortcuts.
         start = self.local(2026, 11, 26, 10, 7)  # a Thursday
