@@ -499,10 +499,11 @@ def _cron_field(text, name, low, high, names):
             raise InvalidInput("cron: %s: %s is not a number%s" % (
                 name, _short_repr(word), " or a name (%s-%s)" % (
                     names[0], names[-1]) if names else ""))
-        if len(word.lstrip("0")) > 2 or not low <= int(word) <= high:
+        number = int(word) if len(word.lstrip("0")) <= 2 else None
+        if number is None or not low <= number <= high:
             raise InvalidInput("cron: %s: %s is out of range %d-%d" % (
                 name, _clipped(word), low, high))
-        return int(word)
+        return number
     values = set()
     for part in text.split(","):
         span, slash, step_text = part.partition("/")
@@ -3293,9 +3294,9 @@ def _redact(url):
     Everything up to the last @ is taken for user:password (a password
     may hold an unencoded @ or /), and a password=... parameter goes."""
     scheme, sep, rest = url.partition("://")
-    at = rest.rfind("@")
     if not sep:
         return url
+    at = rest.rfind("@")
     if at >= 0:
         user = rest[:at].split(":", 1)[0]
         rest = (user + "@" if user else "") + rest[at + 1:]
