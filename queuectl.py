@@ -683,9 +683,11 @@ def _validate_job(spec, config, now, cwd):
     priority = 0
     if "priority" in spec:
         priority = spec["priority"]
-        if not _is_int(priority) or abs(priority) >= 2 ** 63:
-            raise InvalidInput("priority must be an integer, got %s"
-                               % _short_repr(priority))
+        # Symmetric: the claim walks below the lowest priority in use.
+        if not _is_int(priority) or abs(priority) > _TOP_PRIORITY:
+            raise InvalidInput("priority must be an integer from -%d to %d,"
+                               " got %s" % (_TOP_PRIORITY, _TOP_PRIORITY,
+                                            _short_repr(priority)))
     run_at = _job_run_at(spec, now)
     timeout = config["job-timeout"] or None
     if "timeout" in spec:

@@ -576,8 +576,12 @@ class TestBadInput(CLITestCase):
             # and dates past 9999 through an offset; quoted in 40 characters.
             ("cron: minute: 9999", ("schedule", "add", "n", "9" * 5000 +
                                     " * * * *", "true")),
-            ("priority must be an integer, got 9999", (
-                "enqueue", "--priority", "9" * 5000, "true")),
+            ("priority must be an integer from -9223372036854775807 to"
+             " 9223372036854775807, got 9999", (
+                 "enqueue", "--priority", "9" * 5000, "true")),
+            ("priority must be an integer from -9223372036854775807 to"
+             " 9223372036854775807, got -9223372036854775808", (
+                 "enqueue", "--priority=-9223372036854775808", "true")),
             ("--priority must be an integer, got 'x999", (
                 "enqueue", "--priority", "x" + "9" * 5000, "true")),
             ("max-retries must be", ("config", "set", "max-retries",
