@@ -1349,7 +1349,8 @@ class _SQLStore(object):
         """One write transaction; driver errors leave as StoreError.
 
         durable=True: the commit survives power loss (enqueue); otherwise
-        a store may trade that for speed (worker state changes).
+        SQLite trades that for speed (worker state changes: see
+        _SQLiteStore._set_durable); PostgreSQL commits durably always.
         """
         if self._in_write:  # inside another write: part of that one
             yield self
@@ -2850,19 +2851,25 @@ class _PostgresStore(_SQLStore):
         """An autocommit session in schema queuectl, with keepalives and an
         idle-in-transaction limit well inside any lease: a host cut off
         mid-transaction cannot hold row locks for long."""
-        # synchronous_commit off: like SQLite's synchronous=NORMAL for
-        # worker state (a lost change reruns a job, never loses one);
-        # durable writes (enqueue) turn it back on for their transaction.
+        # synchronous_commit on, whatever the server's default: unlike
+        # SQLite's, whose unsynced commits die only with the machine (and
+        # its workers), a PostgreSQL server that crashes forgets commits it
+        # had acknowledged while its clients live on: a claim that a worker
+        # went on to run, a result, a cancel that was reported done.
+        # client_encoding UTF8: what queuectl's text is, whatever the
+        # database's encoding or $PGCLIENTENCODING; a SQL_ASCII database
+        # would otherwise hand psycopg 3 bytes (and its own checks failed).
         # jit off: every statement here reads a few rows, but with stale
         # statistics (a million jobs just added, not yet ANALYZEd) a cost
         # estimate passed jit_above_cost, and compiling took 200 ms of a
         # 0.04 ms idle check (measured).
         options = ("-c search_path=queuectl -c idle_in_transaction_session"
                    "_timeout=10000 -c application_name=queuectl"
-                   " -c synchronous_commit=off -c jit=off")
+                   " -c synchronous_commit=on -c jit=off")
         try:
             conn = _PGConnection(self.driver, self.address, dict(
-                connect_timeout=10, options=options, keepalives=1,
+                connect_timeout=10, options=options, client_encoding="UTF8",
+                keepalives=1,
                 keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
                 tcp_user_timeout=5000))
         except self.driver.Error as exc:
@@ -2954,9 +2961,7 @@ class _PostgresStore(_SQLStore):
 
     @contextlib.contextmanager
     def _begin_write(self, durable):
-        self.conn.execute("BEGIN")
-        if durable:
-            self.conn.execute("SET LOCAL synchronous_commit = on")
+        self.conn.execute("BEGIN")  # every commit is durable (_connect)
         try:
             yield
             self.conn.execute("COMMIT")
@@ -4297,13 +4302,17 @@ def _keep_tail(tail, chunk, limit):
     return 0
 
 
-def _decode_output(tail, limit):
-    """Bytes -> text of at most `limit` UTF-8 bytes, bad bytes replaced."""
-    text = bytes(tail).decode("utf-8", "replace")
-    encoded = text.encode("utf-8")
-    if len(encoded) <= limit:
-        return text, 0
-    return encoded[-limit:].decode("utf-8", "ignore"), len(encoded) - limit
+def _decode_output(tail, dropped):
+    """The kept tail (bytes, `dropped` of the job's bytes before it) as
+    text, bad bytes replaced; and the job's bytes dropped in all.  Counts
+    are of the job's bytes, not of the text (a bad byte is one, though its
+    U+FFFD is three in UTF-8); a character that the cut split is dropped
+    whole rather than shown as U+FFFD."""
+    start = 0
+    if dropped:
+        while start < min(3, len(tail)) and 0x80 <= tail[start] < 0xC0:
+            start += 1
+    return bytes(tail[start:]).decode("utf-8", "replace"), dropped + start
 
 
 def _exits_within(proc, seconds):
@@ -4408,8 +4417,7 @@ class _Execution(object):
             self.proc.stdout.close()
             _remove(script)
         code = self.proc.wait()
-        output, more = _decode_output(tail, self.output_limit)
-        dropped += more
+        output, dropped = _decode_output(tail, dropped)
         if timed_out:
             error = "timed out after %s" % _seconds_text(job.timeout)
         elif code < 0:
@@ -5519,7 +5527,7 @@ class WorkerPool(object):
                                  store, wid, claim, local, proc),
                              self.base_env,
                              lambda tail, dropped: self._save_tail(
-                                 store, claim, limit, tail, dropped),
+                                 store, claim, tail, dropped),
                              self.spawn_folder).run()
         finally:
             with self._lock:
@@ -5528,11 +5536,11 @@ class WorkerPool(object):
             run = run[:2] + ("cancelled",) + run[3:]
         return claim, _Result(*(run + (store.now(),)))
 
-    def _save_tail(self, store, claim, limit, tail, dropped):
+    def _save_tail(self, store, claim, tail, dropped):
         """A running job's output so far, for logs --follow on any host."""
-        output, more = _decode_output(tail, limit)
+        output, dropped = _decode_output(tail, dropped)
         try:
-            store.save_tail(claim, output, dropped + more)
+            store.save_tail(claim, output, dropped)
         except StoreError as exc:
             if not exc.transient:
                 raise
@@ -5835,12 +5843,18 @@ def _query_number(query, name, default, kind, minimum, maximum=MAX_COUNT):
 
 _COLOURS = {"pending": "33", "processing": "36", "completed": "32",
             "failed": "35", "dead": "31"}
-_CONTROL_RE = r"[\x00-\x1f\x7f]"
+# C0 and C1 controls (U+009B is an 8-bit CSI: the same escapes as ESC [),
+# and the bidirectional overrides and isolates that make text read in
+# another order than it is (a command that hides its real end).
+_CONTROL_RE = r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 
 
 def _printable(text):
-    """Escape control characters so job text cannot break a table line."""
-    return re.sub(_CONTROL_RE, lambda m: "\\x%02x" % ord(m.group()), text)
+    """Escape control characters so job text cannot break a table line or
+    drive the terminal that shows it."""
+    return re.sub(_CONTROL_RE, lambda m: ("\\x%02x" if m.group() < "\u0100"
+                                          else "\\u%04x") % ord(m.group()),
+                  text)
 
 
 def _use_colour(stream):
@@ -6215,6 +6229,8 @@ def _command_hint(command):
 def _read_input(name):
     try:
         if name == "-":
+            if sys.stdin is None:  # started with <&-
+                raise OSError(9, "stdin is closed")
             return sys.stdin.buffer.read().decode("utf-8")
         with open(_native(name), "rb") as handle:
             return handle.read().decode("utf-8")
@@ -7461,10 +7477,68 @@ def _safe_streams():
                 errors="backslashreplace", line_buffering=stream.line_buffering))
 
 
+class _Output(object):
+    """sys.stdout while main() runs.  Output is written after the change
+    it reports, so a failure to write it (a full disk, stdout closed with
+    `>&-`) must say that the change was made: a script that retried an
+    `enqueue` would queue its job twice."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _failed(self, exc):
+        return QueueError("cannot write the output (%s); the command itself"
+                          " was carried out" % exc)
+
+    def write(self, text):
+        if self.stream is None:
+            raise self._failed("stdout is closed")
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            raise  # `queuectl list | head`: main() ends quietly
+        except (OSError, ValueError) as exc:
+            raise self._failed(_reason(exc))
+
+    def flush(self):
+        if self.stream is not None:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                raise
+            except (OSError, ValueError) as exc:
+                raise self._failed(_reason(exc))
+
+    def isatty(self):
+        return self.stream is not None and self.stream.isatty()
+
+    def __getattr__(self, name):  # fileno, encoding, buffer, ...
+        if self.stream is None:
+            raise OSError(9, "stdout is closed")
+        return getattr(self.stream, name)
+
+
 def main(argv=None):
     """Run the CLI; return the exit status."""
-    global _PROG
     _safe_streams()
+    real = sys.stdout
+    sys.stdout = _Output(real)
+    try:
+        try:
+            code = _run_cli(argv)
+        except SystemExit as exc:  # --help, --version: flushed below too
+            code = exc.code
+        try:
+            sys.stdout.flush()
+        except QueueError as exc:
+            code = _error_exit(str(exc), exc.exit_code)
+        return code
+    finally:
+        sys.stdout = real
+
+
+def _run_cli(argv):
+    global _PROG
     try:
         _PROG = "queuectl" if argv is not None else _prog_name(sys.argv[0])
         if argv is None:
@@ -7507,7 +7581,7 @@ def _decoded_argv(argv):
 
 def _error_exit(message, code):
     """Print `queuectl: error: MESSAGE` on stderr; return the exit code."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(QueueError, OSError, ValueError):
         sys.stdout.flush()
     line = "queuectl: error: %s\n" % _printable(message)
     with contextlib.suppress(OSError, ValueError):

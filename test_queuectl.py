@@ -5,6 +5,7 @@ QUEUECTL_STRESS=N multiplies the sizes of the fault tests for long runs.
 """
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -1006,6 +1008,17 @@ class TestLifecycle(CLITestCase):
         code, out, err = self.cli("logs", job_id)
         self.assertEqual(out, "\n999\n1000\n")
         self.assertIn("output truncated", err)
+        # The limit and the dropped count are of the job's bytes: ten bad
+        # bytes are kept whole (each shown as U+FFFD, three bytes of text),
+        # and a character the cut splits is dropped whole.
+        bad = self.enqueue("printf '\\377%.0s' 1 2 3 4 5 6 7 8 9 10")
+        split = self.enqueue("printf 'a\u00e9012345678'")
+        self.drain()
+        self.assertEqual(self.cli("logs", bad)[1:], ("\ufffd" * 10, ""))
+        self.assertEqual(self.job(bad)["runs"][0]["output_dropped"], 0)
+        self.assertEqual(self.cli("logs", split)[1:], (
+            "012345678", "queuectl: attempt 1: output truncated, first 3"
+            " bytes dropped\n"))
 
     def test_claim_order_priority_then_run_at_then_enqueue_order(self):
         out = os.path.join(self.dir, "order.txt")
@@ -1209,14 +1222,20 @@ class TestOutput(CLITestCase):
         self.assertIn("pending", self.ok("status"))
 
     def test_c_locale_and_control_characters(self):
-        # Unicode and control characters print safely under LANG=C.
-        job_id = self.enqueue(json.dumps({"command": "echo 'caf\u00e9 \u2603'"
-                                                 " # \x1b[31m red"}))
-        env = {"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": ""}
-        for args in (("list",), ("show", job_id), ("status",)):
-            out = self.ok(*args, env=env)
-            self.assertNotIn("\x1b", out)
-        self.assertIn("\\x1b", self.ok("show", job_id, env=env))
+        # Unicode and control characters print safely under LANG=C: C0
+        # (ESC), C1 (U+009B, the 8-bit CSI) and bidirectional overrides
+        # (U+202E) are escaped in the tables and in show.
+        job_id = self.enqueue(json.dumps({
+            "command": "echo 'caf\u00e9 \u2603' # \x1b[31m red \x9b2J"
+                       " \u202eevil"}))
+        for env in ({"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": ""},
+                    {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}):
+            for args in (("list",), ("show", job_id), ("status",)):
+                out = self.ok(*args, env=env)
+                for raw in ("\x1b", "\x9b", "\u202e"):
+                    self.assertNotIn(raw, out)
+            self.assertIn("# \\x1b[31m red \\x9b2J \\u202eevil",
+                          self.ok("show", job_id, env=env))
 
     def test_non_ascii_jobs_run_under_a_c_locale(self):
         # Python 3.6 under LANG=C encodes arguments and paths as ASCII; a
@@ -1287,6 +1306,31 @@ class TestOutput(CLITestCase):
         out, err = proc.communicate(timeout=30)
         self.assertEqual(err, b"")
         self.assertTrue(out.startswith(b"ID"))
+
+    def test_output_that_cannot_be_written_says_the_change_was_made(self):
+        # Output comes after the change it reports: into a full disk or a
+        # closed stdout, one line says the command was carried out (a
+        # script must not enqueue again), on every Python alike (3.11's
+        # argparse swallows the error of --help); a closed stdin is one
+        # line too.  Never a traceback.
+        def run(redirect, *args):
+            proc = subprocess.run(
+                ["sh", "-c", 'exec "$@" ' + redirect, "sh", sys.executable,
+                 SCRIPT, "--db", self.db] + list(args),
+                input=b'{"command": "true"}', stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=self.env, timeout=60)
+            return proc.returncode, proc.stderr.decode()
+        done = ("queuectl: error: cannot write the output (%s); the command"
+                " itself was carried out\n")
+        for redirect, why in ((">/dev/full", "no space left on device"),
+                              (">&-", "stdout is closed")):
+            self.assertEqual(run(redirect, "enqueue", "true"),
+                             (1, done % why))
+            self.assertEqual(run(redirect, "status"), (1, done % why))
+            self.assertEqual(run(redirect, "--help"), (1, done % why))
+        self.assertEqual(run("<&-", "enqueue", "-f", "-"), (
+            2, "queuectl: error: cannot read -: stdin is closed\n"))
+        self.assertEqual(self.ok_json("status")["counts"]["pending"], 2)
 
 
 class TestWorkers(CLITestCase):
@@ -4325,6 +4369,61 @@ class TestPostgres(CLITestCase):
         self.sql("DELETE FROM queuectl.meta WHERE key = 'schema_version'")
         self.expect_failure(1, "but no schema version", "status")
 
+    def test_any_database_or_client_encoding_keeps_text_as_it_is(self):
+        # A SQL_ASCII database (old clusters; psycopg 3 reads its text as
+        # bytes) and $PGCLIENTENCODING=LATIN1 (which cannot hold a check
+        # mark): queuectl's text is UTF-8 whatever they say.
+        from urllib.parse import urlsplit, urlunsplit
+        name = "queuectl_ascii_%d" % os.getpid()
+        self.sql("DROP DATABASE IF EXISTS %s" % name)
+        self.sql("CREATE DATABASE %s ENCODING 'SQL_ASCII' TEMPLATE template0"
+                 " LC_COLLATE 'C' LC_CTYPE 'C'" % name)
+        self.addCleanup(self.sql, "DROP DATABASE IF EXISTS %s" % name)
+        ascii_db = urlunsplit(urlsplit(self.db)._replace(path="/" + name))
+        for db in (ascii_db, self.db):
+            env = {"PGCLIENTENCODING": "LATIN1"}
+            job_id = self.ok("enqueue", "echo 'h\u00e9llo \u2713'", db=db,
+                             env=env).strip()
+            code, _, err = self.cli("worker", "start", "--exit-when-idle",
+                                    db=db, env=env)
+            self.assertEqual(code, 0, err)
+            job = json.loads(self.ok("show", job_id, "--json", db=db, env=env))
+            self.assertEqual((job["state"], job["command"]),
+                             ("completed", "echo 'h\u00e9llo \u2713'"))
+            self.assertEqual(self.ok("logs", job_id, db=db, env=env),
+                             "h\u00e9llo \u2713\n")
+
+    def test_acknowledged_writes_survive_a_server_crash(self):
+        # A server that crashes (kill -9: the OOM killer) while its clients
+        # live on must not forget what it acknowledged to them: a claim a
+        # worker went on to run (else another worker runs the job beside
+        # it), a cancel, a delete, a setting.  Its WAL writer is stopped
+        # first, so that at the crash only commits that waited for their
+        # own WAL flush are on disk.
+        server = _PrivateServer(self)
+        self.db = server.url
+        later = self.enqueue("true", "--delay", "3600")
+        gone = self.enqueue("true", "--delay", "3600")
+        writer = [pid for pid, what in server.processes()[1].items()
+                  if "walwriter" in what]
+        self.assertEqual(len(writer), 1, server.processes())
+        os.kill(writer[0], signal.SIGSTOP)
+        held = self.enqueue(self.hold())
+        self.start_worker()
+        self.wait_started()
+        self.ok("cancel", later)
+        self.ok("delete", gone)
+        self.ok("config", "set", "max-retries", "9")
+        server.crash()
+        self.assertEqual(self.state(held), "processing")
+        self.assertEqual((self.state(later), self.job(later)["last_error"]),
+                         ("dead", "cancelled"))
+        self.expect_failure(1, "no job with id", "show", gone, live=True)
+        self.assertEqual(self.ok("config", "get", "max-retries").strip(), "9")
+        # The worker that ran on through the crash records its result.
+        self.release()
+        self.wait_state(held, "completed", 120)
+
     def test_server_clock_decides_not_the_workers(self):
         # Workers whose clocks are an hour off neither start a job early
         # nor miss one that is due: due means due by the server's clock.
@@ -4355,6 +4454,95 @@ class TestPostgres(CLITestCase):
 
 @unittest.skipUnless(PG_URL, "set QUEUECTL_TEST_PG to a PostgreSQL URL"
                      " (.ci/run does) to run the multi-host test")
+class _PrivateServer(object):
+    """A PostgreSQL cluster of a test's own, which the test may crash:
+    Debian's server binaries, run by the postgres user (so root is needed),
+    in a folder of its own, on a free port; fsync off (the crashes here are
+    the server's, not the machine's)."""
+
+    def __init__(self, testcase):
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found or os.geteuid() != 0:
+            why = "a private PostgreSQL server needs root and " \
+                "/usr/lib/postgresql/*/bin/initdb"
+            if os.environ.get("QUEUECTL_TEST_HOSTS") == "required":
+                testcase.fail(why)  # CI (root, Debian's PostgreSQL)
+            testcase.skipTest(why)
+        self.bin = os.path.dirname(found[-1])
+        self.folder = tempfile.mkdtemp(prefix="queuectl-pg-")  # not in
+        testcase.addCleanup(shutil.rmtree, self.folder, True)  # a 0700 one
+        shutil.chown(self.folder, "postgres")
+        self.as_postgres("initdb", "-D", self.data, "-U", "postgres", "-A",
+                         "trust", "-E", "UTF8", "--no-locale")
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as conf:
+            conf.write("listen_addresses = '127.0.0.1'\nfsync = off\n"
+                       "unix_socket_directories = '%s'\n" % self.folder)
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.url = "postgresql://postgres@127.0.0.1:%d/postgres" % self.port
+        self.start()
+        testcase.addCleanup(self.stop)
+
+    @property
+    def data(self):
+        return os.path.join(self.folder, "data")
+
+    def as_postgres(self, program, *args):
+        proc = subprocess.run(["runuser", "-u", "postgres", "--",
+                               os.path.join(self.bin, program)] + list(args),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              cwd=self.folder, timeout=120)
+        if proc.returncode:
+            raise AssertionError("%s failed: %s" % (program, proc.stdout[
+                -2000:].decode("utf-8", "replace")))
+
+    def start(self):
+        log = os.path.join(self.folder, "log")
+        try:
+            self.as_postgres("pg_ctl", "-D", self.data, "-o", "-p %d"
+                             % self.port, "-l", log, "-w", "-t", "60", "start")
+        except AssertionError as exc:
+            raise AssertionError("%s\nserver log: %s" % (exc, _read(log)[-2000:]))
+
+    def stop(self):
+        with contextlib.suppress(AssertionError, subprocess.SubprocessError):
+            self.as_postgres("pg_ctl", "-D", self.data, "-m", "immediate",
+                             "-w", "stop")
+
+    def processes(self):
+        """The postmaster's pid and {pid: what it is} of its children."""
+        with open(os.path.join(self.data, "postmaster.pid")) as handle:
+            postmaster = int(handle.readline())
+        children = {}
+        for name in os.listdir("/proc"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open("/proc/%s/stat" % name) as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+                if ppid == postmaster:
+                    with open("/proc/%s/cmdline" % name, "rb") as handle:
+                        children[int(name)] = handle.read().decode(
+                            "utf-8", "replace")
+        return postmaster, children
+
+    def crash(self):
+        """kill -9 of the server and every process of it (the OOM killer's
+        way), then a start: what was only in its memory is gone."""
+        postmaster, children = self.processes()
+        for pid in [postmaster] + list(children):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not any(_alive(pid) for pid in
+                                 [postmaster] + list(children)),
+                 what="the server's processes to end")
+        # Their lock files name the dead postmaster, which a container's
+        # init may leave unreaped (a zombie that kill(pid, 0) still finds).
+        os.remove(os.path.join(self.data, "postmaster.pid"))
+        os.remove(os.path.join(self.folder, ".s.PGSQL.%d.lock" % self.port))
+        self.start()
+
+
 class TestManyHosts(CLITestCase):
     """Three hosts (network namespaces with their own hostnames), one
     PostgreSQL server, real workers, a kill -9 and a cut network."""
