@@ -1776,7 +1776,10 @@ class _SQLStore(object):
             return self._requeue(seqs, now)
 
     def _requeue(self, seqs, now):
-        """Dead jobs back to pending, waiting again for unfinished deps."""
+        """Finished jobs back to pending, waiting again for unfinished deps;
+        and the pending jobs that wait for a completed one of them wait for
+        it again (those already started go on)."""
+        states = self.states(seqs)
         self._run_many(
             "UPDATE jobs SET waiting = (SELECT COUNT(*) FROM deps d JOIN jobs j"
             " ON j.seq = d.dep_seq WHERE d.job_seq = ? AND j.state <>"
@@ -1784,6 +1787,12 @@ class _SQLStore(object):
         self._retake_keys(seqs)
         self._move("pending", [(now, now, seq) for seq in seqs],
                    "attempts = 0, run_at = ?")
+        completed = [seq for seq in seqs if states[seq] == "completed"]
+        if completed:
+            self._run_many(
+                "UPDATE jobs SET waiting = waiting + 1, ready = NULL WHERE seq"
+                " IN (SELECT job_seq FROM deps WHERE dep_seq = ?) AND state ="
+                " 'pending'", [(seq,) for seq in completed])
         for seq in seqs:
             dead = self._run(
                 "SELECT j.id FROM deps d CROSS JOIN jobs j WHERE j.seq ="

@@ -1511,6 +1511,29 @@ class TestScripting(CLITestCase):
         self.drain()
         self.assertEqual(self.state("e"), "completed")
 
+    def test_a_retried_dependency_is_waited_for_again(self):
+        # `retry` of a completed job makes the pending jobs that wait on it
+        # wait again: they run after its new run, and die with it.
+        self.enqueue("true", "--id", "a")
+        self.drain()
+        self.enqueue("true", "--id", "b", "--after", "a")
+        self.ok("retry", "a")
+        self.assertEqual(self.job("b")["waiting_for"], 1)
+        self.ok("cancel", "a")
+        self.assertEqual((self.state("b"), self.job("b")["last_error"]),
+                         ("dead", "dependency a failed"))
+        # Retried together with a job that waits on it, it runs first.
+        out = os.path.join(self.dir, "order.txt")
+        cmd = "echo $QUEUECTL_JOB_ID >> " + out
+        self.enqueue(cmd, "--id", "c")
+        self.enqueue(cmd, "--id", "d", "--after", "c", "--priority", "9")
+        self.drain()
+        self.ok("retry", "d", "c")
+        self.assertEqual(self.job("d")["waiting_for"], 1)
+        self.drain()
+        with open(out) as handle:
+            self.assertEqual(handle.read().split(), ["c", "d", "c", "d"])
+
     def test_dead_dependency_buries_the_chain(self):
         self.config(backoff_max=0)
         flag = os.path.join(self.dir, "flag")
