@@ -1329,6 +1329,11 @@ class _SQLStore(object):
     def _wake_workers(self):
         pass  # SQLite workers poll; PostgreSQL sends NOTIFY
 
+    def opened_by(self, pid):
+        """Does process pid (of this host) have this database open?  None
+        where that cannot be told (see _SQLiteStore.opened_by)."""
+        return None
+
     def listen(self):
         pass
 
@@ -2637,6 +2642,21 @@ class _SQLiteStore(_SQLStore):
 
     def vacuum(self):
         self._all("VACUUM")
+
+    def opened_by(self, pid):
+        """Does process pid have this file open (Linux: /proc/PID/fd)?
+        None if its descriptors cannot be read (another user, no /proc)."""
+        try:
+            mine = os.stat(self.path)
+            fds = os.listdir("/proc/%d/fd" % pid)
+        except OSError:
+            return None
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                found = os.stat("/proc/%d/fd/%s" % (pid, fd))
+                if (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino):
+                    return True
+        return False
 
     # -- for the benchmark --------------------------------------------------
 
@@ -4260,6 +4280,15 @@ def _process_start(pid):
         return None
 
 
+def _parent_pid(pid):
+    """The parent of process pid (Linux), or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def kill_group(pgid, grace=KILL_GRACE, proc=None):
     """SIGTERM a process group, then SIGKILL whatever is left after `grace`."""
     import signal
@@ -4844,9 +4873,12 @@ class _Reaper(object):
         config = store.config()
         workers, processing = store.reaper_snapshot()
         dead, known = self.dead_workers(workers, config["lease-timeout"])
+        pids = dict((w[0], w[1]) for w in workers)
         for claim, wid, host, pgid, start in processing:
             if wid in dead or wid not in known:
-                _kill_orphans(host, pgid, start)
+                if not _run_by_another_database(store, host, pids.get(wid),
+                                                pgid):
+                    _kill_orphans(host, pgid, start)
                 state = store.recover(claim, config, store.now())
                 if state:
                     log(wid, claim.id, "lost", "worker lost; now %s" % state)
@@ -4855,6 +4887,19 @@ class _Reaper(object):
                 store.unregister(dead)
             for wid in dead:
                 self.seen.pop(wid, None)
+
+
+def _run_by_another_database(store, host, worker_pid, pgid):
+    """Is this run's process group the child of a live process that does
+    not have this database open?  Then it is not an orphan of this queue:
+    the database is a copy (`cp`, a backup restored) made while that worker
+    ran, its worker row came along, and the job is the original's to run.
+    (A frozen worker of this database has it open; an orphan of a dead one
+    has lost its parent.)"""
+    if host != _host() or not worker_pid or not pgid:
+        return False
+    return (_parent_pid(pgid) == worker_pid
+            and store.opened_by(worker_pid) is False)
 
 
 def _kill_orphans(host, pgid, start):

@@ -2096,6 +2096,39 @@ class TestFaults(CLITestCase):
         self.assertEqual(worker.wait(timeout=60), 0)
         self._assert_recovered(job_id)
 
+    @sqlite_only("a copy of a database file")
+    def test_a_copy_of_the_database_leaves_the_originals_jobs_alone(self):
+        # A copy made while a worker runs (a backup, `cp`) carries that
+        # worker's row and its running job.  A worker on the copy takes
+        # that worker for dead once its beat (in the copy) stops, and
+        # recovers the job there; but the job's processes are the original
+        # queue's, whose live worker must see its job end as it would have.
+        self.config(lease_timeout=1)
+        job_id = self.enqueue(self.hold(), "--max-retries", "0")
+        original = self.start_worker()
+        self.wait_started()
+        self.wait_for(lambda: self.pgid(job_id), what="its group recorded")
+        copy = os.path.join(self.dir, "copy.db")
+        source = sqlite3.connect(self.db, isolation_level=None, timeout=60)
+        source.execute("BEGIN IMMEDIATE")  # no write while the files copy
+        for suffix in ("", "-wal"):
+            shutil.copyfile(self.db + suffix, copy + suffix)
+        source.execute("ROLLBACK")
+        source.close()
+        self.db, main_db = copy, self.db
+        on_copy = self.start_worker()
+        self.wait_for(lambda: "worker lost" in _read(on_copy.log.name),
+                      what="the copy's worker to recover the job")
+        self.assertEqual(self.state(job_id), "dead")  # in the copy
+        on_copy.terminate()
+        self.assertEqual(on_copy.wait(timeout=60), 0)
+        self.db = main_db
+        self.release()
+        self.wait_state(job_id, "completed")
+        self.assertEqual(self.job(job_id)["runs"][0]["error"], None)
+        original.terminate()
+        self.assertEqual(original.wait(timeout=60), 0)
+
     def test_kill_9_during_bulk_enqueue_is_all_or_nothing(self):
         # kill -9 of `enqueue -f` mid-file: the file is all in or all out.
         path = os.path.join(self.dir, "big.jsonl")
