@@ -114,8 +114,10 @@ _CONFIG_RULES = {
                       "a number of seconds > 0 and <= 3600"),
     "job-timeout": (float, 0, False, 10 ** 9,
                     "a number of seconds >= 0 (0 = none) and <= 1e9"),
-    "lease-timeout": (float, 0, True, 86400,
-                      "a number of seconds > 0 and <= 86400"),
+    # Under half a second a beat's own write may outlast the lease: live
+    # workers would take each other for dead and kill each other's jobs.
+    "lease-timeout": (float, 0.5, False, 86400,
+                      "a number of seconds >= 0.5 and <= 86400"),
     "output-limit": (int, 0, False, 1 << 30,
                      "a number of bytes >= 0 and <= 1073741824"),
     "keep-completed": ("duration", 0, False, MAX_SECONDS_CONFIG,
@@ -6712,8 +6714,9 @@ def _parse_duration_arg(text, name):
 
 
 def cmd_wait(args, queue):
-    if args.timeout is not None and args.timeout < 0:
-        raise InvalidInput("--timeout must be >= 0, got %s" % args.timeout)
+    if args.timeout is not None and not 0 <= args.timeout <= MAX_SECONDS_CONFIG:
+        raise InvalidInput("--timeout must be >= 0 and <= 1e9, got %s"
+                           % args.timeout)
     try:
         for job_id in args.ids:
             queue.resolve(job_id)
@@ -7317,9 +7320,9 @@ def _positive_number(name):
 
     def check(text):
         value = parse(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError("%s must be > 0, got %s"
-                                             % (name, text))
+        if not 0 < value <= MAX_SECONDS_CONFIG:
+            raise argparse.ArgumentTypeError("%s must be > 0 and <= 1e9,"
+                                             " got %s" % (name, text))
         return value
     return check
 

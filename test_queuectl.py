@@ -709,6 +709,8 @@ class TestBadInput(CLITestCase):
             (("dlq", "retry"), "give job ids or --all"),
             (("dashboard", "--port", "70000"), "--port must be >= 0 and <= 65535"),
             (("wait", "abc123", "--timeout", "-1"), "--timeout must be >= 0"),
+            (("wait", "abc123", "--timeout", "1e10"),
+             "--timeout must be >= 0 and <= 1e9, got 10000000000.0"),
             (("stats", "--since", "0"), "--since must be > 0"),
         ]
         for args, message in cases:
@@ -722,6 +724,8 @@ class TestBadInput(CLITestCase):
             (("config", "set", "max-retries", "-1"), "max-retries must be an integer >= 0"),
             (("config", "set", "max-retries", "1.5"), "max-retries must be an integer"),
             (("config", "set", "backoff-base", "0.5"), "backoff-base must be a number >= 1"),
+            (("config", "set", "lease-timeout", "0.001"),
+             "lease-timeout must be a number of seconds >= 0.5"),
             (("config", "set", "poll-interval", "0"), "poll-interval must be a number of seconds > 0"),
             (("config", "set", "lease-timeout", "inf"), "lease-timeout must be"),
             (("config", "set", "output-limit", "lots"), "output-limit must be"),
@@ -1827,6 +1831,8 @@ class TestNewcomer(CLITestCase):
         for flag, value, message in (
                 ("--idle-timeout", "0", "--idle-timeout must be > 0"),
                 ("--idle-timeout", "-1", "--idle-timeout must be > 0"),
+                ("--idle-timeout", "1e300",
+                 "--idle-timeout must be > 0 and <= 1e9, got 1e300"),
                 ("--idle-timeout", "1e999", "--idle-timeout must be finite"),
                 ("--idle-timeout", "nan", "--idle-timeout must be a number"),
                 ("--idle-timeout", "soon", "must be a number"),
