@@ -1949,11 +1949,13 @@ class _SQLStore(object):
             return [job_id for _, job_id in rows]
 
     def purge(self, state, cutoff):
-        """Delete jobs of a state last updated at or before cutoff; count."""
+        """Delete jobs of a state last updated at or before cutoff, but
+        not those an unfinished job waits on (as retention keeps them, and
+        `delete` refuses them); count."""
         with self.write():
             seqs = [r[0] for r in self._run(
-                "SELECT seq FROM jobs WHERE state = ? AND updated_at <= ?",
-                (state, cutoff))]
+                "SELECT seq FROM jobs WHERE state = ? AND updated_at <= ? AND "
+                + _UNAWAITED, (state, cutoff))]
             self._delete_seqs(seqs)
         return len(seqs)
 

@@ -1191,6 +1191,17 @@ class TestLifecycle(CLITestCase):
         self.assertEqual(sum(counts.values()), 0)
         self.assertEqual(self.sql("SELECT COUNT(*) FROM attempts"), [(0,)])
         del done, dead
+        # A job that an unfinished one waits on is kept, as `delete` and
+        # retention keep it, and purged once that one has finished.
+        first = self.enqueue("true")
+        self.drain()
+        second = self.enqueue("true", "--after", first, "--delay", "3600")
+        self.assertEqual(self.ok("purge", "--state", "completed"),
+                         "purged 0 completed job(s)\n")
+        self.assertEqual(self.job(second)["after"], [first])
+        self.ok("cancel", second)
+        self.assertEqual(self.ok("purge", "--state", "completed"),
+                         "purged 1 completed job(s)\n")
 
     def test_config_list_get_set(self):
         values = self.ok_json("config", "list")
