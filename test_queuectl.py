@@ -4525,8 +4525,7 @@ class TestPostgres(CLITestCase):
         worker.send_signal(signal.SIGTERM)
         self.assertEqual(worker.wait(timeout=30), 0)
 
-@unittest.skipUnless(PG_URL, "set QUEUECTL_TEST_PG to a PostgreSQL URL"
-                     " (.ci/run does) to run the multi-host test")
+
 class _PrivateServer(object):
     """A PostgreSQL cluster of a test's own, which the test may crash:
     Debian's server binaries, run by the postgres user (so root is needed),
@@ -4616,6 +4615,8 @@ class _PrivateServer(object):
         self.start()
 
 
+@unittest.skipUnless(PG_URL, "set QUEUECTL_TEST_PG to a PostgreSQL URL"
+                     " (.ci/run does) to run the multi-host test")
 class TestManyHosts(CLITestCase):
     """Three hosts (network namespaces with their own hostnames), one
     PostgreSQL server, real workers, a kill -9 and a cut network."""
