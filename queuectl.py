@@ -2312,6 +2312,13 @@ class _SQLStore(object):
                          for seq, job_id, wid, attempt_id, host, pgid, start
                          in lost]
 
+    def claims_of(self, worker_id):
+        """The jobs that worker_id holds (as bare _Claim)."""
+        return [_Claim(seq, job_id, None, None, None, None, None, attempt_id,
+                       None) for seq, job_id, attempt_id in self._all(
+                           "SELECT seq, id, attempt_id FROM jobs WHERE state"
+                           " = 'processing' AND worker_id = ?", (worker_id,))]
+
     def recover(self, claim, config, now):
         """A dead worker's job: its run failed with 'worker lost'."""
         with self.write():
@@ -4929,6 +4936,7 @@ class _ThreadBatch(object):
         self.busy = False         # counted in the pool's _busy
         self.polls = False        # holds the pool's _poll_turn
         self.seen = 0             # the pool's _seen_work when last looked
+        self.doubt = False        # a failed write may have committed
 
     def add(self, job, result):
         if not self.results:
@@ -5346,6 +5354,7 @@ class WorkerPool(object):
                         raise
                     # Keep results and claims, start nothing, retry later.
                     self._store_failed(exc)
+                    self._doubt_claims(local)
                     if self.stopping.is_set() and not (local.results or
                                                        local.queued):
                         return  # stopping, and nothing left to save
@@ -5409,6 +5418,16 @@ class WorkerPool(object):
                  " was stopped; not started")
         return False
 
+    @staticmethod
+    def _doubt_claims(local):
+        """A write failed, but its commit may have happened all the same
+        (the server committed, then the connection died before it said
+        so).  Jobs this thread holds may have been handed back and claimed
+        by others since: each is checked before it starts.  Jobs it claimed
+        unbeknown to itself are handed back by the next _sync."""
+        local.claimed_at = float("-inf")
+        local.doubt = True
+
     def _set_busy(self, local, busy):
         """A thread took claimed jobs (True) or has none left (False)."""
         if local.busy == busy:
@@ -5451,7 +5470,8 @@ class WorkerPool(object):
         Only the thread holding the poll turn reads (with --exit-when-idle
         every thread, since each decides when to end); the others look
         once each time it sees work, and take the turn when it is free."""
-        if local.results or local.queued or self.stopping.is_set():
+        if (local.results or local.queued or local.doubt
+                or self.stopping.is_set()):
             return True
         if not (self.exit_when_idle or local.polls
                 or local.seen != self._seen_work):
@@ -5485,6 +5505,9 @@ class WorkerPool(object):
             with store.write():
                 now = store.now()
                 events = self._save_results(store, local.results, now)
+                if local.doubt:
+                    events += self._release_unknown_claims(store, wid, queued,
+                                                           now)
                 stop_seq, paused = store.control()
                 if stop_seq != self.stop_seq:
                     self.stop()
@@ -5504,8 +5527,18 @@ class WorkerPool(object):
             self._give_back(len(local.queued))
         if queued and queued is not local.queued:
             local.claimed_at = time.monotonic()
-        local.results, local.queued = [], queued
+        local.results, local.queued, local.doubt = [], queued, False
         self._log_events(wid, events)
+
+    def _release_unknown_claims(self, store, wid, queued, now):
+        """Jobs this thread holds in the database but not in memory: a
+        claim that committed though its answer was lost.  Nobody would run
+        or recover them while this worker lives; they go back uncounted."""
+        held = set(claim.attempt_id for claim in queued)
+        return [(claim, "requeued", "claimed by a commit whose answer was"
+                 " lost; not started") for claim in store.claims_of(wid)
+                if claim.attempt_id not in held and store.hand_back(claim,
+                                                                    now)]
 
     def _claim(self, store, wid, now):
         """One job, or CLAIM_BATCH of them when at least that many per
@@ -5620,6 +5653,7 @@ class WorkerPool(object):
             if not exc.transient:
                 raise
             self._store_failed(exc)  # the job runs on; saved at its end
+            self._doubt_claims(local)
             return
         self._give_back(len(local.queued))
         local.results, local.queued = [], []

@@ -2113,6 +2113,46 @@ class TestFaults(CLITestCase):
         self.assertEqual(worker.wait(timeout=60), 0)
         self._assert_recovered(job_id)
 
+    def test_a_claim_whose_answer_was_lost_is_handed_back(self):
+        # The server commits a claim, then the connection dies before it
+        # says so: the worker holds in the database a job it does not know
+        # of, which nobody would run or recover while it lives.  It hands
+        # the job back (uncounted) once the database answers again, and
+        # runs it then.  (The lost answer is made in-process: the claim's
+        # transaction commits, then its write() raises as a lost
+        # connection does.)
+        job_id = self.enqueue("true")
+        log = io.StringIO()
+        pool = queuectl.WorkerPool(self.db, exit_when_idle=True, log=log)
+        lost = {"claimed": False, "raised": False}
+
+        def open_store():
+            store = queuectl.open_store(self.db, pool.now)
+            claim, write = store.claim, store.write
+
+            def claim_noted(*args, **kwargs):
+                claims = claim(*args, **kwargs)
+                lost["claimed"] = lost["claimed"] or bool(claims)
+                return claims
+
+            @contextlib.contextmanager
+            def write_losing_an_answer(durable=False):
+                with write(durable) as handle:
+                    yield handle
+                if lost["claimed"] and not lost["raised"]:
+                    lost["raised"] = True
+                    raise queuectl.StoreError("connection lost",
+                                              transient=True)
+            store.claim, store.write = claim_noted, write_losing_an_answer
+            return store
+        pool._open_store = open_store
+        self.assertEqual(pool.run(), 0)
+        self.assertTrue(lost["raised"])
+        self.assertIn("%s requeued claimed by a commit whose answer was lost"
+                      % job_id, log.getvalue())
+        job = self.job(job_id)
+        self.assertEqual((job["state"], len(job["runs"])), ("completed", 1))
+
     @sqlite_only("a copy of a database file")
     def test_a_copy_of_the_database_leaves_the_originals_jobs_alone(self):
         # A copy made while a worker runs (a backup, `cp`) carries that
