@@ -1352,12 +1352,15 @@ class _SQLStore(object):
     # -- transactions and errors --------------------------------------------
 
     @contextlib.contextmanager
-    def write(self, durable=False):
+    def write(self, durable=False, alone=False):
         """One write transaction; driver errors leave as StoreError.
 
         durable=True: the commit survives power loss (enqueue); otherwise
         SQLite trades that for speed (worker state changes: see
         _SQLiteStore._set_durable); PostgreSQL commits durably always.
+        alone=True: no other write runs beside this one, for what reads the
+        dependency graph to change it (see _PostgresStore._begin_write;
+        SQLite's writes never run beside each other).
         """
         if self._in_write:  # inside another write: part of that one
             yield self
@@ -1365,7 +1368,7 @@ class _SQLStore(object):
         with self._translated():
             self._in_write = True
             try:
-                with self._begin_write(durable):
+                with self._begin_write(durable, alone):
                     yield self
             finally:
                 self._in_write = False
@@ -1453,7 +1456,7 @@ class _SQLStore(object):
         """
         keyed = any(j.unique_key is not None for j in jobs)
         new, new_afters = jobs, afters  # without keys: every job is new
-        with self.write(durable=True):
+        with self.write(durable=True, alone=any(afters)):
             for tries_left in range(5, 0, -1):
                 self._run("SAVEPOINT insert_jobs")
                 try:
@@ -1767,7 +1770,7 @@ class _SQLStore(object):
 
     def retry_dead(self, prefixes, now):
         """Named dead jobs back to pending, attempts reset; their ids."""
-        with self.write():
+        with self.write(alone=True):
             rows = self._resolve_each(prefixes)
             states = self.states([seq for seq, _ in rows])
             for seq, job_id in rows:
@@ -1777,7 +1780,7 @@ class _SQLStore(object):
             return self._requeue([seq for seq, _ in rows], now)
 
     def retry_all_dead(self, now):
-        with self.write():
+        with self.write(alone=True):
             seqs = [r[0] for r in self._run(
                 "SELECT seq FROM jobs WHERE state = 'dead' ORDER BY seq")]
             return self._requeue(seqs, now)
@@ -1814,7 +1817,7 @@ class _SQLStore(object):
     def retry_finished(self, prefixes, now):
         """Completed or dead jobs run again (attempts reset, due now,
         attempt history kept), all or none; their ids."""
-        with self.write():
+        with self.write(alone=True):
             rows = self._resolve_each(prefixes)
             states = self.states([seq for seq, _ in rows])
             for seq, job_id in rows:
@@ -1930,7 +1933,7 @@ class _SQLStore(object):
 
     def delete(self, prefixes):
         """Delete jobs (and their attempts) that are not processing."""
-        with self.write():
+        with self.write(alone=True):
             rows = self._resolve_each(prefixes)
             doomed = set(job_id for _, job_id in rows)
             states = self.states([seq for seq, _ in rows])
@@ -2569,7 +2572,7 @@ class _SQLiteStore(_SQLStore):
 
     # -- transactions and errors --------------------------------------------
 
-    def _begin_write(self, durable):
+    def _begin_write(self, durable, alone=False):
         self._set_durable(durable)
         return _write_txn(self.conn)
 
@@ -3000,8 +3003,19 @@ class _PostgresStore(_SQLStore):
             raise self._translate(exc)
 
     @contextlib.contextmanager
-    def _begin_write(self, durable):
-        self.conn.execute("BEGIN")  # every commit is durable (_connect)
+    def _begin_write(self, durable, alone=False):
+        # Every commit is durable (_connect).  Every write holds the
+        # dependency lock shared, and what reads the dependency graph to
+        # change it (an enqueue with --after, a retry, a delete) holds it
+        # alone: row locks did not order them, so a job enqueued --after A
+        # while a worker completed A, or retried while its dependency
+        # completed, waited for ever (neither saw the other's rows), and a
+        # delete beside such an enqueue left it waiting on no job.  The
+        # lock is each transaction's first, so it cannot deadlock with
+        # row locks; no round trip is added.
+        self.conn.execute("BEGIN; SELECT %s(%d, -1)" % (
+            "pg_advisory_xact_lock" if alone else
+            "pg_advisory_xact_lock_shared", _PG_STRIPE_LOCK))
         try:
             yield
             self.conn.execute("COMMIT")
@@ -3466,7 +3480,9 @@ RETURNING p.k, j.seq, j.id, j.command, j.timeout, j.cwd, j.env, j.attempts,
 # two sessions ever write the same counter row.
 _PG_STRIPE_V1 = "pg_backend_pid() % 16"
 _PG_STRIPE = "queuectl.stripe()"
-_PG_STRIPE_LOCK = APPLICATION_ID  # advisory locks (this key, stripe)
+# Advisory locks (this key, stripe); (this key, -1) is the dependency lock
+# (_PostgresStore._begin_write).
+_PG_STRIPE_LOCK = APPLICATION_ID
 
 #: The claim of a worker of every queue while none is paused or capped.
 _PG_CLAIM_ANY_SQL = _PG_CLAIM_SQL.replace(_PG_CLAIM_DUE,

@@ -4506,6 +4506,46 @@ class TestPostgres(CLITestCase):
             self.assertEqual(self.ok("logs", job_id, db=db, env=env),
                              "h\u00e9llo \u2713\n")
 
+    def test_dependencies_change_one_writer_at_a_time(self):
+        # PostgreSQL runs writes side by side, and row locks did not order
+        # these: a job enqueued --after A while a worker completed A waited
+        # for ever (neither transaction saw the other's rows), and `delete
+        # A` beside such an enqueue left it waiting on no job.  The
+        # enqueue's transaction is held open (in-process) until the other
+        # writer either waits for it (the dependency lock) or is done.
+        def waiting_for_a_lock():
+            return self.sql("SELECT COUNT(*) FROM pg_locks WHERE locktype ="
+                            " 'advisory' AND NOT granted")[0][0]
+
+        def enqueue_held_open(after, until):
+            queue = queuectl.Queue(self.db)
+            insert_deps = queue.store._insert_deps
+
+            def held_open(pairs):
+                insert_deps(pairs)
+                self.wait_for(lambda: waiting_for_a_lock() or until(),
+                              what="the other writer to wait or be done")
+            queue.store._insert_deps = held_open
+            try:
+                return queue.enqueue({"command": "true", "after": [after]})
+            finally:
+                queue.close()
+        self.start_worker()
+        done = os.path.join(self.dir, "done")
+        first = self.enqueue(self.hold() + "; touch " + done)
+        self.wait_started()
+        self.release()
+        dependent = enqueue_held_open(first, lambda: os.path.exists(done) and
+                                      self.state(first) == "completed")
+        self.wait_state(dependent, "completed")
+        later = self.enqueue("true", "--delay", "3600")
+        delete = self.spawn("delete", later)
+        waiter = enqueue_held_open(later, lambda: delete.poll() is not None)
+        _, err = delete.communicate(timeout=60)
+        self.assertEqual((delete.returncode, err.decode()), (
+            1, "queuectl: error: job '%s' is waited on by '%s'\n"
+            % (later, waiter)))
+
     def test_acknowledged_writes_survive_a_server_crash(self):
         # A server that crashes (kill -9: the OOM killer) while its clients
         # live on must not forget what it acknowledged to them: a claim a
