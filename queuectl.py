@@ -1763,7 +1763,7 @@ class _SQLStore(object):
         """[(seq, id)] of the jobs named, each once however often named
         (`retry a a`, or an id and its prefix)."""
         rows = collections.OrderedDict()
-        for prefix in prefixes:
+        for prefix in _id_list(prefixes):
             seq, job_id = self.resolve(prefix)
             rows[seq] = job_id
         return list(rows.items())
@@ -3731,12 +3731,7 @@ def open_store(address=None, clock=time.time):
     URL, or a file path (default: $QUEUECTL_DB or ~/.queuectl/queue.db).
     `clock` gives unix time (tests fake it); PostgreSQL corrects it by the
     server's clock."""
-    if address is None:
-        address = default_db_path()
-    if not isinstance(address, str) or not address.strip():
-        # `--db "$UNSET"` must not fall back to the default queue.
-        raise InvalidInput("the database path is empty: give a file path or"
-                           " a postgresql:// URL")
+    address = _store_address(address)
     scheme = "://" in address and re.match(
         r"^([A-Za-z][A-Za-z0-9+.-]*)://", address)
     if not scheme:
@@ -3747,6 +3742,26 @@ def open_store(address=None, clock=time.time):
             len(scheme.group(1)):], clock)
     raise InvalidInput("unsupported database URL scheme '%s://': give a file"
                        " path or a postgresql:// URL" % scheme.group(1))
+
+
+def _store_address(address):
+    """A database address as open_store takes it (None: the default), with
+    a file path made absolute now, as a program may chdir later."""
+    if address is None:
+        address = default_db_path()
+    if hasattr(address, "__fspath__"):  # a pathlib.Path
+        address = os.fspath(address)
+    if not isinstance(address, str):
+        raise InvalidInput("the database must be a file path or a"
+                           " postgresql:// URL as text, got %s"
+                           % type(address).__name__)
+    if not address.strip():
+        # `--db "$UNSET"` must not fall back to the default queue.
+        raise InvalidInput("the database path is empty: give a file path or"
+                           " a postgresql:// URL")
+    if "://" in address:
+        return address
+    return os.path.abspath(os.path.expanduser(address))
 
 
 def default_db_path():
@@ -4042,6 +4057,8 @@ class Queue(object):
         """Copy every job (attempts, output, dependencies), the config and
         the counters into the empty store at `address`, in one transaction
         there.  Returns the number of jobs copied."""
+        if address is None:  # not the default queue, unasked
+            raise InvalidInput("copy needs a target database")
         if self.workers():
             raise Conflict("workers are running on %s; stop them first"
                            " (queuectl worker stop --wait)" % self.path)
@@ -4110,7 +4127,10 @@ class Queue(object):
         Returns {id: state}; raises TimeoutError after `timeout` seconds and
         NotFound if a job is deleted while waited for.
         """
-        seqs = dict(self.store.resolve(i) for i in job_ids)
+        if timeout is not None and not _is_number(timeout):
+            raise InvalidInput("timeout must be a number of seconds, got %s"
+                               % _short_repr(timeout))
+        seqs = dict(self.store.resolve(i) for i in _id_list(job_ids))
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             states = self.store.states(seqs)
@@ -4128,6 +4148,15 @@ class Queue(object):
                                        ", ".join(waiting[:10]),
                                        ", ..." if len(waiting) > 10 else ""))
             time.sleep(interval)
+
+
+def _id_list(ids):
+    """A list of job ids from the library: a lone id would be taken letter
+    by letter, each letter a prefix of other jobs (`delete("ab")`)."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise InvalidInput("job ids must be a list of ids, got %s"
+                           % _short_repr(ids))
+    return ids
 
 
 def _new_output(row, shown):
@@ -4240,7 +4269,7 @@ def _metrics_text(samples, now):
         lines.append("# HELP %s %s" % (name, text))
         lines.append("# TYPE %s %s" % (name, kind))
         for labels, value in samples:
-            lines.append("%s%s %s" % (name, labels, _number_text(value)))
+            lines.append("%s%s %s" % (name, labels, _metric_value(value)))
     counts, totals = samples["counts"], samples["totals"]
     per_queue = dict(samples["queue_counts"])
     per_queue[DEFAULT_QUEUE] = dict(
@@ -4269,8 +4298,14 @@ def _metrics_text(samples, now):
     for suffix, value in samples + [("_sum", totals.get("duration_sum", 0)),
                                     ("_count", buckets[-1][1])]:
         lines.append("queuectl_run_duration_seconds%s %s"
-                     % (suffix, _number_text(value)))
+                     % (suffix, _metric_value(value)))
     return "\n".join(lines) + "\n"
+
+
+def _metric_value(value):
+    """Every digit (repr): "%g" kept six, so a sum of run time past about
+    1e6 s stood still for many scrapes, and rates of it read zero."""
+    return ("%d" % value) if float(value).is_integer() else repr(float(value))
 
 
 def _pid_alive(pid):
@@ -4999,7 +5034,8 @@ class WorkerPool(object):
         if queues is not None:
             queues = _queue_names(queues)
         self.queues = queues
-        self.address = self.path = path or default_db_path()
+        # Resolved now, as Queue does: a program may chdir before run().
+        self.address = self.path = _store_address(path)
         self.count = count
         self.poll_interval = poll_interval
         self.exit_when_idle = exit_when_idle
@@ -5034,6 +5070,7 @@ class WorkerPool(object):
         self._work_seen = threading.Condition()
         self._seen_work = 0                 # times a poll saw work
         self.failed = False
+        self._ran = False
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -5063,8 +5100,10 @@ class WorkerPool(object):
         # Threads idle in select() (PostgreSQL) wake on this pipe; safe in a
         # signal handler.  The threads waiting for the polling one wake on
         # _work_seen, which no signal handler's thread (the main one) holds.
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        wake = self._wake_w
+        if wake is not None:  # None once run() has closed it: its number
+            with contextlib.suppress(OSError):  # may be another file's now
+                os.write(wake, b"x")
         with self._work_seen:
             self._work_seen.notify_all()
 
@@ -5094,6 +5133,9 @@ class WorkerPool(object):
 
     def run(self):
         import threading
+        if self._ran:
+            raise Conflict("this WorkerPool has run; make a new one")
+        self._ran = True
         self._idle_since = time.monotonic()
         store = self._open_store()
         self.path = store.display
@@ -5116,14 +5158,21 @@ class WorkerPool(object):
             for thread in threads:
                 thread.daemon = True
                 thread.start()
-            self._watch(store, reaper, threads)
+            try:
+                self._watch(store, reaper, threads)
+            except BaseException:  # Ctrl-C in a program that embeds the
+                self.force()       # pool: its threads must not run on
+                self._watch(store, reaper, threads)  # unwatched
+                raise
         finally:
             with contextlib.suppress(StoreError):
                 with store.write():
                     store.unregister(self.ids)
             store.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            wake = (self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = None  # before their numbers go
+            for fd in wake:
+                os.close(fd)
         return 1 if self.forced.is_set() or self.failed else 0
 
     def _register(self, store):
@@ -5714,6 +5763,13 @@ def serve_dashboard(path, host="127.0.0.1", port=8765, read_only=False,
     import http.server
     import socket
     import socketserver
+    if not isinstance(host, str) or not host.strip():
+        # socketserver would listen on every interface, and any Host passes
+        raise InvalidInput("--host is empty: give an address to listen on"
+                           " (127.0.0.1, or 0.0.0.0 for every interface)")
+    if not _is_int(port) or not 0 <= port <= 65535:
+        raise InvalidInput("--port must be an integer from 0 to 65535, got %r"
+                           % (port,))
 
     class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         # Threads per request (3.6 has no ThreadingHTTPServer): a slow
@@ -7124,9 +7180,6 @@ def _stats_arguments(p):
 
 
 def cmd_dashboard(args, queue):
-    if not args.host.strip():  # would listen on every interface
-        raise InvalidInput("--host is empty: give an address to listen on"
-                           " (127.0.0.1, or 0.0.0.0 for every interface)")
     queue.close()
 
     def ready(url):

@@ -2885,6 +2885,84 @@ class TestLibrary(unittest.TestCase):
             finally:
                 queue.close()
 
+    def test_misuse_of_the_library_is_refused_and_harmless(self):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "q.db")
+            queue = queuectl.Queue(path)
+            self.addCleanup(queue.close)
+            job = queue.enqueue({"command": "true"})
+            pool = queuectl.WorkerPool(path, exit_when_idle=True, log=False)
+            self.assertEqual(pool.run(), 0)
+            # run() closed its wake-up pipe: stop() must not write into
+            # whatever file took its numbers since (it wrote b"x" there,
+            # even into the -wal file of a database).
+            files = [open(os.path.join(folder, "f%d" % n), "w+b")
+                     for n in range(2)]
+            for handle in files:
+                self.addCleanup(handle.close)
+            pool.stop()
+            pool.force()
+            self.assertEqual([h.read() for h in files], [b"", b""])
+            with self.assertRaises(queuectl.Conflict):
+                pool.run()
+            # An empty path is not the default queue; a relative one is
+            # resolved at once (a program may chdir before run()).
+            for bad in ("", " "):
+                with self.assertRaises(queuectl.InvalidInput):
+                    queuectl.WorkerPool(bad)
+            self.assertEqual(queuectl.WorkerPool("q.db").address,
+                             os.path.abspath("q.db"))
+            with self.assertRaises(queuectl.InvalidInput):
+                queue.copy_to(None)
+            with self.assertRaises(queuectl.InvalidInput):
+                queuectl.serve_dashboard(path, host="")
+            # A lone id is not a list of one-letter prefixes.
+            for call in (queue.delete, queue.retry, queue.cancel,
+                         queue.retry_finished, queue.wait):
+                with self.assertRaises(queuectl.InvalidInput):
+                    call(job)
+            with self.assertRaises(queuectl.InvalidInput):
+                queue.wait([job], timeout=float("nan"))
+            self.assertEqual(queue.get(job)["state"], "completed")
+            # /metrics keeps every digit of a growing sum.
+            with queue.store.write():
+                queue.store._run("UPDATE totals SET value = 1234567.891"
+                                 " WHERE name = 'duration_sum'")
+            self.assertIn("queuectl_run_duration_seconds_sum 1234567.891\n",
+                          queue.metrics())
+
+    def test_ctrl_c_in_an_embedding_program_stops_the_pool(self):
+        # KeyboardInterrupt out of run() (Python's own SIGINT handler) left
+        # the worker threads claiming and running jobs, unwatched.
+        with tempfile.TemporaryDirectory() as folder:
+            started = os.path.join(folder, "started")
+            script = (
+                "import os, signal, sys, threading, time\n"
+                "sys.path.insert(0, %r)\n"
+                "import queuectl\n"
+                "path = os.path.join(%r, 'q.db')\n"
+                "queuectl.Queue(path).enqueue({'command': 'touch %s; sleep"
+                " 600'})\n"
+                "def interrupt():\n"
+                "    while not os.path.exists(%r):\n"
+                "        time.sleep(0.02)\n"
+                "    os.kill(os.getpid(), signal.SIGINT)\n"
+                "threading.Thread(target=interrupt, daemon=True).start()\n"
+                "pool = queuectl.WorkerPool(path, log=False)\n"
+                "try:\n"
+                "    pool.run()\n"
+                "except KeyboardInterrupt:\n"
+                "    print(sorted(t.name for t in threading.enumerate()\n"
+                "                 if t.name != 'MainThread' and\n"
+                "                 not t.name.startswith('Thread-')))\n"
+                "    print(queuectl.Queue(path).list()[0]['state'])\n"
+                % (os.path.dirname(SCRIPT), folder, started, started))
+            out = subprocess.run([sys.executable, "-c", script],
+                                 stdout=subprocess.PIPE, timeout=120)
+            self.assertEqual(out.stdout.decode().split("\n"),
+                             ["[]", "pending", ""])
+
+
 
 class TestStats(CLITestCase):
 
