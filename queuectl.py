@@ -5967,7 +5967,11 @@ class _DashboardRoutes(object):
         length = self.headers.get("Content-Length") or "0"
         if not re.match("^[0-9]{1,12}$", length):
             raise _HTTPError(400, "bad Content-Length: %s" % length[:40])
-        self.rfile.read(min(int(length), 65536))
+        try:  # the body is not used, but a request is read whole
+            self.rfile.read(min(int(length), 65536))
+        except OSError:  # socket.timeout: the body promised never came
+            self.close_connection = True
+            raise _HTTPError(408, "the request body did not arrive")
         parts = [_path_segment(part) for part in path.strip("/").split("/")]
         if len(parts) == 4 and parts[:2] == ["api", "jobs"]:
             if parts[3] == "retry":

@@ -3311,11 +3311,11 @@ class TestDashboard(CLITestCase):
                             % busy.getsockname()[1], "dashboard", "--port",
                             str(busy.getsockname()[1]))
 
-    def raw(self, request):
+    def raw(self, request, timeout=10):
         """Send raw request bytes; (status, headers text, body text)."""
         import socket
         with contextlib.closing(socket.create_connection(
-                ("127.0.0.1", self.port), timeout=10)) as sock:
+                ("127.0.0.1", self.port), timeout=timeout)) as sock:
             sock.sendall(request.encode("latin-1"))
             data = b""
             while True:
@@ -3362,6 +3362,11 @@ class TestDashboard(CLITestCase):
         self.assertEqual(self.get_json("/api/jobs?offset=%s" % ("9" * 23),
                                        status=400)["error"],
                          "offset must be from 0 to 2147483647")
+        # A body promised and never sent: 408 once the read times out
+        # (HTTP_TIMEOUT), not an internal error.
+        code, head, body = self.raw(post % "999999999999", timeout=120)
+        self.assertEqual((code, json.loads(body)["error"]),
+                         (408, "the request body did not arrive"))
         self.assertEqual(self.state("evil"), "dead")  # nothing retried
 
 
