@@ -1352,15 +1352,17 @@ class _SQLStore(object):
     # -- transactions and errors --------------------------------------------
 
     @contextlib.contextmanager
-    def write(self, durable=False, alone=False):
+    def write(self, durable=False, deps=None):
         """One write transaction; driver errors leave as StoreError.
 
         durable=True: the commit survives power loss (enqueue); otherwise
         SQLite trades that for speed (worker state changes: see
         _SQLiteStore._set_durable); PostgreSQL commits durably always.
-        alone=True: no other write runs beside this one, for what reads the
-        dependency graph to change it (see _PostgresStore._begin_write;
-        SQLite's writes never run beside each other).
+        deps: how the write meets the dependency graph, for PostgreSQL,
+        whose writes run side by side (see _PostgresStore._begin_write;
+        SQLite's never do): "alone" reads it to change it (an enqueue with
+        --after, a retry, a delete), "shared" may complete, bury or delete
+        jobs that others wait on, None does neither (beats, claims alone).
         """
         if self._in_write:  # inside another write: part of that one
             yield self
@@ -1368,7 +1370,7 @@ class _SQLStore(object):
         with self._translated():
             self._in_write = True
             try:
-                with self._begin_write(durable, alone):
+                with self._begin_write(durable, deps):
                     yield self
             finally:
                 self._in_write = False
@@ -1456,7 +1458,8 @@ class _SQLStore(object):
         """
         keyed = any(j.unique_key is not None for j in jobs)
         new, new_afters = jobs, afters  # without keys: every job is new
-        with self.write(durable=True, alone=any(afters)):
+        with self.write(durable=True,
+                        deps="alone" if any(afters) else None):
             for tries_left in range(5, 0, -1):
                 self._run("SAVEPOINT insert_jobs")
                 try:
@@ -1770,7 +1773,7 @@ class _SQLStore(object):
 
     def retry_dead(self, prefixes, now):
         """Named dead jobs back to pending, attempts reset; their ids."""
-        with self.write(alone=True):
+        with self.write(deps="alone"):
             rows = self._resolve_each(prefixes)
             states = self.states([seq for seq, _ in rows])
             for seq, job_id in rows:
@@ -1780,7 +1783,7 @@ class _SQLStore(object):
             return self._requeue([seq for seq, _ in rows], now)
 
     def retry_all_dead(self, now):
-        with self.write(alone=True):
+        with self.write(deps="alone"):
             seqs = [r[0] for r in self._run(
                 "SELECT seq FROM jobs WHERE state = 'dead' ORDER BY seq")]
             return self._requeue(seqs, now)
@@ -1817,7 +1820,7 @@ class _SQLStore(object):
     def retry_finished(self, prefixes, now):
         """Completed or dead jobs run again (attempts reset, due now,
         attempt history kept), all or none; their ids."""
-        with self.write(alone=True):
+        with self.write(deps="alone"):
             rows = self._resolve_each(prefixes)
             states = self.states([seq for seq, _ in rows])
             for seq, job_id in rows:
@@ -1832,7 +1835,7 @@ class _SQLStore(object):
         ('cancelled'); for processing ones a request is left that their
         worker reads with its next heartbeat.  Returns (dead ids, requested
         ids)."""
-        with self.write():
+        with self.write(deps="shared"):
             rows = self._resolve_each(prefixes)
             states = self.states([seq for seq, _ in rows])
             for seq, job_id in rows:
@@ -1893,7 +1896,7 @@ class _SQLStore(object):
             + _UNAWAITED + " ORDER BY seq LIMIT ?", (state, cutoff, limit))]
         if not found:
             return 0, 0
-        with self.write():
+        with self.write(deps="shared"):
             seqs = [r[0] for r in self._run(
                 "SELECT seq FROM jobs WHERE seq IN (%s) AND state = ? AND"
                 " updated_at <= ? AND %s" % (_marks(found), _UNAWAITED),
@@ -1933,7 +1936,7 @@ class _SQLStore(object):
 
     def delete(self, prefixes):
         """Delete jobs (and their attempts) that are not processing."""
-        with self.write(alone=True):
+        with self.write(deps="alone"):
             rows = self._resolve_each(prefixes)
             doomed = set(job_id for _, job_id in rows)
             states = self.states([seq for seq, _ in rows])
@@ -1955,7 +1958,7 @@ class _SQLStore(object):
         """Delete jobs of a state last updated at or before cutoff, but
         not those an unfinished job waits on (as retention keeps them, and
         `delete` refuses them); count."""
-        with self.write():
+        with self.write(deps="shared"):
             seqs = [r[0] for r in self._run(
                 "SELECT seq FROM jobs WHERE state = ? AND updated_at <= ? AND "
                 + _UNAWAITED, (state, cutoff))]
@@ -2324,7 +2327,7 @@ class _SQLStore(object):
 
     def recover(self, claim, config, now):
         """A dead worker's job: its run failed with 'worker lost'."""
-        with self.write():
+        with self.write(deps="shared"):
             self._run("UPDATE attempts SET ended_at = ?, duration = ? -"
                       " started_at, error = 'worker lost' WHERE id = ? AND"
                       " ended_at IS NULL", (now, now, claim.attempt_id))
@@ -2572,7 +2575,7 @@ class _SQLiteStore(_SQLStore):
 
     # -- transactions and errors --------------------------------------------
 
-    def _begin_write(self, durable, alone=False):
+    def _begin_write(self, durable, deps=None):
         self._set_durable(durable)
         return _write_txn(self.conn)
 
@@ -3003,20 +3006,24 @@ class _PostgresStore(_SQLStore):
             raise self._translate(exc)
 
     @contextlib.contextmanager
-    def _begin_write(self, durable, alone=False):
-        # Every commit is durable (_connect).  Every write holds the
-        # dependency lock shared, and what reads the dependency graph to
-        # change it (an enqueue with --after, a retry, a delete) holds it
-        # alone: row locks did not order them, so a job enqueued --after A
-        # while a worker completed A, or retried while its dependency
-        # completed, waited for ever (neither saw the other's rows), and a
-        # delete beside such an enqueue left it waiting on no job.  The
-        # lock is each transaction's first, so it cannot deadlock with
-        # row locks; no round trip is added.
-        self.conn.execute("BEGIN; SELECT %s(%d, -1)" % (
-            "pg_advisory_xact_lock" if alone else
-            "pg_advisory_xact_lock_shared", _PG_STRIPE_LOCK))
-        try:
+    def _begin_write(self, durable, deps=None):
+        # Every commit is durable (_connect).  A write that may complete,
+        # bury or delete jobs others wait on holds the dependency lock
+        # shared, and one that reads the dependency graph to change it (an
+        # enqueue with --after, a retry, a delete) holds it alone: row
+        # locks did not order them, so a job enqueued --after A while a
+        # worker completed A, or retried while its dependency completed,
+        # waited for ever (neither saw the other's rows), and a delete
+        # beside such an enqueue left it waiting on no job.  Beats and bare
+        # claims take no part: a long write never delays them (a worker
+        # whose beats wait fences itself).  The lock is a transaction's
+        # first, so it cannot deadlock with row locks; no round trip is
+        # added.
+        lock = {None: None, "shared": "pg_advisory_xact_lock_shared",
+                "alone": "pg_advisory_xact_lock"}[deps]
+        try:  # a wait for the lock cut short must roll back too
+            self.conn.execute("BEGIN" if lock is None else "BEGIN; SELECT"
+                              " %s(%d, -1)" % (lock, _PG_STRIPE_LOCK))
             yield
             self.conn.execute("COMMIT")
         except BaseException:
@@ -5566,8 +5573,11 @@ class WorkerPool(object):
         The thread's memory (local) changes only once the transaction has
         committed: a COMMIT that fails (disk full) loses no result."""
         queued = claimed = local.queued
+        # Saving results may release or bury dependents (and handing jobs
+        # back may bury a cancelled one's); a bare claim does neither.
+        graph = "shared" if local.results or queued or local.doubt else None
         try:
-            with store.write():
+            with store.write(deps=graph):
                 now = store.now()
                 events = self._save_results(store, local.results, now)
                 if local.doubt:
@@ -5709,7 +5719,7 @@ class WorkerPool(object):
         hand back the batch-mates this thread cannot start soon."""
         self._remember(wid, proc, claim)
         try:
-            with store.write():
+            with store.write(deps="shared"):
                 store.record_group(claim, proc.pid, _process_start(proc.pid))
                 now = store.now()
                 events = self._save_results(store, local.results, now)

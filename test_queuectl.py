@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import warnings
@@ -4628,6 +4629,43 @@ class TestPostgres(CLITestCase):
         self.assertEqual((delete.returncode, err.decode()), (
             1, "queuectl: error: job '%s' is waited on by '%s'\n"
             % (later, waiter)))
+
+    def test_the_dependency_lock_holds_up_no_beat_and_no_claim(self):
+        # An enqueue --after waits for the writes in flight that may
+        # complete jobs (here a stand-in holds the lock shared), and the
+        # writes after it wait for it; but a write that takes no part (an
+        # enqueue without --after, a beat, a claim) goes past at once, and
+        # a wait for the lock that is cut short (Ctrl-C) rolls back: the
+        # session stays usable.
+        first = self.enqueue("true", "--delay", "3600")
+        holder = _pg_connect(self.db)
+        self.addCleanup(holder.close)
+        cursor = holder.cursor()
+        cursor.execute("BEGIN")
+        cursor.execute("SELECT pg_advisory_xact_lock_shared(%d, -1)"
+                       % queuectl._PG_STRIPE_LOCK)
+        waiter = self.spawn("enqueue", "true", "--after", first)
+        self.wait_for(lambda: self.sql(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND"
+            " NOT granted")[0][0], what="the --after enqueue to wait")
+        self.enqueue("true")  # would wait behind the --after one
+        queue = queuectl.Queue(self.db)
+        self.addCleanup(queue.close)
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        releaser = threading.Timer(3.0, lambda: cursor.execute("COMMIT"))
+        releaser.start()
+        self.addCleanup(releaser.join)
+        with self.assertRaises(KeyboardInterrupt):
+            queue.enqueue({"command": "true", "after": [first]})
+        releaser.join()
+        self.assertEqual(waiter.wait(timeout=60), 0)
+        queue.enqueue({"command": "true", "after": [first]})
+        self.assertEqual(self.ok_json("status")["counts"]["pending"], 4)
 
     def test_acknowledged_writes_survive_a_server_crash(self):
         # A server that crashes (kill -9: the OOM killer) while its clients
