@@ -2137,8 +2137,8 @@ class TestFaults(CLITestCase):
                 return claims
 
             @contextlib.contextmanager
-            def write_losing_an_answer(durable=False):
-                with write(durable) as handle:
+            def write_losing_an_answer(*args, **kwargs):
+                with write(*args, **kwargs) as handle:
                     yield handle
                 if lost["claimed"] and not lost["raised"]:
                     lost["raised"] = True
