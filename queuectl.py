@@ -1788,11 +1788,10 @@ class _SQLStore(object):
                 "SELECT seq FROM jobs WHERE state = 'dead' ORDER BY seq")]
             return self._requeue(seqs, now)
 
-    def _requeue(self, seqs, now):
+    def _requeue(self, seqs, now, completed=()):
         """Finished jobs back to pending, waiting again for unfinished deps;
-        and the pending jobs that wait for a completed one of them wait for
-        it again (those already started go on)."""
-        states = self.states(seqs)
+        and the pending jobs that wait for one of them that had `completed`
+        wait for it again (those already started go on)."""
         self._run_many(
             "UPDATE jobs SET waiting = (SELECT COUNT(*) FROM deps d JOIN jobs j"
             " ON j.seq = d.dep_seq WHERE d.job_seq = ? AND j.state <>"
@@ -1800,7 +1799,6 @@ class _SQLStore(object):
         self._retake_keys(seqs)
         self._move("pending", [(now, now, seq) for seq in seqs],
                    "attempts = 0, run_at = ?")
-        completed = [seq for seq in seqs if states[seq] == "completed"]
         if completed:
             self._run_many(
                 "UPDATE jobs SET waiting = waiting + 1, ready = NULL WHERE seq"
@@ -1828,7 +1826,8 @@ class _SQLStore(object):
                     raise Conflict("job '%s' is %s; only completed or dead"
                                    " jobs can be retried" % (job_id,
                                                              states[seq]))
-            return self._requeue([seq for seq, _ in rows], now)
+            return self._requeue([seq for seq, _ in rows], now, [
+                seq for seq, _ in rows if states[seq] == "completed"])
 
     def cancel(self, prefixes, now):
         """Cancel jobs, all or none: pending or failed ones are dead at once
@@ -7662,28 +7661,30 @@ class _Output(object):
     def __init__(self, stream):
         self.stream = stream
 
-    def _failed(self, exc):
+    @staticmethod
+    def _failed(why):
         return QueueError("cannot write the output (%s); the command itself"
-                          " was carried out" % exc)
+                          " was carried out" % why)
 
-    def write(self, text):
-        if self.stream is None:
-            raise self._failed("stdout is closed")
+    @contextlib.contextmanager
+    def _saying_the_change_was_made(self):
         try:
-            return self.stream.write(text)
+            yield
         except BrokenPipeError:
             raise  # `queuectl list | head`: main() ends quietly
         except (OSError, ValueError) as exc:
             raise self._failed(_reason(exc))
 
+    def write(self, text):
+        if self.stream is None:
+            raise self._failed("stdout is closed")
+        with self._saying_the_change_was_made():
+            return self.stream.write(text)
+
     def flush(self):
         if self.stream is not None:
-            try:
+            with self._saying_the_change_was_made():
                 self.stream.flush()
-            except BrokenPipeError:
-                raise
-            except (OSError, ValueError) as exc:
-                raise self._failed(_reason(exc))
 
     def isatty(self):
         return self.stream is not None and self.stream.isatty()
