@@ -5154,6 +5154,12 @@ class WorkerPool(object):
             self._guard(self._register, store)
             reaper = _Reaper(self.ids)
             self._guard(reaper.reap, store, self.log)
+            # Ticks already due are enqueued before any thread looks for
+            # work: with --exit-when-idle (a cron line) the threads would
+            # otherwise end before the watcher's first pass, or just after
+            # it, leaving the tick's job to the next start.
+            if config.get("_schedules"):
+                self._guard(self._fire_schedules, store)
             threads = [threading.Thread(target=self._work, args=(wid,),
                                         name=wid) for wid in self.ids]
             if store.shared_by_hosts:
@@ -5191,7 +5197,8 @@ class WorkerPool(object):
         Beats come every lease-timeout / 4 and reaps every lease-timeout / 2,
         but at least once a second, so a changed lease-timeout applies soon.
         """
-        next_beat = next_reap = next_schedules = time.monotonic()
+        next_beat = next_reap = time.monotonic()
+        next_schedules = next_beat + SCHEDULE_CHECK_EVERY  # run() fired them
         next_checkpoint = next_beat + CHECKPOINT_EVERY
         killed = announced = False
         while not self._finished.is_set():
@@ -5216,7 +5223,9 @@ class WorkerPool(object):
                 self._guard(reaper.reap, store, self.log)
                 next_reap = mono + min(max(lease / 2.0, 0.05), 1.0)
             if mono >= next_schedules and self.settings.get("_schedules"):
-                if not self.stopping.is_set():
+                # A draining --exit-when-idle pool claims nothing more: a
+                # tick enqueued now would wait for the next start anyway.
+                if not (self.stopping.is_set() or self._drained):
                     self._guard(self._fire_schedules, store)
                 next_schedules = mono + SCHEDULE_CHECK_EVERY
             if mono >= next_checkpoint:

@@ -5313,6 +5313,20 @@ class TestSchedules(CLITestCase):
         logs = "".join(self.log(w) for w in workers)
         self.assertEqual(logs.count(" enqueued"), 6, logs)
 
+    def test_exit_when_idle_runs_the_ticks_due_when_it_starts(self):
+        # A cron line of `worker start --exit-when-idle` runs what is due,
+        # ticks included, every time: none is left pending or unfired.
+        self.ok("schedule", "add", "tick", "--every", "1h", "echo ran")
+        base = int(time.time()) - 10 * 3600
+        for round_ in range(3):
+            self.make_due("tick", base + round_ * 60)
+            code, out, err = self.cli("worker", "start", "--exit-when-idle")
+            self.assertEqual(code, 0, err)
+            self.assertIn(" enqueued", err)
+            self.assertEqual(
+                self.sql("SELECT state, COUNT(*) FROM jobs GROUP BY state"),
+                [("completed", round_ + 1)], err)
+
     def test_a_tick_is_skipped_while_the_previous_job_runs(self):
         # Without --overlap a due tick is skipped and logged while the last
         # job is unfinished; with --overlap it is enqueued anyway.
