@@ -833,6 +833,8 @@ def _job_after(spec):
 
 def parse_jobs_text(text):
     """A JSON object, a JSON array of objects, or JSON Lines -> list of dicts."""
+    if text.startswith("\ufeff"):  # a byte order mark (Windows Notepad)
+        text = text[1:]
     stripped = text.strip()
     if not stripped:
         raise InvalidInput("no jobs in input")

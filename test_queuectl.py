@@ -508,6 +508,10 @@ class TestEnqueue(CLITestCase):
         self.assertEqual(len(out), 2)
         self.assertEqual(out[0], "b1")
         self.assertEqual(self.ok_json("status")["counts"]["pending"], 4)
+        # A byte order mark (Windows Notepad saves one) is not content.
+        with open(path, "w", encoding="utf-8-sig") as handle:
+            handle.write('{"command": "true", "id": "c1"}\n')
+        self.assertEqual(self.ok("enqueue", "-f", path), "c1\n")
 
     def test_enqueue_file_is_all_or_nothing(self):
         # One bad line in a file: an error naming it, and no job is added.
