@@ -42,8 +42,8 @@ def _glibc_version():
         return None
 
 
-#: Linux with a glibc whose posix_spawn `worker start` uses on every Python
-#: (os.posix_spawn on 3.8+, ctypes before).
+#: Linux with a glibc whose posix_spawn `worker start` calls through ctypes
+#: on every Python.
 GLIBC = (_glibc_version() or (0,)) >= (2, 26)
 
 
@@ -2599,6 +2599,29 @@ class TestHeldPromises(CLITestCase):
                 expected.append("[1]" if folder == self.dir else "[0]")
             self.assertEqual(self.ok("logs", job_id).split(), expected,
                              job_id)
+
+    def test_a_jobs_variables_replace_the_workers_own(self):
+        # A job's env and QUEUECTL_JOB_ID take the place of the worker's
+        # (a worker started inside another job has one): the shell gets one
+        # entry of each, in and out of the worker's folder alike.
+        elsewhere = os.path.join(self.dir, "elsewhere")
+        os.mkdir(elsewhere)
+        command = ("echo $HOME $QUEUECTL_JOB_ID; tr '\\0' '\\n'"
+                   " </proc/$$/environ | grep -c '^HOME=\\|^QUEUECTL_JOB_ID='")
+        here = self.enqueue(command, "--env", "HOME=/job-home")
+        code, out, err = self.cli("enqueue", command, "--env",
+                                  "HOME=/job-home", cwd=elsewhere)
+        self.assertEqual((code, err), (0, ""))
+        argv = [sys.executable, SCRIPT, "--db", self.db, "worker", "start",
+                "--exit-when-idle"]
+        worker = subprocess.run(argv, cwd=self.dir, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120, env=dict(
+                                    self.env, QUEUECTL_JOB_ID="outer",
+                                    HOME=self.dir))
+        self.assertEqual(worker.returncode, 0, worker.stderr)
+        for job_id in (here, out.strip()):
+            self.assertEqual(self.ok("logs", job_id),
+                             "/job-home %s\n2\n" % job_id)
 
     def test_a_worker_started_oddly_still_runs_and_records_its_jobs(self):
         # Found by a red-team pass: started with SIGCHLD ignored, a worker
