@@ -4788,11 +4788,11 @@ class _LibcSpawn(object):
         # The pool's environment is the same for every job: its strings are
         # made once (per base_env), and each job adds its own few.
         self.base_env = self.base_strings = self.base_addresses = None
+        self.file_actions = {}
         # Looked up now, so a libc without them fails load(), not a job.
         self.spawn = libc.posix_spawn
         self.actions_init = libc.posix_spawn_file_actions_init
         self.add_dup2 = libc.posix_spawn_file_actions_adddup2
-        self.actions_destroy = libc.posix_spawn_file_actions_destroy
         # posix_spawnattr_t and sigset_t are opaque: glibc's are 336 and
         # 128 bytes; these buffers leave room to spare.  The attributes are
         # the same for every job and posix_spawn only reads them.
@@ -4836,19 +4836,26 @@ class _LibcSpawn(object):
         envp = self.pointers(list(base.values()) + addresses + [0])
         held_argv, addresses = self._strings(argv)
         argvp = self.pointers(addresses + [0])
-        actions = self.buffer(1024)  # glibc's posix_spawn_file_actions_t: 80
-        _check_errno(self.actions_init(actions))
-        try:
+        pid = self.pid_type()
+        _check_errno(self.spawn(  # ctypes releases the GIL meanwhile
+            self.pid_of(pid), argv[0], self._file_actions(stdin, output),
+            self.attributes, self.address(argvp.buffer_info()[0]),
+            self.address(envp.buffer_info()[0])))
+        return pid.value
+
+    def _file_actions(self, stdin, output):
+        """The child's dup2s of stdin and the output pipe onto 0, 1 and 2.
+        Made once per pair of descriptors (the kernel hands the same few
+        numbers out again and again) and kept: posix_spawn only reads
+        them, so threads may share them."""
+        actions = self.file_actions.get((stdin, output))
+        if actions is None:
+            actions = self.buffer(1024)  # glibc's is 80 bytes
+            _check_errno(self.actions_init(actions))
             for fd, target in ((stdin, 0), (output, 1), (output, 2)):
                 _check_errno(self.add_dup2(actions, fd, target))
-            pid = self.pid_type()
-            _check_errno(self.spawn(  # ctypes releases the GIL meanwhile
-                self.pid_of(pid), argv[0], actions, self.attributes,
-                self.address(argvp.buffer_info()[0]),
-                self.address(envp.buffer_info()[0])))
-        finally:
-            self.actions_destroy(actions)
-        return pid.value
+            actions = self.file_actions.setdefault((stdin, output), actions)
+        return actions
 
 
 def _env_entries(env):
