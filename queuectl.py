@@ -1268,6 +1268,9 @@ _COPIED_TABLES = (
      " started_at, ended_at, duration, exit_code, signal, error, output,"
      " output_dropped, due_at"),
     ("deps", "job_seq, dep_seq"),
+    # Asked of a worker that died first: recovery buries the job instead
+    # of retrying it, on the copy as on the original.
+    ("cancels", "attempt_id, job_seq, requested_at"),
     ("config", "key, value"),
     ("schedules", "name, cron, every, job, overlap, next_run, last_job,"
      " last_run, created_at"),

@@ -3412,6 +3412,26 @@ class TestControl(CLITestCase):
     def attempts(self, job_id):
         return self.job(job_id)["runs"]
 
+    def test_a_copy_keeps_a_cancel_its_dead_worker_never_saw(self):
+        # Found by a red-team pass: copy left the cancel requests behind, so
+        # a job cancelled while its worker was dead ran again on the copy.
+        self.config(lease_timeout=1)
+        job_id = self.enqueue(self.hold())
+        worker = self.start_worker()
+        self.wait_started()
+        worker.kill()
+        worker.wait(timeout=30)
+        self.ok("cancel", job_id)
+        dest = os.path.join(self.dir, "copy.db")
+        self.wait_for(lambda: self.cli("copy", "--to", dest)[0] == 0,
+                      what="copy, once the dead worker's lease has ended")
+        code, out, err = self.cli("worker", "start", "--exit-when-idle",
+                                  db=dest)
+        self.assertEqual(code, 0, err)
+        job = self.ok_json("show", job_id, db=dest)
+        self.assertEqual((job["state"], job["last_error"], job["attempts"]),
+                         ("dead", "cancelled", 1), err)
+
     def test_cancel_pending_and_failed_buries_dependents(self):
         # A pending or failed job becomes dead 'cancelled' at once, is not
         # retried, takes its dependents with it, and dlq retry revives it.
