@@ -7733,7 +7733,7 @@ class _Output(object):
         self.stream = stream
 
     @staticmethod
-    def _failed(why):
+    def failed(why):
         return QueueError("cannot write the output (%s); the command itself"
                           " was carried out" % why)
 
@@ -7744,11 +7744,11 @@ class _Output(object):
         except BrokenPipeError:
             raise  # `queuectl list | head`: main() ends quietly
         except (OSError, ValueError) as exc:
-            raise self._failed(_reason(exc))
+            raise self.failed(_reason(exc))
 
     def write(self, text):
         if self.stream is None:
-            raise self._failed("stdout is closed")
+            raise self.failed("stdout is closed")
         with self._saying_the_change_was_made():
             return self.stream.write(text)
 
@@ -7785,8 +7785,19 @@ def main(argv=None):
         sys.stdout = real
 
 
+def _only_reads(args):
+    """Does this command leave the queue as it was?"""
+    if args.func is cmd_config:
+        return args.action != "set"
+    return args.func in (cmd_status, cmd_list, cmd_dlq_list, cmd_show,
+                         cmd_logs, cmd_queue_list, cmd_wait, cmd_stats,
+                         cmd_schedule_list, cmd_bench, cmd_demo,
+                         cmd_smoke_test, cmd_dashboard)
+
+
 def _run_cli(argv):
     global _PROG
+    args = None
     try:
         _PROG = "queuectl" if argv is not None else _prog_name(sys.argv[0])
         if argv is None:
@@ -7806,9 +7817,14 @@ def _run_cli(argv):
     except QueueError as exc:
         return _error_exit(str(exc), exc.exit_code)
     except BrokenPipeError:
-        # `queuectl list | head`: the reader left; end quietly.
+        # `queuectl list | head`: the reader left; end quietly, unless the
+        # command changed the queue (`enqueue -f ... | head -1`): a script
+        # must learn that it did, or it would enqueue the jobs again.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if args is not None and not _only_reads(args):
+            return _error_exit(str(_Output.failed("the reader of stdout"
+                                                  " has gone")), 1)
         return 1
     except KeyboardInterrupt:
         return _error_exit("interrupted", 130)

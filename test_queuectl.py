@@ -1351,6 +1351,22 @@ class TestOutput(CLITestCase):
         self.assertEqual(run("<&-", "enqueue", "-f", "-"), (
             2, "queuectl: error: cannot read -: stdin is closed\n"))
         self.assertEqual(self.ok_json("status")["counts"]["pending"], 2)
+        # A reader that has gone (`enqueue -f big | head -1`): a command
+        # that only reads ends quietly, one that changed the queue says so.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            for args, err in ((["enqueue", "true"], done % "the reader of"
+                               " stdout has gone"), (["status"], "")):
+                proc = subprocess.run(
+                    [sys.executable, SCRIPT, "--db", self.db] + args,
+                    stdout=write_end, stderr=subprocess.PIPE, env=self.env,
+                    timeout=60)
+                self.assertEqual((proc.returncode, proc.stderr.decode()),
+                                 (1, err), args)
+        finally:
+            os.close(write_end)
+        self.assertEqual(self.ok_json("status")["counts"]["pending"], 3)
 
 
 class TestWorkers(CLITestCase):
