@@ -5949,7 +5949,8 @@ class _DashboardRoutes(object):
         queue = None
         try:
             self._check_host()
-            queue = Queue(self.server.db_path)
+            if url.path != "/":  # the page itself needs no database
+                queue = Queue(self.server.db_path)
             status, kind, body = route(url.path, query, queue)
         except _HTTPError as exc:
             status, kind, body = exc.status, "json", {"error": str(exc)}

@@ -3132,6 +3132,22 @@ class TestDashboard(CLITestCase):
         settings = json.loads(html.unescape(page[start:page.index('"', start)]))
         return settings["token"]
 
+    @sqlite_only("a database file to spoil")
+    def test_the_page_is_served_while_the_database_is_unusable(self):
+        # The page needs no database: it loads, and says what the API
+        # answers, while the database cannot be opened (a server down).
+        self.start()
+        os.rename(self.db, self.db + ".away")
+        self.addCleanup(os.rename, self.db + ".away", self.db)
+        with open(self.db, "wb") as handle:
+            handle.write(b"not a database" * 100)
+        self.addCleanup(os.remove, self.db)
+        code, response, page = self.request("/")
+        self.assertEqual(code, 200, page)
+        self.assertIn("<html", page)
+        self.assertIn("is not a usable queuectl database",
+                      self.get_json("/api/status", 500)["error"])
+
     def test_endpoints(self):
         self.start()
         status = self.get_json("/api/status")
