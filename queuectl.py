@@ -3095,10 +3095,24 @@ class _PostgresStore(_SQLStore):
         _SQLStore.save_tail(self, claim, _without_nul(output), dropped)
 
     def import_all(self, tables, totals, buckets):
-        tables = [(table, cols, [tuple(_without_nul(value) for value in row)
-                                 for row in rows])
-                  for table, cols, rows in tables]
-        _SQLStore.import_all(self, tables, totals, buckets)
+        """As _SQLStore's, but _PG_IMPORT_ROWS rows a statement (as JSON,
+        made rows by json_populate_recordset).  A statement a row fired
+        the count trigger for every row, and each firing updates the
+        same few rows again in one transaction, each time one more dead
+        version to step over: copying 40,000 jobs took 13.5 s, 200,000
+        over 5 minutes (a red-team pass)."""
+        with self.write(durable=True):
+            for table, cols, rows in tables:
+                names = [name.strip() for name in cols.split(",")]
+                sql = ("INSERT INTO %s (%s) SELECT %s FROM"
+                       " json_populate_recordset(NULL::%s, ?)"
+                       % (table, cols, cols, table))
+                for start in range(0, len(rows), _PG_IMPORT_ROWS):
+                    self._run(sql, (json.dumps([
+                        dict(zip(names, map(_without_nul, row)))
+                        for row in rows[start:start + _PG_IMPORT_ROWS]]),))
+            self._set_totals(totals, buckets)
+            self._after_import()
 
     def _move(self, to_state, rows, sets="", held=False):
         if len(rows) < 2 or "?" in sets:
@@ -3397,6 +3411,8 @@ def _url_secrets(url):
 #: Jobs per multi-row INSERT of a PostgreSQL enqueue (12 parameters each;
 #: a statement may have 65,535).
 _PG_INSERT_ROWS = 500
+#: Rows a statement when `copy` writes into PostgreSQL.
+_PG_IMPORT_ROWS = 1000
 _PG_JOB_VALUES = ("(?, ?, CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION),"
                   " CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION), ?, ?, ?,"
                   " ?, CAST(? AS DOUBLE PRECISION),"
