@@ -4768,10 +4768,10 @@ class _LibcSpawn(object):
 
     os.posix_spawn holds the GIL until the child has exec'd (as Popen did
     before Python 3.11.6), so the worker's other threads wait out every
-    spawn; through ctypes they run on.  Measured with `bench`, alternating
-    in one run on a 2-core machine (end-to-end, 2,000 `true` jobs, two
-    threads): 1,810 against 1,545 jobs/s on Python 3.12, 5-15% more on
-    every Python from 3.8 to 3.13.  On 3.6 and 3.7 it is the only way not
+    spawn; through ctypes they run on.  Measured end-to-end (2,000 `true`
+    jobs, two threads, a 2-core machine), alternating in one run: 1,965
+    against 1,648 jobs/s on Python 3.12, 5-19% more on every Python from
+    3.8 to 3.13 (README, Performance).  On 3.6 and 3.7 it is the only way not
     to fork the whole worker for each job: os.posix_spawn is new in 3.7
     and cannot start a new session before 3.8 (on 3.6, 2,187 us of CPU
     per `true` job against 1,141 with this, and 428 page faults against
@@ -4805,8 +4805,9 @@ class _LibcSpawn(object):
                 == ctypes.sizeof(ctypes.c_void_p)][0]
         self.pointers = lambda addresses: array.array(code, addresses)
         # The pool's environment is the same for every job: its strings are
-        # made once (per base_env), and each job adds its own few.
-        self.base_env = self.base_strings = self.base_addresses = None
+        # made once, (base_env, their buffer, {name: address}), and each
+        # job adds its own few.
+        self.base = None
         self.file_actions = {}
         # Looked up now, so a libc without them fails load(), not a job.
         self.spawn = libc.posix_spawn
@@ -4841,14 +4842,18 @@ class _LibcSpawn(object):
         argv = [os.fsencode(arg) for arg in argv]
         if any(b"\0" in arg for arg in argv):
             raise ValueError("embedded null byte")
-        if self.base_env is not base_env:
+        # One tuple, replaced whole, and held here until the call returns:
+        # two threads' first jobs may both build it, and neither may free
+        # the strings the other's posix_spawn is reading.
+        cached = self.base
+        if cached is None or cached[0] is not base_env:
             entries = _env_entries(base_env)
-            self.base_strings, addresses = self._strings(list(entries.values()))
-            self.base_addresses = dict(zip(entries, addresses))
-            self.base_env = base_env
+            held, addresses = self._strings(list(entries.values()))
+            cached = self.base = (base_env, held, dict(zip(entries,
+                                                          addresses)))
+        base = cached[2]
         held_env, addresses = self._strings(list(
             _env_entries(extras).values()))
-        base = self.base_addresses
         if any(key in base for key in extras):  # the job's value wins
             base = dict((key, address) for key, address in base.items()
                         if key not in extras)
