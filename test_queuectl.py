@@ -4675,6 +4675,15 @@ class TestPostgres(CLITestCase):
                              ("completed", "echo 'h\u00e9llo \u2713'"))
             self.assertEqual(self.ok("logs", job_id, db=db, env=env),
                              "h\u00e9llo \u2713\n")
+        # copy into it too: its JSON rows carry the text as it is (an
+        # \\u escape above U+007F is refused where the database is not UTF8).
+        _pg_sql(ascii_db, "DROP SCHEMA queuectl CASCADE", ())
+        source = os.path.join(self.dir, "source.db")
+        job_id = self.ok("enqueue", "echo 'h\u00e9llo \u2713'",
+                         db=source).strip()
+        self.ok("copy", "--to", ascii_db, db=source)
+        self.assertEqual(self.ok_json("show", job_id, db=ascii_db)["command"],
+                         "echo 'h\u00e9llo \u2713'")
 
     def test_dependencies_change_one_writer_at_a_time(self):
         # PostgreSQL runs writes side by side, and row locks did not order
