@@ -2274,6 +2274,23 @@ class TestFaults(CLITestCase):
         self.wait_for(lambda: not _processes_with(marker),
                  what="grandchildren to die")
 
+    def test_a_job_ends_with_its_shell_though_a_child_writes_on(self):
+        # The shell exits; a child it left behind holds the output open and
+        # writes without end.  The job is over with its shell (the README:
+        # its lifetime is the shell's), not at its timeout, and its output
+        # is the child's lines.  The child, whose pipe the worker then
+        # closes, ends at its next write (SIGPIPE).
+        marker = "writes-on-%d" % os.getpid()
+        job_id = self.enqueue("yes %s & sleep 0.1; exit 0" % marker,
+                              "--timeout", "30", "--max-retries", "0")
+        self.drain()
+        job = self.job(job_id)
+        self.assertEqual(job["state"], "completed", job["last_error"])
+        code, out, err = self.cli("logs", job_id)
+        self.assertIn(marker + "\n", out)
+        self.wait_for(lambda: not _processes_with(marker),
+                      what="the child to end")
+
     @sqlite_only("it measures the database file")
     def test_huge_output_keeps_memory_and_disk_bounded(self):
         # 300 MB of output: worker RSS stays small, the tail is kept.
