@@ -4469,21 +4469,9 @@ def _exits_within(proc, seconds):
     What Popen.wait(seconds) does, but Popen.wait sleeps 1 ms before its
     second look: when a job's pipe ends, its shell is still exiting for
     some microseconds, so that millisecond was most of a short job's time
-    (about 1 ms per job of `true`, measured).  Where Linux gives a pidfd
-    (Python 3.9+), poll() on it wakes at the exit itself; elsewhere this
-    looks again after 50 us, then backs off to 50 ms."""
-    if proc.poll() is not None:
-        return True
-    pidfd = _pidfd(proc.pid)
-    if pidfd is not None:
-        import select
-        try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            poller.poll(seconds * 1000)
-        finally:
-            os.close(pidfd)
-        return proc.poll() is not None
+    (about 1 ms per job of `true`, measured).  This looks again after 50
+    us, then backs off to 50 ms.  (Where Linux gives a pidfd, _follow
+    waits on that instead, and the exit wakes it.)"""
     end = time.monotonic() + seconds
     delay = 0.00005
     while proc.poll() is None:
@@ -4597,8 +4585,9 @@ class _Execution(object):
         redirects its output early still times out, still has its group
         recorded (on_long_run) and can still be killed by a forced stop.
         Where Linux gives a pidfd (Python 3.9+), one poll() wakes at output
-        and at the exit alike; elsewhere the pipe's end comes first, and
-        then the process is followed on its own (_exits_within).
+        and at the exit alike; elsewhere each poll() is followed by a look
+        at the process, and once the pipe has ended the process is
+        followed on its own (_exits_within).
         """
         import select
         proc = self.proc
@@ -4665,18 +4654,32 @@ class _Execution(object):
 
 
 def _drain(poller, fd, tail, limit):
-    """Read what waits in the pipe fd (the one descriptor poller watches)
-    into tail, without blocking; returns the bytes dropped.  At most 16
-    reads: a background child that writes on is cut off."""
-    dropped = 0
-    for _ in range(16):
-        if not poller.poll(0):
-            break
-        chunk = os.read(fd, 65536)
+    """Read into tail what waits in the pipe fd (the one descriptor poller
+    watches) as the shell has exited, and no more; returns the bytes
+    dropped.  What a background child writes after that is not the job's
+    output, and would push the shell's last lines out of the tail.  (A
+    child that floods the pipe still can, before the exit is seen.)"""
+    left, dropped = _bytes_waiting(fd), 0
+    while left > 0 and poller.poll(0):
+        chunk = os.read(fd, min(left, 65536))
         if not chunk:
             break
+        left -= len(chunk)
         dropped += _keep_tail(tail, chunk, limit)
     return dropped
+
+
+def _bytes_waiting(fd):
+    """How many bytes the pipe fd holds now (FIONREAD); where that cannot
+    be asked, 1 MiB (the most an unprivileged pipe holds on Linux)."""
+    try:
+        import fcntl
+        import struct
+        import termios
+        answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+        return struct.unpack("i", answer)[0]
+    except (ImportError, AttributeError, OSError):
+        return 1 << 20
 
 
 def _direct_spawn_folder():

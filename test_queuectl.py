@@ -2278,8 +2278,8 @@ class TestFaults(CLITestCase):
         # The shell exits; a child it left behind holds the output open and
         # writes without end.  The job is over with its shell (the README:
         # its lifetime is the shell's), not at its timeout, and its output
-        # is the child's lines.  The child, whose pipe the worker then
-        # closes, ends at its next write (SIGPIPE).
+        # is what the pipe held then.  The child, whose pipe the worker
+        # then closes, ends at its next write (SIGPIPE).
         marker = "writes-on-%d" % os.getpid()
         job_id = self.enqueue("yes %s & sleep 0.1; exit 0" % marker,
                               "--timeout", "30", "--max-retries", "0")
@@ -4192,31 +4192,40 @@ class TestPerformanceStructure(CLITestCase):
         # When a job's pipe ends, its shell is still exiting; Popen.wait's
         # polling would sleep 1 ms first (most of a short job's time). The
         # worker waits on a pidfd where Linux and Python (3.9+) have one,
-        # sleeping not at all, else sleeps 50 us first.
+        # sleeping not at all, else sleeps 50 us first.  The job here ends
+        # its output at once, then runs until the test lets it go.
+        import threading
         hold = os.path.join(self.dir, "hold")
+        started = hold + ".started"
         open(hold, "w").close()
-        self.addCleanup(_remove_quietly, hold)
-        proc = subprocess.Popen(["/bin/sh", "-c", "while [ -e %s ]; do sleep"
-                                 " 0.05; done" % shlex.quote(hold)])
-        self.addCleanup(proc.wait)
-        sleeps = []
+        command = ("touch %s; exec >/dev/null 2>&1; while [ -e %s ]; do"
+                   " sleep 0.05; done" % (shlex.quote(started),
+                                          shlex.quote(hold)))
+        job = queuectl._Claim(1, "j", command, None, self.dir, "{}", 1, 1,
+                              time.time())
+        execution = queuectl._Execution(job, 65536, lambda proc: None)
+        results, sleeps = [], []
+        runner = threading.Thread(target=lambda: results.append(
+            execution.run()))
         real = queuectl.time.sleep
 
         def counted(seconds):
-            sleeps.append(seconds)
+            if threading.current_thread() is runner:
+                sleeps.append(seconds)
             real(seconds)
         queuectl.time.sleep = counted
         self.addCleanup(setattr, queuectl.time, "sleep", real)
-        self.assertFalse(queuectl._exits_within(proc, 0.01))
+        runner.start()
+        try:
+            self.wait_for(lambda: os.path.exists(started),
+                          what="the job to start")
+        finally:
+            os.remove(hold)  # before anything waits for the job
+            runner.join(60)
+        self.assertEqual([run[:3] for run in results], [(0, None, None)])
         pidfd = queuectl._pidfd(os.getpid())
         if pidfd is not None:
             os.close(pidfd)
-            self.assertEqual(sleeps, [])
-        del sleeps[:]
-        os.remove(hold)
-        self.assertTrue(queuectl._exits_within(proc, 60))
-        self.assertIsNotNone(proc.returncode)
-        if pidfd is not None:
             self.assertEqual(sleeps, [])
         elif sleeps:  # (none if the shell was gone by the first look)
             self.assertEqual(sleeps[0], 0.00005)
