@@ -4603,6 +4603,8 @@ class _Execution(object):
                 os.close(exit_fd)
 
     def _follow(self, poller, exit_fd):
+        """_read_output's loop: poller watches the pipe, and exit_fd (a
+        pidfd, or None) too."""
         proc, limit = self.proc, self.output_limit
         fd = proc.stdout.fileno()
         started = time.monotonic()
@@ -4915,8 +4917,9 @@ class _LibcSpawn(object):
             cached = self.base = (base_env, held, dict(zip(
                 entries, addresses)), self.pointers(addresses))
         base, envp = cached[2], cached[3]
-        # argv and the job's own variables share one buffer.
-        held, addresses = self._strings(
+        # argv and the job's own variables share one buffer (held in
+        # `strings` until the call returns).
+        strings, addresses = self._strings(
             argv + list(_env_entries(extras).values()))
         argvp = self.pointers(addresses[:len(argv)] + [0])
         if any(key in base for key in extras):  # the job's value wins
