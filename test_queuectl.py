@@ -4201,12 +4201,15 @@ class TestPerformanceStructure(CLITestCase):
         command = ("touch %s; exec >/dev/null 2>&1; while [ -e %s ]; do"
                    " sleep 0.05; done" % (shlex.quote(started),
                                           shlex.quote(hold)))
-        job = queuectl._Claim(1, "j", command, None, self.dir, "{}", 1, 1,
+        # A timeout and a daemon thread: a worker that misses the exit
+        # fails the test, and cannot keep the suite from ending.
+        job = queuectl._Claim(1, "j", command, 30, self.dir, "{}", 1, 1,
                               time.time())
         execution = queuectl._Execution(job, 65536, lambda proc: None)
         results, sleeps = [], []
         runner = threading.Thread(target=lambda: results.append(
             execution.run()))
+        runner.daemon = True
         real = queuectl.time.sleep
 
         def counted(seconds):
