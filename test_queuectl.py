@@ -2708,6 +2708,37 @@ class TestHeldPromises(CLITestCase):
                          ("dead", "exit code 3"))
         self.assertEqual(self.ok("logs", wide).strip(), "150001")
 
+    @unittest.skipUnless(sys.platform.startswith("linux"),
+                         "reads a job's signal mask from /proc")
+    def test_a_signal_the_worker_ignores_stays_ignored_in_its_jobs(self):
+        # posix_spawn resets every signal not ignored in the worker to its
+        # default in one system call each (_signals_to_default): one the
+        # worker was started ignoring (nohup) must stay ignored, SIGPIPE
+        # and SIGXFSZ (Python ignores them) must not, in and out of the
+        # worker's folder alike.  Signals from 32 are libc's own.
+        elsewhere = os.path.join(self.dir, "elsewhere")
+        os.mkdir(elsewhere)
+        command = "exec grep ^SigIgn: /proc/self/status"
+        here = self.enqueue(command)
+        code, out, err = self.cli("enqueue", command, cwd=elsewhere)
+        self.assertEqual((code, err), (0, ""))
+
+        def start_ignoring():
+            for number in (signal.SIGHUP, signal.SIGUSR2):
+                signal.signal(number, signal.SIG_IGN)
+        argv = [sys.executable, SCRIPT, "--db", self.db, "worker", "start",
+                "--exit-when-idle"]
+        worker = subprocess.run(argv, preexec_fn=start_ignoring, cwd=self.dir,
+                                env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(worker.returncode, 0, worker.stderr)
+        for job_id in (here, out.strip()):
+            mask = int(self.ok("logs", job_id).split()[1], 16)
+            ignored = [number for number in range(1, 32)
+                       if mask >> (number - 1) & 1]
+            self.assertEqual(ignored, sorted([signal.SIGHUP, signal.SIGUSR2]),
+                             job_id)
+
     @unittest.skipUnless(sys.platform.startswith("linux")
                          and os.geteuid() == 0,
                          "needs root on Linux to bind-mount a folder")
