@@ -166,6 +166,11 @@ MAX_ENV_TOTAL = 256 * 1024
 #: them to the per-state counts in one statement, not one trigger per row.
 BULK_COUNT_FROM = 1000
 
+#: `copy` reads PostgreSQL up to this many rows, and about this many
+#: characters, at a time (SQLite: a row at a time).
+_STREAM_ROWS = 1000
+_STREAM_TEXT = 4 << 20
+
 #: A worker claims up to this many jobs per transaction when the queue is
 #: deep (at least this many per thread are due); otherwise one at a time.
 #: 32, not 8: on PostgreSQL a transaction's round trips cost more than
@@ -1995,26 +2000,38 @@ class _SQLStore(object):
                        for table, _ in _COPIED_TABLES)
 
     def export(self):
-        """Every row to copy, table by table, read in one snapshot:
-        [(table, columns, rows)] plus the monotonic totals."""
-        with self.read():
-            tables = [(t, cols, self._all("SELECT %s FROM %s ORDER BY 1"
-                                          % (cols, t)))
-                      for t, cols in _COPIED_TABLES]
-            totals = dict(self._all(self._TOTALS_SQL))
-            buckets = self._all(self._BUCKETS_SQL)
+        """What copy --to writes, inside a read() the caller holds:
+        (tables, totals, buckets).  tables yields (table, columns, rows)
+        and rows yields each row, read from the snapshot as the target
+        writes it: no more than _STREAM_ROWS rows are held at a time, so
+        a queue larger than memory copies too."""
+        totals = dict(self._all(self._TOTALS_SQL))
+        buckets = self._all(self._BUCKETS_SQL)
+        tables = ((table, cols, self._stream("SELECT %s FROM %s ORDER BY 1"
+                                              % (cols, table)))
+                  for table, cols in _COPIED_TABLES)
         return tables, totals, buckets
 
+    def _stream(self, sql):
+        """The rows of a query, read as they are asked for."""
+        with self._translated():
+            for row in self._run(sql):  # SQLite steps a row at a time
+                yield row
+
     def import_all(self, tables, totals, buckets):
-        """Write what export() read, in one transaction, keeping every
-        sequence number and id (attempts and dependencies refer to them)."""
+        """Write what export() reads, in one transaction, keeping every
+        sequence number and id (attempts and dependencies refer to them).
+        Returns {table: rows written}."""
+        written = {}
         with self.write(durable=True):
             for table, cols, rows in tables:
                 marks = ", ".join("?" * len(cols.split(",")))
-                self._run_many("INSERT INTO %s (%s) VALUES (%s)"
-                               % (table, cols, marks), rows)
+                written[table] = self._run_many(
+                    "INSERT INTO %s (%s) VALUES (%s)" % (table, cols, marks),
+                    rows).rowcount
             self._set_totals(totals, buckets)
             self._after_import()
+        return written
 
     # -- workers: call these inside write() ---------------------------------
 
@@ -3043,7 +3060,9 @@ class _PostgresStore(_SQLStore):
             try:
                 yield self
             finally:
-                if not self.conn.closed:
+                # Not if the server went away meanwhile: _translate closed
+                # the connection (conn None) for the next use to reconnect.
+                if self.conn is not None and not self.conn.closed:
                     self.conn.execute("COMMIT")
 
     def _translate(self, exc):
@@ -3094,6 +3113,29 @@ class _PostgresStore(_SQLStore):
     def save_tail(self, claim, output, dropped):
         _SQLStore.save_tail(self, claim, _without_nul(output), dropped)
 
+    def _stream(self, sql):
+        """The rows of a query through a cursor on the server (the
+        drivers' own cursors fetch every row at once), a few at a time:
+        as many as came to _STREAM_TEXT characters last time, up to
+        _STREAM_ROWS.  Declared by hand, as psycopg2 refuses a named
+        cursor on an autocommit connection; read() holds the transaction
+        it needs."""
+        with self._translated():
+            self._run("DECLARE queuectl_export NO SCROLL CURSOR FOR " + sql)
+            count = 4
+            while True:
+                rows = self._run("FETCH FORWARD %d FROM queuectl_export"
+                                 % count).fetchall()
+                if not rows:
+                    break
+                text = sum(len(value) for row in rows for value in row
+                           if isinstance(value, str))
+                count = max(1, min(_STREAM_ROWS,
+                                   count * _STREAM_TEXT // max(text, 1)))
+                for row in rows:
+                    yield row
+            self._run("CLOSE queuectl_export")
+
     def import_all(self, tables, totals, buckets):
         """As _SQLStore's, but up to _PG_IMPORT_ROWS rows a statement (as
         JSON, made rows by json_populate_recordset).  A statement a row fired
@@ -3101,18 +3143,21 @@ class _PostgresStore(_SQLStore):
         same few rows again in one transaction, each time one more dead
         version to step over: copying 40,000 jobs took 13.5 s, 200,000
         over 5 minutes (a red-team pass)."""
+        written = {}
         with self.write(durable=True):
             for table, cols, rows in tables:
                 names = [name.strip() for name in cols.split(",")]
                 sql = ("INSERT INTO %s (%s) SELECT %s FROM"
                        " json_populate_recordset(NULL::%s, ?)"
                        % (table, cols, cols, table))
-                for chunk in _json_chunks(
+                written[table] = sum(
+                    self._run(sql, (chunk,)).rowcount
+                    for chunk in _json_chunks(
                         dict(zip(names, map(_without_nul, row)))
-                        for row in rows):
-                    self._run(sql, (chunk,))
+                        for row in rows))
             self._set_totals(totals, buckets)
             self._after_import()
+        return written
 
     def _move(self, to_state, rows, sets="", held=False):
         if len(rows) < 2 or "?" in sets:
@@ -4118,11 +4163,12 @@ class Queue(object):
                 raise Conflict("%s already holds jobs, queues or settings;"
                                " copy only into an empty database"
                                % target.display)
-            tables, totals, buckets = self.store.export()
-            target.import_all(tables, totals, buckets)
+            # One snapshot of the source, read as the target writes.
+            with self.store.read():
+                written = target.import_all(*self.store.export())
         finally:
             target.close()
-        return len(dict((t, rows) for t, _, rows in tables)["jobs"])
+        return written["jobs"]
 
     # -- schedules (recurring jobs) -----------------------------------------
 

@@ -1194,6 +1194,43 @@ class TestLifecycle(CLITestCase):
         worker.send_signal(signal.SIGTERM)
         self.assertEqual(worker.wait(timeout=30), 0)
 
+    def test_copy_reads_the_queue_as_it_writes_it(self):
+        # copy --to holds a few rows at a time, not the queue: 160
+        # attempts with 1 MiB of output each copy in far less memory than
+        # their 160 MiB (before: all of it, and then some).  Measured
+        # against `status` on the same database, whose driver and
+        # interpreter take their own share.
+        self.ok("enqueue", "-f", "-", input="\n".join(
+            '{"command": "true"}' for _ in range(160)))
+        self.drain()
+        self.sql("UPDATE attempts SET output = ?", "x" * (1 << 20))
+        dest = os.path.join(self.dir, "copy.db")
+        _, before = self.peak_memory("status")
+        out, peak = self.peak_memory("copy", "--to", dest)
+        self.assertEqual(out, "copied 160 job(s) to %s\n" % dest)
+        self.assertLess(peak - before, 48 << 20,
+                        "copy: %d bytes at peak, status: %d" % (peak, before))
+        conn = sqlite3.connect(dest)
+        try:
+            self.assertEqual(conn.execute(
+                "SELECT COUNT(*), MIN(LENGTH(output)), MAX(LENGTH(output))"
+                " FROM attempts").fetchall(), [(160, 1 << 20, 1 << 20)])
+        finally:
+            conn.close()
+
+    def peak_memory(self, *args):
+        """Run the CLI; (its output, its own peak RSS in bytes)."""
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db] + list(args),
+            cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
+        out = proc.stdout.read().decode()
+        proc.stdout.close()
+        _, status, usage = os.wait4(proc.pid, 0)  # its own, not all children
+        proc.returncode = os.WEXITSTATUS(status)
+        self.assertEqual(proc.returncode, 0, out)
+        return out, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
     def test_delete_and_purge(self):
         self.config(backoff_max=0)
         done = self.enqueue("true")
@@ -4694,6 +4731,43 @@ class TestPostgres(CLITestCase):
         self.assertIn("too many connections", err)
         self.assertEqual([self.state(job_id) for job_id in ids],
                          ["completed"] * 3)
+
+    def test_a_copy_cut_off_by_the_server_is_one_line_and_keeps_nothing(self):
+        # copy --to reads its source as it writes the target, in one
+        # snapshot: a server that goes away meanwhile is one line and exit
+        # 1 (it was a traceback: the snapshot's end read a connection
+        # already dropped), and the target keeps none of what came before.
+        # The copy is held at its last table by a lock the test holds.
+        self.enqueue("true")
+        self.drain()
+        blocker = _pg_connect(self.db)
+        self.addCleanup(blocker.close)
+        held = blocker.cursor()
+        held.execute("BEGIN")
+        held.execute("LOCK TABLE queuectl.schedules IN ACCESS EXCLUSIVE MODE")
+        dest = os.path.join(self.dir, "copy.db")
+        copy = subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db, "copy", "--to", dest],
+            cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True)
+        self.procs.append(copy)
+        waiting = ("SELECT pid FROM pg_stat_activity WHERE wait_event_type ="
+                   " 'Lock' AND query LIKE 'DECLARE%FROM schedules%'")
+        self.wait_for(lambda: _pg_sql(self.db, waiting),
+                      what="the copy to reach the locked table")
+        _pg_sql(self.db, "SELECT pg_terminate_backend(pid) FROM"
+                " pg_stat_activity WHERE pid = ?", _pg_sql(self.db, waiting)[0])
+        out, err = copy.communicate(timeout=60)
+        held.execute("ROLLBACK")
+        self.assertEqual((copy.returncode, out), (1, ""), err)
+        self.assertRegex(err, r"\Aqueuectl: error: database [^\n]*\n\Z")
+        conn = sqlite3.connect(dest)
+        try:
+            self.assertEqual(conn.execute("SELECT COUNT(*) FROM jobs")
+                             .fetchall(), [(0,)])
+        finally:
+            conn.close()
+        self.assertEqual(self.ok_json("status")["counts"]["completed"], 1)
 
     def test_foreign_schema_is_refused_untouched(self):
         # A schema named queuectl that is someone else's: exit 1, unchanged.
