@@ -2003,8 +2003,8 @@ class _SQLStore(object):
         """What copy --to writes, inside a read() the caller holds:
         (tables, totals, buckets).  tables yields (table, columns, rows)
         and rows yields each row, read from the snapshot as the target
-        writes it: no more than _STREAM_ROWS rows are held at a time, so
-        a queue larger than memory copies too."""
+        writes it: a few rows are held at a time (_stream), so a queue
+        larger than memory copies too."""
         totals = dict(self._all(self._TOTALS_SQL))
         buckets = self._all(self._BUCKETS_SQL)
         tables = ((table, cols, self._stream("SELECT %s FROM %s ORDER BY 1"
@@ -4857,10 +4857,11 @@ def _signals_to_default():
     SIG_DFL stays there), and halve the system calls of glibc's child
     before exec: it asks a signal outside the set for its disposition, then
     sets it; one inside it is only set.  126 rt_sigaction calls a job
-    became 69, and a `true` job's CPU 613 us 601 (strace; getrusage, median
-    of 8 alternating rounds; glibc 2.36).  A signal ignored here stays ignored in the job (nohup
-    stays nohup).  Worked out once: queuectl never ignores a signal later,
-    and a handler set later is reset by glibc anyway."""
+    became 69, and a `true` job's CPU went from 613 to 601 us (strace;
+    getrusage, median of 8 alternating rounds; glibc 2.36).  A signal
+    ignored here stays ignored in the job (nohup stays nohup).  Worked out
+    once: queuectl never ignores a signal later, and a handler set later
+    is reset by glibc anyway."""
     if not _DEFAULTED:
         import signal
         restored = _restored_signals()
