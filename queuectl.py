@@ -166,8 +166,8 @@ MAX_ENV_TOTAL = 256 * 1024
 #: them to the per-state counts in one statement, not one trigger per row.
 BULK_COUNT_FROM = 1000
 
-#: `copy` reads PostgreSQL up to this many rows, and about this many
-#: characters, at a time (SQLite: a row at a time).
+#: `copy` reads PostgreSQL up to this many rows, and this many bytes of
+#: them (or one row), at a time (SQLite: a row at a time).
 _STREAM_ROWS = 1000
 _STREAM_TEXT = 4 << 20
 
@@ -2007,15 +2007,16 @@ class _SQLStore(object):
         larger than memory copies too."""
         totals = dict(self._all(self._TOTALS_SQL))
         buckets = self._all(self._BUCKETS_SQL)
-        tables = ((table, cols, self._stream("SELECT %s FROM %s ORDER BY 1"
-                                              % (cols, table)))
+        tables = ((table, cols, self._stream(table, cols))
                   for table, cols in _COPIED_TABLES)
         return tables, totals, buckets
 
-    def _stream(self, sql):
-        """The rows of a query, read as they are asked for."""
-        with self._translated():
-            for row in self._run(sql):  # SQLite steps a row at a time
+    def _stream(self, table, cols):
+        """The table's rows (those columns, by the first), read as they
+        are asked for."""
+        with self._translated():  # SQLite steps a row at a time
+            for row in self._run("SELECT %s FROM %s ORDER BY 1"
+                                 % (cols, table)):
                 yield row
 
     def import_all(self, tables, totals, buckets):
@@ -3113,28 +3114,50 @@ class _PostgresStore(_SQLStore):
     def save_tail(self, claim, output, dropped):
         _SQLStore.save_tail(self, claim, _without_nul(output), dropped)
 
-    def _stream(self, sql):
-        """The rows of a query through a cursor on the server (the
-        drivers' own cursors fetch every row at once), a few at a time:
-        as many as came to _STREAM_TEXT characters last time, up to
-        _STREAM_ROWS.  Declared by hand, as psycopg2 refuses a named
-        cursor on an autocommit connection; read() holds the transaction
-        it needs."""
+    def export(self):
+        # The snapshot stays open, idle between fetches, while the target
+        # writes and commits: the session's idle-in-transaction limit
+        # (_connect) must not end it (it failed copies whose target
+        # waited 10 s for its lock, a red-team pass).
+        self._run("SET LOCAL idle_in_transaction_session_timeout = 0")
+        return _SQLStore.export(self)
+
+    def _stream(self, table, cols):
+        """The table's rows through cursors on the server (the drivers'
+        own cursors fetch every row at once), each fetch at most
+        _STREAM_ROWS rows and _STREAM_TEXT bytes (or one row): a second
+        cursor reads each row's size first, so a run of big rows after
+        small ones is not fetched a thousand at a time.  Declared by
+        hand, as psycopg2 refuses a named cursor on an autocommit
+        connection; read() holds the transaction they need."""
+        names = [name.strip() for name in cols.split(",")]
+        size = " + ".join("COALESCE(octet_length(%s::text), 0)" % name
+                          for name in names)
         with self._translated():
-            self._run("DECLARE queuectl_export NO SCROLL CURSOR FOR " + sql)
-            count = 4
+            self._run("DECLARE queuectl_sizes NO SCROLL CURSOR FOR SELECT %s"
+                      " FROM %s ORDER BY %s" % (size, table, names[0]))
+            self._run("DECLARE queuectl_rows NO SCROLL CURSOR FOR SELECT %s"
+                      " FROM %s ORDER BY %s" % (cols, table, names[0]))
+            sizes, more = [], True
             while True:
-                rows = self._run("FETCH FORWARD %d FROM queuectl_export"
-                                 % count).fetchall()
-                if not rows:
+                if more and len(sizes) < _STREAM_ROWS:
+                    fetched = self._run("FETCH FORWARD %d FROM queuectl_sizes"
+                                        % _STREAM_ROWS).fetchall()
+                    more = bool(fetched)
+                    sizes.extend(row[0] for row in fetched)
+                if not sizes:
                     break
-                text = sum(len(value) for row in rows for value in row
-                           if isinstance(value, str))
-                count = max(1, min(_STREAM_ROWS,
-                                   count * _STREAM_TEXT // max(text, 1)))
-                for row in rows:
+                count, text = 1, sizes[0]
+                while count < min(len(sizes), _STREAM_ROWS) \
+                        and text + sizes[count] <= _STREAM_TEXT:
+                    text += sizes[count]
+                    count += 1
+                del sizes[:count]
+                for row in self._run("FETCH FORWARD %d FROM queuectl_rows"
+                                     % count).fetchall():
                     yield row
-            self._run("CLOSE queuectl_export")
+            self._run("CLOSE queuectl_sizes")
+            self._run("CLOSE queuectl_rows")
 
     def import_all(self, tables, totals, buckets):
         """As _SQLStore's, but up to _PG_IMPORT_ROWS rows a statement (as
@@ -4164,8 +4187,15 @@ class Queue(object):
                                " copy only into an empty database"
                                % target.display)
             # One snapshot of the source, read as the target writes.
-            with self.store.read():
-                written = target.import_all(*self.store.export())
+            written = None
+            try:
+                with self.store.read():
+                    written = target.import_all(*self.store.export())
+            except StoreError:
+                if written is None:
+                    raise
+                # The copy is committed; only ending the snapshot, which
+                # changed nothing, failed (the server went away).
         finally:
             target.close()
         return written["jobs"]

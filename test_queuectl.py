@@ -1195,26 +1195,30 @@ class TestLifecycle(CLITestCase):
         self.assertEqual(worker.wait(timeout=30), 0)
 
     def test_copy_reads_the_queue_as_it_writes_it(self):
-        # copy --to holds a few rows at a time, not the queue: 160
-        # attempts with 1 MiB of output each copy in far less memory than
-        # their 160 MiB (before: all of it, and then some).  Measured
-        # against `status` on the same database, whose driver and
-        # interpreter take their own share.
+        # copy --to holds a few rows at a time, not the queue: 2,000 small
+        # attempts, then 160 with 1 MiB of output each, copy in far less
+        # memory than those 160 MiB (before: all of it; and a first
+        # streaming version sized each fetch by the rows before it, so it
+        # fetched the big ones a thousand at a time).  Measured against
+        # `status` on the same database, whose driver and interpreter take
+        # their own share.
         self.ok("enqueue", "-f", "-", input="\n".join(
-            '{"command": "true"}' for _ in range(160)))
+            '{"command": "true"}' for _ in range(2160)))
         self.drain()
-        self.sql("UPDATE attempts SET output = ?", "x" * (1 << 20))
+        self.sql("UPDATE attempts SET output = ? WHERE id > (SELECT MAX(id)"
+                 " - 160 FROM attempts)", "x" * (1 << 20))
         dest = os.path.join(self.dir, "copy.db")
         _, before = self.peak_memory("status")
         out, peak = self.peak_memory("copy", "--to", dest)
-        self.assertEqual(out, "copied 160 job(s) to %s\n" % dest)
+        self.assertEqual(out, "copied 2160 job(s) to %s\n" % dest)
         self.assertLess(peak - before, 48 << 20,
                         "copy: %d bytes at peak, status: %d" % (peak, before))
         conn = sqlite3.connect(dest)
         try:
             self.assertEqual(conn.execute(
                 "SELECT COUNT(*), MIN(LENGTH(output)), MAX(LENGTH(output))"
-                " FROM attempts").fetchall(), [(160, 1 << 20, 1 << 20)])
+                " FROM attempts WHERE LENGTH(output) > 0").fetchall(),
+                [(160, 1 << 20, 1 << 20)])
         finally:
             conn.close()
 
@@ -4768,6 +4772,36 @@ class TestPostgres(CLITestCase):
         finally:
             conn.close()
         self.assertEqual(self.ok_json("status")["counts"]["completed"], 1)
+
+    def test_a_copy_outlasts_the_sessions_idle_limit(self):
+        # The source's snapshot idles while the target waits for its write
+        # lock, here past the 10 s idle-in-transaction limit of every
+        # queuectl session: the copy goes on (the server ended it, a
+        # red-team pass).  The test holds the lock until the source has
+        # idled 11 s.
+        self.enqueue("true")
+        dest = os.path.join(self.dir, "copy.db")
+        self.ok("status", db=dest)  # an empty queue there
+        locker = sqlite3.connect(dest, isolation_level=None)
+        self.addCleanup(locker.close)
+        locker.execute("BEGIN IMMEDIATE")
+        copy = subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db, "copy", "--to", dest],
+            cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True)
+        self.procs.append(copy)
+        idle = ("SELECT 1 FROM pg_stat_activity WHERE state = 'idle in"
+                " transaction' AND query LIKE '%duration_buckets%' AND now()"
+                " - state_change > interval '11 seconds'")
+        self.wait_for(lambda: copy.poll() is not None
+                      or _pg_sql(self.db, idle), timeout=120,
+                      what="the copy's snapshot to idle 11 s")
+        if copy.poll() is not None:
+            self.fail("the copy ended: %s" % (copy.communicate(),))
+        locker.execute("ROLLBACK")
+        out, err = copy.communicate(timeout=120)
+        self.assertEqual((copy.returncode, err), (0, ""))
+        self.assertEqual(out, "copied 1 job(s) to %s\n" % dest)
 
     def test_foreign_schema_is_refused_untouched(self):
         # A schema named queuectl that is someone else's: exit 1, unchanged.
