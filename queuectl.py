@@ -3118,7 +3118,8 @@ class _PostgresStore(_SQLStore):
         # The snapshot stays open, idle between fetches, while the target
         # writes and commits: the session's idle-in-transaction limit
         # (_connect) must not end it (it failed copies whose target
-        # waited 10 s for its lock, a red-team pass).
+        # waited 10 s for its lock, a red-team pass).  That limit frees
+        # the row locks of a cut-off worker; a snapshot holds none.
         self._run("SET LOCAL idle_in_transaction_session_timeout = 0")
         return _SQLStore.export(self)
 
