@@ -4736,6 +4736,15 @@ class TestPostgres(CLITestCase):
         self.assertEqual([self.state(job_id) for job_id in ids],
                          ["completed"] * 3)
 
+    def start_copy(self, dest):
+        """`copy --to dest` in the background (text output)."""
+        copy = subprocess.Popen(
+            [sys.executable, SCRIPT, "--db", self.db, "copy", "--to", dest],
+            cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True)
+        self.procs.append(copy)
+        return copy
+
     def test_a_copy_cut_off_by_the_server_is_one_line_and_keeps_nothing(self):
         # copy --to reads its source as it writes the target, in one
         # snapshot: a server that goes away meanwhile is one line and exit
@@ -4750,11 +4759,7 @@ class TestPostgres(CLITestCase):
         held.execute("BEGIN")
         held.execute("LOCK TABLE queuectl.schedules IN ACCESS EXCLUSIVE MODE")
         dest = os.path.join(self.dir, "copy.db")
-        copy = subprocess.Popen(
-            [sys.executable, SCRIPT, "--db", self.db, "copy", "--to", dest],
-            cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, universal_newlines=True)
-        self.procs.append(copy)
+        copy = self.start_copy(dest)
         waiting = ("SELECT pid FROM pg_stat_activity WHERE wait_event_type ="
                    " 'Lock' AND query LIKE 'DECLARE%FROM schedules%'")
         self.wait_for(lambda: _pg_sql(self.db, waiting),
@@ -4785,11 +4790,7 @@ class TestPostgres(CLITestCase):
         locker = sqlite3.connect(dest, isolation_level=None)
         self.addCleanup(locker.close)
         locker.execute("BEGIN IMMEDIATE")
-        copy = subprocess.Popen(
-            [sys.executable, SCRIPT, "--db", self.db, "copy", "--to", dest],
-            cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, universal_newlines=True)
-        self.procs.append(copy)
+        copy = self.start_copy(dest)
         idle = ("SELECT 1 FROM pg_stat_activity WHERE state = 'idle in"
                 " transaction' AND query LIKE '%duration_buckets%' AND now()"
                 " - state_change > interval '11 seconds'")
