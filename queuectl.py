@@ -1282,6 +1282,11 @@ _COPIED_TABLES = (
 )
 
 
+def _column_names(cols):
+    """["a", "b"] of a _COPIED_TABLES column list "a, b"."""
+    return [name.strip() for name in cols.split(",")]
+
+
 def _random_beat():
     return int.from_bytes(os.urandom(6), "big")
 
@@ -2026,7 +2031,7 @@ class _SQLStore(object):
         written = {}
         with self.write(durable=True):
             for table, cols, rows in tables:
-                marks = ", ".join("?" * len(cols.split(",")))
+                marks = ", ".join("?" * len(_column_names(cols)))
                 written[table] = self._run_many(
                     "INSERT INTO %s (%s) VALUES (%s)" % (table, cols, marks),
                     rows).rowcount
@@ -3131,7 +3136,7 @@ class _PostgresStore(_SQLStore):
         small ones is not fetched a thousand at a time.  Declared by
         hand, as psycopg2 refuses a named cursor on an autocommit
         connection; read() holds the transaction they need."""
-        names = [name.strip() for name in cols.split(",")]
+        names = _column_names(cols)
         size = " + ".join("COALESCE(octet_length(%s::text), 0)" % name
                           for name in names)
         with self._translated():
@@ -3170,7 +3175,7 @@ class _PostgresStore(_SQLStore):
         written = {}
         with self.write(durable=True):
             for table, cols, rows in tables:
-                names = [name.strip() for name in cols.split(",")]
+                names = _column_names(cols)
                 sql = ("INSERT INTO %s (%s) SELECT %s FROM"
                        " json_populate_recordset(NULL::%s, ?)"
                        % (table, cols, cols, table))
