@@ -42,6 +42,24 @@ def _glibc_version():
         return None
 
 
+# Runs queuectl.py (argv[2]) as its command line would, after writing the
+# folder of every job started through Popen to the file argv[1] (the
+# "subprocess.Popen" audit event, Python 3.8+).
+_AUDITED_WORKER = """
+import runpy, sys
+log = open(sys.argv[1], "a")
+def hook(event, args):
+    if event == "subprocess.Popen":
+        folder = args[2]
+        log.write(folder.decode() if isinstance(folder, bytes) else folder)
+        log.write("\\n")
+        log.flush()
+sys.addaudithook(hook)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @contextlib.contextmanager
 def _mount_watch():
     """Yields a function: did the mount table change since (Linux: the
@@ -659,11 +677,11 @@ class TestBadInput(CLITestCase):
         refused = run(100, 100)
         self.assertEqual(refused.returncode, 2)
         self.assertEqual(refused.stderr.decode(), "queuectl: error: --count"
-                         " 100 needs about 464 open files; this process may"
+                         " 100 needs about 664 open files; this process may"
                          " open 100 (ulimit -n)\n")
         self.assertEqual(self.state(job_id), "pending")
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if hard == resource.RLIM_INFINITY or hard >= 464:
+        if hard == resource.RLIM_INFINITY or hard >= 664:
             ran = run(100, hard)
             self.assertEqual(ran.returncode, 0, ran.stderr)
             self.assertEqual(self.state(job_id), "completed")
@@ -2663,12 +2681,16 @@ class TestHeldPromises(CLITestCase):
                 " os.getpgid(0) == os.getpid(),"
                 " os.path.samestat(os.fstat(0), os.stat(os.devnull)),"
                 " *sorted(os.listdir('/dev/fd')))")
-        if GLIBC:
-            # glibc's posix_spawn leaves its signal 32 ignored in the child
-            # (see the README), Popen does not: so the two paths were taken.
+        # Which path each job took: glibc's posix_spawn leaves its signal
+        # 32 ignored in the child (see the README), Popen and CPython's
+        # vfork do not; and from 3.8 on, Popen says so to audit hooks.
+        by_glibc = isinstance(queuectl._posix_spawner(), queuectl._LibcSpawn)
+        if by_glibc:
             look += ("; print([int(line.split()[1], 16) >> 31 & 1 for line"
                      " in open('/proc/self/status')"
                      " if line.startswith('SigIgn:')])")
+        popens = os.path.join(self.dir, "popens")
+        audited = [sys.executable, "-c", _AUDITED_WORKER, popens, SCRIPT]
         command = "yes | head -n 1; exec %s -c %s" % (
             shlex.quote(sys.executable), shlex.quote(look))
         # A mount or unmount anywhere on the machine while the worker runs
@@ -2676,11 +2698,13 @@ class TestHeldPromises(CLITestCase):
         # every later job through Popen: such a run is done again.
         for _ in range(20):
             with _mount_watch() as mounts_changed:
+                open(popens, "w").close()
                 here = self.enqueue(command)
                 code, out, err = self.cli("enqueue", command, cwd=elsewhere)
                 self.assertEqual((code, err), (0, ""))
-                argv = [sys.executable, SCRIPT, "--db", self.db, "worker",
-                        "start", "--exit-when-idle"]
+                argv = ([sys.executable, SCRIPT] if sys.version_info < (3, 8)
+                        else audited) + ["--db", self.db, "worker", "start",
+                                         "--exit-when-idle"]
                 # Its stdin a pipe, so a job's /dev/null must be its own.
                 worker = subprocess.run(
                     argv, pass_fds=[inherited], cwd=self.dir, env=self.env,
@@ -2696,10 +2720,50 @@ class TestHeldPromises(CLITestCase):
             # The fourth descriptor is the one that lists them.
             expected = ["y", os.path.realpath(folder), "True", "True",
                         "True", "0", "1", "2", "3"]
-            if GLIBC:
+            if by_glibc:
                 expected.append("[1]" if folder == self.dir else "[0]")
             self.assertEqual(self.ok("logs", job_id).split(), expected,
                              job_id)
+        if sys.version_info >= (3, 8):
+            with open(popens) as handle:
+                self.assertEqual([os.path.realpath(folder) for folder
+                                  in handle.read().splitlines()],
+                                 [os.path.realpath(elsewhere)])
+
+    def test_a_shell_that_cannot_start_is_told_from_one_that_exits_255(self):
+        # An exec that fails (here the job's environment is over the
+        # limit that a 768 KiB stack gives exec: 192 KiB) fails the attempt
+        # as `cannot start`, in and out of the worker's folder, though the
+        # child that tried exits 255 (CPython's vfork); a shell that exits
+        # 255 itself is an exit code; and the pool goes on.
+        elsewhere = os.path.join(self.dir, "elsewhere")
+        os.mkdir(elsewhere)
+        wide = ["--env", "A=%s" % ("x" * 100000), "--env",
+                "B=%s" % ("x" * 100000), "--max-retries", "0"]
+        jobs = [self.enqueue("echo never", *wide),
+                self.ok("enqueue", "echo never", *wide, cwd=elsewhere).strip(),
+                self.enqueue("exit 255", "--max-retries", "0"),
+                self.enqueue("echo ran")]
+
+        def small_stack():
+            import resource
+            hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+            resource.setrlimit(resource.RLIMIT_STACK, (768 * 1024, hard))
+        worker = subprocess.run(
+            [sys.executable, SCRIPT, "--db", self.db, "worker", "start",
+             "--exit-when-idle"], cwd=self.dir, env=self.env,
+            preexec_fn=small_stack, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(worker.returncode, 0, worker.stderr)
+        errors = [(self.job(job_id)["state"], self.job(job_id)["last_error"])
+                  for job_id in jobs]
+        for state, error in errors[:2]:
+            self.assertEqual(state, "dead")
+            self.assertRegex(error, "^cannot start: .*(?i:argument list too"
+                             " long)")
+        self.assertEqual(errors[2:], [("dead", "exit code 255"),
+                                      ("completed", None)])
+        self.assertEqual(self.ok("logs", jobs[3]), "ran\n")
 
     def test_a_jobs_variables_replace_the_workers_own(self):
         # A job's env and QUEUECTL_JOB_ID take the place of the worker's
