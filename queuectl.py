@@ -4638,8 +4638,8 @@ class _Execution(object):
             self.proc.stdout.close()
             _remove(script)
         code = self.proc.wait()
-        failure = getattr(self.proc, "start_failure", None)
-        failure = failure() if code == 255 and failure is not None else None
+        report = getattr(self.proc, "report", None)  # Popen has none
+        failure = report.failure() if code == 255 and report else None
         if failure is not None:
             return (None, None, "cannot start: %s" % _start_error(failure, job),
                     "", 0, None)
@@ -4779,14 +4779,14 @@ def _direct_spawn_folder():
     Popen runs a page of Python for every job (the environment converted
     entry by entry, among others) and, before Python 3.10, forks the whole
     worker, whose pages then fault as the worker writes them: on 3.9 that
-    was more CPU than a `true` job itself.  _posix_spawner's function
+    was more CPU than a `true` job itself.  _direct_spawner's function
     (CPython's vfork, glibc's posix_spawn, or os.posix_spawn) does its work
     in C and vforks, but is called with no folder (so it serves jobs whose
     folder is the worker's own), and it does not close inherited
     descriptors as Popen's close_fds does: those above 2 are marked
     close-on-exec here, which is why a program that embeds WorkerPool (and
     may chdir or make descriptors inheritable) keeps Popen."""
-    if _posix_spawner() is None:
+    if _direct_spawner() is None:
         return None
     for listing in ("/proc/self/fd", "/dev/fd"):
         try:
@@ -4857,13 +4857,13 @@ def _folder_id(path):
 
 
 def _spawn_shell(argv, base_env, extras):
-    """Start a job's shell with posix_spawn as Popen would start it in
-    this folder: stdin from /dev/null, output and errors into one pipe, a
-    new session, and the signals Python ignores back at their defaults
-    (restore_signals), the environment base_env with extras over it.
-    None where it cannot: a standard descriptor is closed, or posix_spawn
-    cannot (see below)."""
-    stdin, spawner = _devnull(), _posix_spawner()
+    """Start a job's shell with _direct_spawner's function as Popen would
+    start it in this folder: stdin from /dev/null, output and errors into
+    one pipe, a new session, and the signals Python ignores back at their
+    defaults (restore_signals), the environment base_env with extras over
+    it.  None where it cannot: a standard descriptor is closed, or the
+    spawner refuses (see below)."""
+    stdin, spawner = _devnull(), _direct_spawner()
     read_end, write_end = os.pipe()
     pid = None
     try:
@@ -4880,8 +4880,8 @@ def _spawn_shell(argv, base_env, extras):
             os.close(read_end)
     if pid is None:
         return None
-    return _SpawnedShell(pid, read_end, getattr(spawner, "start_failure",
-                                                None))
+    report = getattr(spawner, "report_pipe", None)  # _VforkSpawn's only
+    return _SpawnedShell(pid, read_end, report and report())
 
 
 def _restored_signals():
@@ -4930,7 +4930,7 @@ def _signals_to_default():
 _SPAWNER = []
 
 
-def _posix_spawner():
+def _direct_spawner():
     """The function _spawn_shell starts shells with, or None: CPython's own
     vfork (_VforkSpawn) on Linux with Python 3.11.6 to 3.13, else glibc's
     posix_spawn through ctypes (_LibcSpawn) where it can, else
@@ -4947,7 +4947,7 @@ def _posix_spawner():
 def _os_posix_spawn(argv, base_env, extras, stdin, output):
     env = dict(base_env)
     env.update(extras)
-    dup2 = os.POSIX_SPAWN_DUP2  # novermin (3.8+, which _posix_spawner checks)
+    dup2 = os.POSIX_SPAWN_DUP2  # novermin (3.8+, which _direct_spawner checks)
     return os.posix_spawn(  # novermin
         argv[0], argv, env, setsid=True, setsigdef=_signals_to_default(),
         file_actions=[(dup2, stdin, 0), (dup2, output, 1), (dup2, output, 2)])
@@ -5125,10 +5125,10 @@ class _VforkSpawn(object):
             env = list(base.values())
         env.extend(own.values())
         # A child that cannot exec writes why on this thread's pipe and
-        # exits 255; the pipe is read only then (start_failure), not after
-        # every spawn: a pipe, a read and two closes per job, each letting
-        # go of the GIL, cost more than the vfork saved (end-to-end).
-        report = self._report_pipe()
+        # exits 255; the pipe is read only then (_ReportPipe.failure), not
+        # after every spawn: a pipe, a read and two closes per job, each
+        # letting go of the GIL, cost more than the vfork saved.
+        report = self.report_pipe()
         # Popen's arguments, in 3.11-3.13's order: no descriptor closed
         # (worker start made its own close-on-exec), no folder change,
         # stdin, stdout and stderr, the report pipe, restore_signals, a new
@@ -5139,17 +5139,38 @@ class _VforkSpawn(object):
             output, report.read_end, report.write_end, True, True, -1, None,
             None, None, -1, None, True)
 
-    def _report_pipe(self):
+    def report_pipe(self):
+        """The calling thread's _ReportPipe: a thread spawns one child at
+        a time, so what is on it is about that thread's last child."""
         report = getattr(self.threads, "report", None)
         if report is None:
             report = self.threads.report = _ReportPipe()
         return report
 
-    def start_failure(self):
-        """Why this thread's last child could not exec (an OSError), or
-        None if it did; asked only of a shell that exited 255."""
+
+class _ReportPipe(object):
+    """One worker thread's pipe for children that cannot exec: its write
+    end is close-on-exec, so a child writes on it only if exec failed (and
+    then exits 255); its read end does not block.  Closed with the
+    thread's local data."""
+
+    def __init__(self):
+        self.read_end, self.write_end = os.pipe()
+        os.set_blocking(self.read_end, False)
+
+    def __del__(self, close=os.close):
+        for fd in (self.read_end, self.write_end):
+            try:
+                close(fd)
+            except OSError:
+                pass
+
+    def failure(self):
+        """Why the last child could not exec (an OSError), or None if it
+        did; asked only of a shell that exited 255.  The failed child had
+        exited before its spawner returned: its report is here by then."""
         try:
-            report = os.read(self._report_pipe().read_end, 4096)
+            report = os.read(self.read_end, 4096)
         except BlockingIOError:
             return None
         # b"OSError:<errno in hex>:<where>", as Popen reads it.
@@ -5162,21 +5183,6 @@ class _VforkSpawn(object):
             return OSError("cannot run /bin/sh: %s" % report.decode(
                 "ascii", "replace"))
         return OSError(number, os.strerror(number))
-
-
-class _ReportPipe(object):
-    """One worker thread's pipe for children that cannot exec: its write
-    end is close-on-exec, so a child writes on it only if exec failed;
-    its read end does not block.  Closed with the thread's local data."""
-
-    def __init__(self):
-        self.read_end, self.write_end = os.pipe()
-        os.set_blocking(self.read_end, False)
-
-    def __del__(self, close=os.close):
-        for fd in (self.read_end, self.write_end):
-            with contextlib.suppress(OSError):
-                close(fd)
 
 
 def _argv_bytes(argv):
@@ -5210,12 +5216,12 @@ def _check_errno(number):
 class _SpawnedShell(object):
     """What the worker uses of a Popen, for a shell from _spawn_shell."""
 
-    def __init__(self, pid, read_end, start_failure=None):
+    def __init__(self, pid, read_end, report=None):
         self.pid = pid
         self.stdout = _PipeEnd(read_end)
         self.returncode = None
-        # For a shell that exited 255: why it never ran, or None.
-        self.start_failure = start_failure
+        # _VforkSpawn's _ReportPipe: if the shell exits 255, was it exec?
+        self.report = report
         self._lock = _thread.allocate_lock()  # kill_group polls from others
 
     def poll(self):

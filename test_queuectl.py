@@ -2684,7 +2684,7 @@ class TestHeldPromises(CLITestCase):
         # Which path each job took: glibc's posix_spawn leaves its signal
         # 32 ignored in the child (see the README), Popen and CPython's
         # vfork do not; and from 3.8 on, Popen says so to audit hooks.
-        by_glibc = isinstance(queuectl._posix_spawner(), queuectl._LibcSpawn)
+        by_glibc = isinstance(queuectl._direct_spawner(), queuectl._LibcSpawn)
         if by_glibc:
             look += ("; print([int(line.split()[1], 16) >> 31 & 1 for line"
                      " in open('/proc/self/status')"
