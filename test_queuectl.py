@@ -2338,10 +2338,16 @@ class TestFaults(CLITestCase):
         # writes without end.  The job is over with its shell (the README:
         # its lifetime is the shell's), not at its timeout, and its output
         # is what the pipe held then.  The child, whose pipe the worker
-        # then closes, ends at its next write (SIGPIPE).
+        # then closes, ends at its next write (SIGPIPE).  The shell exits
+        # only once the child has written (a file says so): a `sleep`
+        # could end before a busy machine started the child at all.
         marker = "writes-on-%d" % os.getpid()
-        job_id = self.enqueue("yes %s & sleep 0.1; exit 0" % marker,
-                              "--timeout", "30", "--max-retries", "0")
+        flag = os.path.join(self.dir, "child-wrote")
+        job_id = self.enqueue(
+            "yes %s | { IFS= read -r line; echo \"$line\"; : > %s; exec cat;"
+            " } & while [ ! -e %s ]; do sleep 0.01; done; exit 0"
+            % (marker, shlex.quote(flag), shlex.quote(flag)),
+            "--timeout", "30", "--max-retries", "0")
         self.drain()
         job = self.job(job_id)
         self.assertEqual(job["state"], "completed", job["last_error"])
