@@ -8800,30 +8800,40 @@ class _Bench(object):
 
     def scale(self):
         big = 20000 if self.quick else 1000000
-        rounds = 2 if self.quick else 5
-        status, cached, listing, claims, stats = {}, {}, {}, {}, {}
-        # Both files side by side, claims measured alternately; one
-        # PostgreSQL database holds one queue: filled, measured, replaced.
+        rounds = 2 if self.quick else 9
         sizes = (("small", 1000), ("large", big))
-        dbs = {} if self.url else dict(
-            (name, self._scaled_db(name, total)) for name, total in sizes)
-        for name, total in sizes:
-            db = dbs.get(name) or self._scaled_db(name, total)
-            status[name] = _median([self.cli(db, "status")
-                                    for _ in range(rounds)])
-            self.cli(db, "status", as_module=True)  # caches the bytecode
-            cached[name] = _median([self.cli(db, "status", as_module=True)
-                                    for _ in range(rounds)])
-            stats[name] = _median([self.cli(db, "stats", "--json")
-                                   for _ in range(rounds)])
-            listing[name] = _median([self.cli(
-                db, "list", "--state", "pending", "--limit", "100",
-                "--offset", "500") for _ in range(rounds)])
-            if self.url:
+        commands = {"status": ("status",), "stats": ("stats", "--json"),
+                    "list": ("list", "--state", "pending", "--limit", "100",
+                             "--offset", "500")}
+        times = dict((key, {"small": [], "large": []})
+                     for key in list(commands) + ["cached"])
+
+        def time_commands(db, name):
+            for key, args in commands.items():
+                times[key][name].append(self.cli(db, *args))
+            times["cached"][name].append(self.cli(db, "status",
+                                                  as_module=True))
+        claims = {}
+        if self.url:  # one database holds one queue: fill, measure, replace
+            for name, total in sizes:
+                db = self._scaled_db(name, total)
+                self.cli(db, "status", as_module=True)  # caches the bytecode
+                for _ in range(rounds):
+                    time_commands(db, name)
                 claims[name] = _claim_costs(db)[0]
-        if not self.url:
+        else:  # both files side by side, measured alternately
+            dbs = dict((name, self._scaled_db(name, total))
+                       for name, total in sizes)
+            self.cli(dbs["small"], "status", as_module=True)
+            for _ in range(rounds):
+                for name, _ in sizes:
+                    time_commands(dbs[name], name)
             claims["small"], claims["large"] = _claim_costs(dbs["small"],
                                                             dbs["large"])
+        status, stats, listing, cached = [
+            dict((name, _median(samples)) for name, samples in
+                 times[key].items())
+            for key in ("status", "stats", "list", "cached")]
         small_claim, large_claim = claims["small"], claims["large"]
         self.add("claim with %d jobs" % big, large_claim * 1e6, "us",
                  small_claim * 1e6, "<= 1.5x", "baseline: 1,000 jobs")
@@ -8857,7 +8867,7 @@ class _Bench(object):
             finally:
                 store.close()
             stats[name] = _median([self.cli(db, "stats", "--json")
-                                   for _ in range(1 if self.quick else 5)])
+                                   for _ in range(1 if self.quick else 9)])
             samples = []
             for _ in range(1 if self.quick else 3):
                 queue = Queue(db)
