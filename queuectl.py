@@ -8824,7 +8824,7 @@ class _Bench(object):
         else:  # both files side by side, measured alternately
             dbs = dict((name, self._scaled_db(name, total))
                        for name, total in sizes)
-            self.cli(dbs["small"], "status", as_module=True)
+            self.cli(dbs["small"], "status", as_module=True)  # as above
             for _ in range(rounds):
                 for name, _ in sizes:
                     time_commands(dbs[name], name)
